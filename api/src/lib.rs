@@ -1,0 +1,36 @@
+//! Isthmus's wire contracts, shared by every other crate: the generated
+//! `isthmus.sync.v1` and `isthmus.ca.v1` gRPC services, Istio's naming rules
+//! (service FQDNs, outbound cluster names and the `outbound_.PORT_.SUBSET_.FQDN`
+//! SNI), and the JSON types of the primary's REST API. It holds no logic that
+//! does I/O, so anything may depend on it.
+
+pub mod names;
+pub mod rest;
+
+/// Generated protobuf types and tonic services.
+pub mod pb {
+    /// `isthmus.sync.v1`: agent join and discovery sync.
+    pub mod sync {
+        tonic::include_proto!("isthmus.sync.v1");
+    }
+    /// `isthmus.ca.v1`: workload certificate issuance.
+    pub mod ca {
+        tonic::include_proto!("isthmus.ca.v1");
+    }
+}
+
+/// The default trust domain, as in Istio.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+/// The default cluster DNS domain used in service FQDNs.
+pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Well-known ports (see the port table in DESIGN.md).
+pub mod ports {
+    pub const PRIMARY_GRPC: u16 = 15012;
+    pub const PRIMARY_HTTP: u16 = 15014;
+    pub const GATEWAY: u16 = 15443;
+    pub const OUTBOUND: u16 = 15001;
+    pub const INBOUND: u16 = 15006;
+    pub const ADMIN: u16 = 15000;
+    pub const METRICS: u16 = 15090;
+}

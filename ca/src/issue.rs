@@ -1,0 +1,381 @@
+//! Issuing certificates: the mesh root, one intermediate per cluster, and
+//! workload leaves from CSRs.
+//!
+//! A CSR only ever contributes its public key. The identity in a leaf comes
+//! from the caller's authenticated identity, which the caller of
+//! [`Signer::sign_workload_csr`] passes in; SANs in the CSR are ignored.
+//! Every certificate issued here is checked with [`crate::svid`] before it is
+//! handed out, so the CA cannot issue what the verifiers would refuse.
+
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+
+use crate::pem;
+use crate::spiffe::SpiffeId;
+use crate::svid::{self, SvidError, SvidKind};
+
+/// Default workload certificate lifetime.
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest workload certificate lifetime the CA grants.
+pub const MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Lifetime of a cluster intermediate.
+pub const INTERMEDIATE_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Lifetime of a generated root.
+pub const ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Backdating that absorbs clock skew between hosts.
+const SKEW: Duration = Duration::from_secs(300);
+/// Bigger CSRs are refused before parsing.
+const MAX_CSR_BYTES: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("CSR is {0} bytes; at most 16384 are accepted")]
+    CsrTooLarge(usize),
+    #[error("CSR is not a PEM or DER PKCS#10 request")]
+    CsrMalformed,
+    #[error("CSR signature does not verify against its own public key")]
+    CsrBadSignature,
+    #[error("CSR could not be used: {0}")]
+    CsrUnusable(String),
+    #[error("requested lifetime {requested:?} exceeds the maximum of {max:?}")]
+    TtlTooLong { requested: Duration, max: Duration },
+    #[error("key or certificate could not be loaded: {0}")]
+    BadKeyMaterial(String),
+    #[error("signing failed: {0}")]
+    Signing(#[from] rcgen::Error),
+    #[error("the CA produced a certificate that fails validation: {0}")]
+    SelfCheck(#[from] SvidError),
+}
+
+/// A certificate the CA issued, with what callers log and store about it.
+#[derive(Debug, Clone)]
+pub struct IssuedCert {
+    pub der: CertificateDer<'static>,
+    pub pem: String,
+    pub serial_hex: String,
+    pub not_after_unix: i64,
+}
+
+/// The mesh root: self-signed, or imported.
+pub struct Authority {
+    cert: CertificateDer<'static>,
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+    trust_domain: String,
+}
+
+impl Authority {
+    /// Generates a new ECDSA P-256 root for `trust_domain`.
+    pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = ca_params(
+            &format!("Isthmus root CA ({trust_domain})"),
+            ROOT_TTL,
+            BasicConstraints::Unconstrained,
+        );
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))?];
+        let cert = params.self_signed(&key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
+    }
+
+    /// Loads a root from PEM.
+    pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Self, CaError> {
+        let cert = pem::certs(cert_pem, "root certificate")
+            .map_err(|e| CaError::BadKeyMaterial(e.to_string()))?
+            .remove(0);
+        svid::validate(&cert, SvidKind::Signing)?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKeyMaterial(format!("root key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        Ok(Self {
+            cert,
+            cert_pem: cert_pem.to_string(),
+            key_pem: key_pem.to_string(),
+            issuer,
+            trust_domain: trust_domain.to_string(),
+        })
+    }
+
+    pub fn cert(&self) -> &CertificateDer<'static> {
+        &self.cert
+    }
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Signs a cluster intermediate (pathLen 0) from the agent's CSR. Only the
+    /// CSR's key is used.
+    pub fn sign_intermediate(&self, csr: &str, cluster: &str) -> Result<IssuedCert, CaError> {
+        let csr = parse_csr(csr)?;
+        let mut params = ca_params(
+            &format!("Isthmus intermediate CA ({cluster})"),
+            INTERMEDIATE_TTL,
+            BasicConstraints::Constrained(0),
+        );
+        params
+            .distinguished_name
+            .push(DnType::OrganizationalUnitName, cluster);
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        finish(cert, &params, SvidKind::Signing)
+    }
+
+    /// A TLS server certificate for the primary itself (DNS and IP SANs, not a
+    /// SPIFFE SVID), with a fresh key. Returns (certificate PEM, key PEM).
+    pub fn issue_server_cert(&self, names: &[String]) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::new(names.to_vec())?;
+        params.distinguished_name = dn("isthmus-primary");
+        set_validity(&mut params, INTERMEDIATE_TTL);
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+}
+
+/// A cluster intermediate that signs workload leaves. Agents hold one.
+pub struct Signer {
+    /// The intermediate first, then anything above it short of the root.
+    chain: Vec<CertificateDer<'static>>,
+    issuer: Issuer<'static, KeyPair>,
+    trust_domain: String,
+    not_after_unix: i64,
+}
+
+impl Signer {
+    /// Loads an intermediate from its certificate PEM (chain allowed) and key.
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, CaError> {
+        let chain =
+            pem::certs(chain_pem, "intermediate certificate").map_err(|e| CaError::BadKeyMaterial(e.to_string()))?;
+        svid::validate(&chain[0], SvidKind::Signing)?;
+        let info = svid::inspect(&chain[0])?;
+        let trust_domain = info
+            .spiffe_id
+            .as_ref()
+            .map(|id| id.trust_domain().to_string())
+            .unwrap_or_else(|| isthmus_default_td().to_string());
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CaError::BadKeyMaterial(format!("intermediate key: {e}")))?;
+        let issuer = Issuer::from_ca_cert_der(&chain[0], key)?;
+        Ok(Self {
+            chain,
+            issuer,
+            trust_domain,
+            not_after_unix: info.not_after_unix,
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The intermediate chain to append after a leaf.
+    pub fn chain(&self) -> &[CertificateDer<'static>] {
+        &self.chain
+    }
+
+    /// Issues a leaf for `identity` from a CSR, whatever SANs the CSR asks for.
+    /// A TTL of zero means the default; one above the maximum is refused.
+    pub fn sign_workload_csr(&self, csr: &str, identity: &SpiffeId, ttl: Duration) -> Result<IssuedCert, CaError> {
+        let ttl = effective_ttl(ttl)?;
+        let csr = parse_csr(csr)?;
+        self.sign_leaf(&csr.public_key, identity, ttl)
+    }
+
+    /// Issues a leaf and a fresh key for `identity`; for the agent's own
+    /// identity. Returns the certificate and the key PEM.
+    pub fn issue_workload(&self, identity: &SpiffeId, ttl: Duration) -> Result<(IssuedCert, String), CaError> {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let cert = self.sign_leaf(&key, identity, effective_ttl(ttl)?)?;
+        Ok((cert, key.serialize_pem()))
+    }
+
+    fn sign_leaf(
+        &self,
+        key: &impl rcgen::PublicKeyData,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        set_validity(&mut params, ttl);
+        // Never outlive the intermediate.
+        if let Ok(cap) = OffsetDateTime::from_unix_timestamp(self.not_after_unix) {
+            params.not_after = params.not_after.min(cap);
+        }
+        params.subject_alt_names = vec![uri_san(identity.as_str())?];
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial());
+        let cert = params.signed_by(key, &self.issuer)?;
+        let issued = finish(cert, &params, SvidKind::Leaf)?;
+        tracing::info!(
+            serial = %issued.serial_hex,
+            identity = %identity,
+            not_after = issued.not_after_unix,
+            "issued workload certificate"
+        );
+        Ok(issued)
+    }
+}
+
+/// Generates an ECDSA P-256 key and a CSR for it. The CSR's subject is
+/// informative only. Returns (CSR PEM, key PEM).
+pub fn generate_csr(common_name: &str) -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(common_name);
+    let csr = params.serialize_request(&key)?;
+    Ok((csr.pem()?, key.serialize_pem()))
+}
+
+fn effective_ttl(ttl: Duration) -> Result<Duration, CaError> {
+    if ttl.is_zero() {
+        return Ok(DEFAULT_WORKLOAD_TTL);
+    }
+    if ttl > MAX_WORKLOAD_TTL {
+        return Err(CaError::TtlTooLong {
+            requested: ttl,
+            max: MAX_WORKLOAD_TTL,
+        });
+    }
+    Ok(ttl)
+}
+
+fn parse_csr(csr: &str) -> Result<CertificateSigningRequestParams, CaError> {
+    if csr.len() > MAX_CSR_BYTES {
+        return Err(CaError::CsrTooLarge(csr.len()));
+    }
+    CertificateSigningRequestParams::from_pem(csr).map_err(|e| match e {
+        rcgen::Error::InvalidCertificationRequestSignature => CaError::CsrBadSignature,
+        rcgen::Error::CouldNotParseCertificationRequest => CaError::CsrMalformed,
+        other => CaError::CsrUnusable(other.to_string()),
+    })
+}
+
+fn ca_params(cn: &str, ttl: Duration, constraints: BasicConstraints) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(cn);
+    params
+        .distinguished_name
+        .push(DnType::OrganizationName, "Isthmus");
+    set_validity(&mut params, ttl);
+    params.is_ca = IsCa::Ca(constraints);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial());
+    params
+}
+
+fn dn(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn set_validity(params: &mut CertificateParams, ttl: Duration) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - SKEW;
+    params.not_after = now + ttl;
+}
+
+fn uri_san(uri: &str) -> Result<SanType, CaError> {
+    Ok(SanType::URI(uri.try_into()?))
+}
+
+fn random_serial() -> SerialNumber {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[0] &= 0x7f; // positive INTEGER
+    SerialNumber::from_slice(&bytes)
+}
+
+fn finish(cert: rcgen::Certificate, params: &CertificateParams, kind: SvidKind) -> Result<IssuedCert, CaError> {
+    let der = cert.der().clone();
+    svid::validate(&der, kind)?;
+    Ok(IssuedCert {
+        pem: cert.pem(),
+        serial_hex: params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default(),
+        not_after_unix: params.not_after.unix_timestamp(),
+        der,
+    })
+}
+
+fn isthmus_default_td() -> &'static str {
+    "cluster.local"
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mesh() -> (Authority, Signer) {
+        let root = Authority::generate("cluster.local").unwrap();
+        let (csr, key) = generate_csr("east").unwrap();
+        let inter = root.sign_intermediate(&csr, "east").unwrap();
+        (root, Signer::from_pem(&inter.pem, &key).unwrap())
+    }
+
+    #[test]
+    fn leaf_carries_only_the_callers_identity() {
+        let (_root, signer) = mesh();
+        // A CSR asking for someone else's identity.
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![]).unwrap();
+        params.subject_alt_names = vec![uri_san("spiffe://cluster.local/ns/kube-system/sa/admin").unwrap()];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        let caller = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
+        let leaf = signer.sign_workload_csr(&csr, &caller, Duration::ZERO).unwrap();
+        let info = svid::inspect(&leaf.der).unwrap();
+        assert_eq!(info.spiffe_id, Some(caller));
+        let lifetime = info.not_after_unix - OffsetDateTime::now_utc().unix_timestamp();
+        assert!((DEFAULT_WORKLOAD_TTL.as_secs() as i64 - lifetime).abs() < 60);
+    }
+
+    #[test]
+    fn bad_csrs_are_refused_and_nothing_is_issued() {
+        let (_root, signer) = mesh();
+        let who = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
+        let garbage = signer.sign_workload_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &who, Duration::ZERO);
+        assert!(matches!(garbage, Err(CaError::CsrMalformed)), "{garbage:?}");
+        let not_pem = signer.sign_workload_csr("hello", &who, Duration::ZERO);
+        assert!(matches!(not_pem, Err(CaError::CsrMalformed)), "{not_pem:?}");
+
+        // Flip a byte inside the signature of a real CSR.
+        let (csr, _) = generate_csr("x").unwrap();
+        let mut der = pem::pem_der(&csr).unwrap();
+        let n = der.len();
+        der[n - 3] ^= 0x55;
+        let tampered = pem::encode("CERTIFICATE REQUEST", &der);
+        let bad_sig = signer.sign_workload_csr(&tampered, &who, Duration::ZERO);
+        assert!(matches!(bad_sig, Err(CaError::CsrBadSignature | CaError::CsrMalformed)), "{bad_sig:?}");
+
+        let (csr, _) = generate_csr("x").unwrap();
+        let too_long = signer.sign_workload_csr(&csr, &who, MAX_WORKLOAD_TTL + Duration::from_secs(1));
+        assert!(matches!(too_long, Err(CaError::TtlTooLong { .. })), "{too_long:?}");
+    }
+}

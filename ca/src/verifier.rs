@@ -1,0 +1,276 @@
+//! rustls verifiers that authenticate mesh peers by SPIFFE identity.
+//!
+//! Web PKI checks host names; the mesh checks SPIFFE IDs. Both verifiers
+//! validate the chain with rustls-webpki against the trust bundle (every root
+//! the mesh trusts, several during a rotation), then require the peer's leaf to
+//! be a conformant X.509-SVID in the bundle's trust domain. The server-side
+//! check can further pin the peer to a set of allowed identities, which is how
+//! a client makes sure it reached the service it asked for.
+
+use std::fmt;
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+
+use crate::pem::{self, PemError};
+use crate::spiffe::SpiffeId;
+use crate::svid::{self, SvidKind};
+
+/// The roots of one trust domain.
+#[derive(Clone)]
+pub struct TrustBundle {
+    trust_domain: String,
+    roots: Vec<CertificateDer<'static>>,
+    anchors: Arc<Vec<TrustAnchor<'static>>>,
+}
+
+impl fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("trust_domain", &self.trust_domain)
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error(transparent)]
+    Pem(#[from] PemError),
+    #[error("root certificate {index} is not a usable trust anchor: {reason}")]
+    BadRoot { index: usize, reason: String },
+}
+
+impl TrustBundle {
+    pub fn from_pem(trust_domain: &str, pem_text: &str) -> Result<Self, BundleError> {
+        Self::from_der(trust_domain, pem::certs(pem_text, "trust bundle")?)
+    }
+
+    pub fn from_der(trust_domain: &str, roots: Vec<CertificateDer<'static>>) -> Result<Self, BundleError> {
+        let anchors = roots
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| BundleError::BadRoot {
+                        index,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Self {
+            trust_domain: trust_domain.to_string(),
+            roots,
+            anchors: Arc::new(anchors),
+        })
+    }
+
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    pub fn to_pem(&self) -> String {
+        pem::encode_certs(&self.roots)
+    }
+
+    /// Validates a peer's chain and returns its SPIFFE ID.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+        algs: &WebPkiSupportedAlgorithms,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        ee.verify_for_usage(algs.all, &self.anchors, intermediates, now, usage, None, None)
+            .map_err(webpki_error)?;
+        let id = svid::validate(end_entity, SvidKind::Leaf)
+            .map_err(|e| other(format!("peer certificate is not a valid SVID: {e}")))?
+            .ok_or_else(|| other("peer certificate has no SPIFFE ID".to_string()))?;
+        if id.trust_domain() != self.trust_domain {
+            return Err(other(format!(
+                "peer {id} is not in trust domain {}",
+                self.trust_domain
+            )));
+        }
+        Ok(id)
+    }
+}
+
+fn other(msg: String) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
+        VerifyError(msg),
+    ))))
+}
+
+#[derive(Debug)]
+struct VerifyError(String);
+impl fmt::Display for VerifyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for VerifyError {}
+
+fn webpki_error(e: webpki::Error) -> rustls::Error {
+    use webpki::Error as E;
+    let ce = match e {
+        E::UnknownIssuer => CertificateError::UnknownIssuer,
+        E::CertExpired { .. } => CertificateError::Expired,
+        E::CertNotValidYet { .. } => CertificateError::NotValidYet,
+        E::InvalidSignatureForPublicKey => CertificateError::BadSignature,
+        E::CertRevoked => CertificateError::Revoked,
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    };
+    rustls::Error::InvalidCertificate(ce)
+}
+
+/// Server side of mesh mTLS: requires a client SVID from the trust bundle.
+#[derive(Debug)]
+pub struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+    algs: WebPkiSupportedAlgorithms,
+    mandatory: bool,
+}
+
+impl SpiffeClientVerifier {
+    pub fn new(bundle: TrustBundle, provider: &CryptoProvider) -> Self {
+        Self {
+            bundle,
+            algs: provider.signature_verification_algorithms,
+            mandatory: true,
+        }
+    }
+
+    /// Lets clients without certificates through the handshake; the
+    /// application must then authenticate them some other way.
+    pub fn optional(mut self) -> Self {
+        self.mandatory = false;
+        self
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.bundle
+            .verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth(), &self.algs)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Client side of mesh mTLS: requires a server SVID from the trust bundle
+/// and, when `allowed` is not empty, one of those identities.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    algs: WebPkiSupportedAlgorithms,
+    allowed: Vec<SpiffeId>,
+}
+
+impl SpiffeServerVerifier {
+    pub fn new(bundle: TrustBundle, provider: &CryptoProvider, allowed: Vec<SpiffeId>) -> Self {
+        Self {
+            bundle,
+            algs: provider.signature_verification_algorithms,
+            allowed,
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        // The SNI names the service, not the peer; identity is the SPIFFE ID.
+        let id = self
+            .bundle
+            .verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth(), &self.algs)?;
+        if !self.allowed.is_empty() && !self.allowed.contains(&id) {
+            return Err(other(format!(
+                "server identity {id} is not one of the {} identities allowed for this service",
+                self.allowed.len()
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The SPIFFE ID of the first certificate a peer presented, if any.
+pub fn peer_id(certs: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+    certs
+        .and_then(|c| c.first())
+        .and_then(|leaf| svid::inspect(leaf).ok())
+        .and_then(|info| info.spiffe_id)
+}
