@@ -4,6 +4,7 @@
 //! SNI), and the JSON types of the primary's REST API. It holds no logic that
 //! does I/O, so anything may depend on it.
 
+pub mod join_token;
 pub mod names;
 pub mod rest;
 
@@ -33,4 +34,14 @@ pub mod ports {
     pub const INBOUND: u16 = 15006;
     pub const ADMIN: u16 = 15000;
     pub const METRICS: u16 = 15090;
+}
+
+/// xDS type URLs.
+pub mod type_urls {
+    pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+    pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+    pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+    pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+    pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    pub const UPSTREAM_TLS: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
 }

@@ -1,1 +1,218 @@
-//! placeholder
+//! The Isthmus primary: the control plane that runs outside the clusters.
+//!
+//! It keeps the mesh's state in a [`store`] (embedded here; etcd for several
+//! replicas), rebuilds an immutable [`model`] from store events, and serves:
+//! - on 15012, gRPC over TLS: agent join and sync ([`sync`]), and Envoy v3
+//!   ADS for proxies and gateways ([`xds`]);
+//! - on 15014, HTTPS: the REST API under `/api/v1` ([`api`]), `/healthz` and
+//!   `/metrics`.
+//!
+//! It holds the mesh root ([`ca`]) and signs one intermediate per cluster;
+//! workload certificates are signed by the agents, never here.
+
+pub mod api;
+pub mod auth;
+pub mod ca;
+pub mod model;
+pub mod records;
+pub mod store;
+pub mod sync;
+pub mod tokens;
+pub mod xds;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::service::TowerToHyperService;
+use isthmus_api::pb::sync::sync_server::SyncServer;
+use isthmus_transport::Identity;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::ca::CaState;
+use crate::model::Model;
+use crate::store::Store;
+
+/// Everything the primary is told at start-up, validated once.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// Directory for the embedded store and the files clients need
+    /// (root-cert.pem, admin-token).
+    #[arg(long, default_value = "./isthmus-data", env = "ISTHMUS_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// gRPC over TLS: agent sync, xDS.
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    pub grpc_listen: SocketAddr,
+    /// HTTPS: REST API, health, metrics.
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    pub http_listen: SocketAddr,
+    /// Host names and IPs clients use to reach this primary; they go into its
+    /// serving certificate. The listen IPs and localhost are always added.
+    #[arg(long = "advertise", value_delimiter = ',')]
+    pub advertise: Vec<String>,
+    /// File holding the admin bearer token; created with a random token if
+    /// it does not exist.
+    #[arg(long, env = "ISTHMUS_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    #[arg(long, default_value = isthmus_api::DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub joins: Family<Vec<(String, String)>, Counter>,
+    pub sync_refusals: Family<Vec<(String, String)>, Counter>,
+    pub xds_pushes: Family<Vec<(String, String)>, Counter>,
+    pub xds_nacks: Family<Vec<(String, String)>, Counter>,
+    pub xds_connections: Gauge,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::with_prefix("isthmus_primary");
+        let m = Metrics {
+            joins: Family::default(),
+            sync_refusals: Family::default(),
+            xds_pushes: Family::default(),
+            xds_nacks: Family::default(),
+            xds_connections: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("joins", "Cluster join attempts by result", m.joins.clone());
+        registry.register("sync_refusals", "Agent-reported entries refused, by cluster", m.sync_refusals.clone());
+        registry.register("xds_pushes", "xDS responses sent, by type", m.xds_pushes.clone());
+        registry.register("xds_nacks", "xDS NACKs received, by type", m.xds_nacks.clone());
+        registry.register("xds_connections", "Connected xDS streams", m.xds_connections.clone());
+        Metrics { registry, ..m }
+    }
+}
+
+/// State every handler shares.
+pub struct Shared {
+    pub store: Arc<dyn Store>,
+    pub model: watch::Receiver<Arc<Model>>,
+    pub ca: CaState,
+    pub admin_token_sha256: String,
+    pub metrics: Metrics,
+    pub proxies: xds::status::Tracker,
+    pub crypto: Arc<rustls::crypto::CryptoProvider>,
+}
+
+/// Reads the admin token, creating it (mode 0600) on first start.
+fn admin_token(path: &Path) -> anyhow::Result<String> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
+        Ok(_) => anyhow::bail!("admin token file {} is empty", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = tokens::generate();
+            write_private(path, &token)?;
+            tracing::info!(path = %path.display(), "created admin token");
+            Ok(token)
+        }
+        Err(e) => Err(e).with_context(|| format!("reading admin token {}", path.display())),
+    }
+}
+
+fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+/// Runs the primary until the process is stopped.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    isthmus_ca::install_crypto_provider();
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store: Arc<dyn Store> = Arc::new(
+        store::embedded::EmbeddedStore::open(&config.data_dir.join("store.redb")).context("opening the embedded store")?,
+    );
+    let ca = CaState::load_or_create(&store, &config.trust_domain).await?;
+    std::fs::write(config.data_dir.join("root-cert.pem"), ca.bundle_pem())?;
+    let token_path = config
+        .admin_token_file
+        .clone()
+        .unwrap_or_else(|| config.data_dir.join("admin-token"));
+    let admin = admin_token(&token_path)?;
+
+    // The serving certificate names every address clients may dial.
+    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "isthmus-primary".into()];
+    for addr in [config.grpc_listen, config.http_listen] {
+        if !addr.ip().is_unspecified() {
+            names.push(addr.ip().to_string());
+        }
+    }
+    names.extend(config.advertise.iter().cloned());
+    names.sort();
+    names.dedup();
+    let (cert_pem, key_pem) = ca.authority.issue_server_cert(&names)?;
+    let identity = Identity::from_pem(&cert_pem, &key_pem)?;
+    let crypto = isthmus_ca::crypto_provider();
+
+    let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
+    tokio::spawn(model::run(store.clone(), model_tx));
+
+    let client_verifier = Arc::new(isthmus_ca::SpiffeClientVerifier::new(ca.bundle.clone(), &crypto).optional());
+    let grpc_tls = isthmus_transport::server_config(identity.clone(), Some(client_verifier))?;
+    let http_tls = isthmus_transport::server_config(identity, None)?;
+
+    let shared = Arc::new(Shared {
+        store,
+        model: model_rx,
+        ca,
+        admin_token_sha256: tokens::sha256_hex(&admin),
+        metrics: Metrics::new(),
+        proxies: Default::default(),
+        crypto,
+    });
+
+    let grpc_listener = TcpListener::bind(config.grpc_listen)
+        .await
+        .with_context(|| format!("binding gRPC listener {}", config.grpc_listen))?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .with_context(|| format!("binding HTTP listener {}", config.http_listen))?;
+    tracing::info!(grpc = %config.grpc_listen, http = %config.http_listen, "primary serving");
+
+    let (_grpc_cfg_tx, grpc_cfg) = watch::channel(Arc::new(grpc_tls));
+    let grpc = tonic::transport::Server::builder()
+        .add_service(SyncServer::new(sync::SyncService { shared: shared.clone() }))
+        .add_service(AggregatedDiscoveryServiceServer::new(xds::ads::AdsService { shared: shared.clone() }))
+        .serve_with_incoming(isthmus_transport::tls_incoming(grpc_listener, grpc_cfg));
+
+    let (_http_cfg_tx, http_cfg) = watch::channel(Arc::new(http_tls));
+    let router = api::router(shared.clone());
+    let http = async move {
+        let mut incoming = isthmus_transport::tls_incoming(http_listener, http_cfg);
+        use tokio_stream::StreamExt;
+        while let Some(Ok(tls)) = incoming.next().await {
+            let service = TowerToHyperService::new(router.clone());
+            tokio::spawn(async move {
+                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+            });
+        }
+    };
+    tokio::select! {
+        r = grpc => r.context("gRPC server failed")?,
+        () = http => {},
+    }
+    Ok(())
+}

@@ -1,1 +1,184 @@
-//! placeholder
+//! Transport plumbing shared by every Isthmus process: rustls configs for
+//! talking to the primary, gRPC channels over TLS or a Unix socket, and a TLS
+//! accept loop that feeds tonic servers.
+//!
+//! Handshakes run in their own tasks so one slow or hostile client never holds
+//! up another, and a failed handshake is logged and dropped rather than ending
+//! the server.
+
+use std::io;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
+use tokio::sync::{mpsc, watch};
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long a TLS handshake may take before the connection is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error("invalid address {0:?}: {1}")]
+    BadAddress(String, String),
+    #[error("TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("trust roots: {0}")]
+    Roots(String),
+    #[error(transparent)]
+    Pem(#[from] isthmus_ca::pem::PemError),
+}
+
+/// A certificate chain and its key, ready for rustls.
+#[derive(Debug)]
+pub struct Identity {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+impl Clone for Identity {
+    fn clone(&self) -> Self {
+        Self {
+            chain: self.chain.clone(),
+            key: self.key.clone_key(),
+        }
+    }
+}
+
+impl Identity {
+    pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, TransportError> {
+        Ok(Self {
+            chain: isthmus_ca::pem::certs(chain_pem, "certificate chain")?,
+            key: isthmus_ca::pem::private_key(key_pem, "private key")?,
+        })
+    }
+}
+
+/// A client config that verifies the primary's server certificate (DNS/IP
+/// SANs) against the mesh roots, optionally presenting a client identity.
+pub fn primary_client_config(roots_pem: &str, identity: Option<Identity>) -> Result<ClientConfig, TransportError> {
+    let mut roots = RootCertStore::empty();
+    for cert in isthmus_ca::pem::certs(roots_pem, "primary trust roots")? {
+        roots
+            .add(cert)
+            .map_err(|e| TransportError::Roots(e.to_string()))?;
+    }
+    let builder = ClientConfig::builder_with_provider(isthmus_ca::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some(id) => builder.with_client_auth_cert(id.chain, id.key)?,
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// A lazily connecting gRPC channel over TLS to `url` (`https://HOST:PORT`).
+/// The TLS server name is the URL's host.
+pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TransportError> {
+    let endpoint = endpoint(url)?;
+    let connector = tower::service_fn(move |uri: Uri| {
+        let config = config.clone();
+        async move {
+            let host = uri
+                .host()
+                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_string();
+            let port = uri.port_u16().unwrap_or(443);
+            let tcp = TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            let name = ServerName::try_from(host)
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            Ok::<_, io::Error>(TokioIo::new(tls))
+        }
+    });
+    Ok(endpoint.connect_with_connector_lazy(connector))
+}
+
+/// A lazily connecting gRPC channel over a Unix socket (the local agent).
+pub fn uds_channel(path: impl Into<PathBuf>) -> Channel {
+    let path = Arc::new(path.into());
+    let connector = tower::service_fn(move |_: Uri| {
+        let path = path.clone();
+        async move { Ok::<_, io::Error>(TokioIo::new(UnixStream::connect(path.as_path()).await?)) }
+    });
+    // The URI is required by tonic but unused by the connector.
+    Endpoint::from_static("http://agent.local").connect_with_connector_lazy(connector)
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
+    let ep = Endpoint::from_shared(url.to_string())
+        .map_err(|e| TransportError::BadAddress(url.to_string(), e.to_string()))?;
+    Ok(ep
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .keep_alive_timeout(Duration::from_secs(10)))
+}
+
+/// Accepts TCP connections, completes TLS handshakes concurrently with the
+/// current server config, and yields the established streams. The config is
+/// read per connection, so certificate rotation takes effect for new
+/// connections without a restart.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: watch::Receiver<Arc<ServerConfig>>,
+) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            if tx.is_closed() {
+                return;
+            }
+            let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
+                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// A server config for the primary's listeners: its own certificate, h2 and
+/// HTTP/1.1 ALPN, and client certificates verified (but optional, because
+/// joining agents and gateways have none yet).
+pub fn server_config(
+    identity: Identity,
+    client_verifier: Option<Arc<dyn rustls::server::danger::ClientCertVerifier>>,
+) -> Result<ServerConfig, TransportError> {
+    let builder = ServerConfig::builder_with_provider(isthmus_ca::crypto_provider())
+        .with_safe_default_protocol_versions()?;
+    let builder = match client_verifier {
+        Some(v) => builder.with_client_cert_verifier(v),
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_single_cert(identity.chain, identity.key)?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

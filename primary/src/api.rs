@@ -1,0 +1,213 @@
+//! The REST API on 15014: `/api/v1` for operators (bearer token), plus
+//! `/healthz` and `/metrics`.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use isthmus_api::names::check_label;
+use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
+
+use crate::records::{now_unix, ClusterRecord};
+use crate::store::{keys, Compare, Op};
+use crate::{tokens, Shared};
+
+/// Join tokens live this long unless the request says otherwise.
+const DEFAULT_TOKEN_TTL: u64 = 3600;
+/// A cluster whose agent has not been heard from for this long is stale.
+const STALE_AFTER: u64 = 30;
+
+pub fn router(shared: Arc<Shared>) -> Router {
+    Router::new()
+        .route("/api/v1/clusters", get(list_clusters).post(register_cluster))
+        .route("/api/v1/clusters/{name}", get(get_cluster).delete(deregister_cluster))
+        .route("/api/v1/proxies", get(list_proxies))
+        .route("/api/v1/ca/roots", get(roots))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .with_state(shared)
+}
+
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ErrorBody { error: self.1 })).into_response()
+    }
+}
+
+impl From<crate::store::StoreError> for ApiError {
+    fn from(e: crate::store::StoreError) -> Self {
+        ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+    let presented = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(t) if tokens::matches(t, &shared.admin_token_sha256) => Ok(()),
+        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "admin token is not valid".into())),
+        None => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing 'Authorization: Bearer <admin token>' header".into(),
+        )),
+    }
+}
+
+async fn register_cluster(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Json<RegisterCluster>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<Registered>), ApiError> {
+    authorize(&shared, &headers)?;
+    let Json(req) = body.map_err(|e| bad(format!("request body: {}", e.body_text())))?;
+    check_label(&req.name).map_err(|_| bad(format!("name: {:?} is not a DNS label", req.name)))?;
+    check_label(&req.network).map_err(|_| bad(format!("network: {:?} is not a DNS label", req.network)))?;
+    for (i, g) in req.gateways.iter().enumerate() {
+        g.parse::<std::net::IpAddr>()
+            .map_err(|_| bad(format!("gateways[{i}]: {g:?} is not an IP address")))?;
+    }
+    for (field, v) in [("region", &req.region), ("zone", &req.zone)] {
+        if !v.is_empty() && check_label(v).is_err() {
+            return Err(bad(format!("{field}: {v:?} is not a DNS label")));
+        }
+    }
+    let ttl = if req.token_ttl_seconds == 0 {
+        DEFAULT_TOKEN_TTL
+    } else {
+        req.token_ttl_seconds
+    };
+    let secret = tokens::generate();
+    let token = isthmus_api::join_token::format(&secret, &shared.ca.root_fingerprint());
+    let now = now_unix();
+    let record = ClusterRecord {
+        name: req.name.clone(),
+        network: req.network,
+        region: req.region,
+        zone: req.zone,
+        gateways: req.gateways,
+        trust_domain: shared.ca.trust_domain().to_string(),
+        registered_unix: now,
+        join_token_sha256: Some(tokens::sha256_hex(&secret)),
+        join_token_expires_unix: now + ttl,
+        joined_unix: None,
+        intermediates: vec![],
+        gateway_token_sha256: None,
+    };
+    let key = keys::cluster(&req.name);
+    let value = serde_json::to_vec(&record).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let (created, _) = shared
+        .store
+        .txn(vec![Compare { key: key.clone(), mod_revision: 0 }], vec![Op::Put { key, value }])
+        .await?;
+    if !created {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("cluster {:?} is already registered; deregister it first", req.name),
+        ));
+    }
+    tracing::info!(cluster = %record.name, network = %record.network, "registered cluster");
+    Ok((
+        StatusCode::CREATED,
+        Json(Registered {
+            cluster: view(&shared, &record),
+            join_token: token,
+            join_token_expires_unix: record.join_token_expires_unix,
+        }),
+    ))
+}
+
+fn view(shared: &Shared, c: &ClusterRecord) -> ClusterView {
+    let model = shared.model.borrow().clone();
+    let hb = model.heartbeats.get(&c.name);
+    let now = now_unix();
+    let health = match (c.joined_unix, hb) {
+        (None, _) => "pending",
+        (Some(_), Some(h)) if now.saturating_sub(h.last_heartbeat_unix) <= STALE_AFTER => "healthy",
+        (Some(_), _) => "stale",
+    };
+    ClusterView {
+        name: c.name.clone(),
+        network: c.network.clone(),
+        region: c.region.clone(),
+        zone: c.zone.clone(),
+        gateways: c.gateways.clone(),
+        trust_domain: c.trust_domain.clone(),
+        health: health.to_string(),
+        agent_version: hb.map(|h| h.agent_version.clone()),
+        last_heartbeat_unix: hb.map(|h| h.last_heartbeat_unix),
+        last_sync_unix: hb.and_then(|h| h.last_sync_unix),
+        endpoint_count: model.endpoint_count(&c.name) as u64,
+    }
+}
+
+async fn list_clusters(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Result<Json<Vec<ClusterView>>, ApiError> {
+    authorize(&shared, &headers)?;
+    let model = shared.model.borrow().clone();
+    Ok(Json(model.clusters.values().map(|c| view(&shared, c)).collect()))
+}
+
+async fn get_cluster(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<Json<ClusterView>, ApiError> {
+    authorize(&shared, &headers)?;
+    let model = shared.model.borrow().clone();
+    let c = model
+        .clusters
+        .get(&name)
+        .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no cluster named {name:?}")))?;
+    Ok(Json(view(&shared, c)))
+}
+
+/// Removes the cluster, its endpoints and its heartbeat in one transaction.
+/// Its intermediate stops being accepted because the model no longer maps it.
+async fn deregister_cluster(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    authorize(&shared, &headers)?;
+    let (eps, _) = shared.store.list(&keys::cluster_endpoints(&name)).await?;
+    if shared.store.get(&keys::cluster(&name)).await?.is_none() {
+        return Err(ApiError(StatusCode::NOT_FOUND, format!("no cluster named {name:?}")));
+    }
+    let mut ops: Vec<Op> = eps.into_iter().map(|kv| Op::Delete { key: kv.key }).collect();
+    ops.push(Op::Delete { key: keys::heartbeat(&name) });
+    ops.push(Op::Delete { key: keys::cluster(&name) });
+    shared.store.txn(vec![], ops).await?;
+    tracing::info!(cluster = %name, "deregistered cluster");
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn list_proxies(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+    authorize(&shared, &headers)?;
+    Ok(Json(shared.proxies.snapshot()))
+}
+
+async fn roots(State(shared): State<Arc<Shared>>) -> String {
+    shared.ca.bundle_pem()
+}
+
+async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    let mut out = String::new();
+    match prometheus_client::encoding::text::encode(&mut out, &shared.metrics.registry) {
+        Ok(()) => (
+            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            out,
+        )
+            .into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

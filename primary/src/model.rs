@@ -1,0 +1,138 @@
+//! The primary's in-memory model of the mesh, rebuilt from store events.
+//!
+//! Data flows one way: the store is watched, every event updates a plain copy
+//! of the stored keys, and a fresh immutable [`Model`] is built from that copy
+//! and published. Readers (xDS, the REST API) hold an `Arc<Model>` and never
+//! lock. After a compaction the watcher lists everything again, so deletions
+//! made while it was away are not missed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::records::{ClusterRecord, HeartbeatRecord, ServiceRecord};
+use crate::store::{keys, Event, Store, StoreError};
+
+/// An immutable view of the mesh at one store revision.
+#[derive(Debug, Default)]
+pub struct Model {
+    pub revision: i64,
+    /// The last revision that changed anything but heartbeats; xDS only
+    /// regenerates when this moves.
+    pub config_revision: i64,
+    pub clusters: BTreeMap<String, ClusterRecord>,
+    pub heartbeats: BTreeMap<String, HeartbeatRecord>,
+    /// (namespace, name) → cluster → the service as that cluster reports it.
+    pub services: BTreeMap<(String, String), BTreeMap<String, ServiceRecord>>,
+    /// Intermediate fingerprint → cluster name.
+    pub intermediates: HashMap<String, String>,
+}
+
+impl Model {
+    fn build(revision: i64, config_revision: i64, kv: &BTreeMap<String, Vec<u8>>) -> Self {
+        let mut m = Model {
+            revision,
+            config_revision,
+            ..Default::default()
+        };
+        for (key, value) in kv {
+            if let Some(name) = key.strip_prefix(keys::CLUSTERS) {
+                match serde_json::from_slice::<ClusterRecord>(value) {
+                    Ok(c) => {
+                        for fp in &c.intermediates {
+                            m.intermediates.insert(fp.clone(), name.to_string());
+                        }
+                        m.clusters.insert(name.to_string(), c);
+                    }
+                    Err(e) => tracing::error!(key, error = %e, "skipping corrupt cluster record"),
+                }
+            } else if let Some(name) = key.strip_prefix(keys::HEARTBEATS) {
+                if let Ok(h) = serde_json::from_slice::<HeartbeatRecord>(value) {
+                    m.heartbeats.insert(name.to_string(), h);
+                }
+            } else if let Some(rest) = key.strip_prefix(keys::ENDPOINTS) {
+                let Some((cluster, _)) = rest.split_once('/') else {
+                    continue;
+                };
+                match serde_json::from_slice::<ServiceRecord>(value) {
+                    Ok(s) => {
+                        m.services
+                            .entry((s.namespace.clone(), s.name.clone()))
+                            .or_default()
+                            .insert(cluster.to_string(), s);
+                    }
+                    Err(e) => tracing::error!(key, error = %e, "skipping corrupt service record"),
+                }
+            }
+        }
+        // Endpoints of clusters that are no longer registered do not count.
+        for per_cluster in m.services.values_mut() {
+            per_cluster.retain(|c, _| m.clusters.contains_key(c));
+        }
+        m.services.retain(|_, v| !v.is_empty());
+        m
+    }
+
+    pub fn cluster_of_intermediate(&self, fingerprint: &str) -> Option<&ClusterRecord> {
+        self.intermediates.get(fingerprint).and_then(|c| self.clusters.get(c))
+    }
+
+    pub fn endpoint_count(&self, cluster: &str) -> usize {
+        self.services
+            .values()
+            .filter_map(|m| m.get(cluster))
+            .map(|s| s.endpoints.len())
+            .sum()
+    }
+}
+
+/// Watches the store and publishes a new model after every change. Runs
+/// until the receiver side is gone.
+pub async fn run(store: Arc<dyn Store>, tx: watch::Sender<Arc<Model>>) {
+    loop {
+        match follow(&*store, &tx).await {
+            Ok(()) => return,
+            Err(StoreError::Compacted { requested, oldest }) => {
+                tracing::warn!(requested, oldest, "model watch compacted; listing again");
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "model watch failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
+
+async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Model>>) -> Result<(), StoreError> {
+    let (items, revision) = store.list(keys::PREFIX).await?;
+    let mut kv: BTreeMap<String, Vec<u8>> = items.into_iter().map(|i| (i.key, i.value)).collect();
+    let mut revision = revision;
+    // A relist is a config change as far as xDS knows.
+    let mut config_revision = revision;
+    tx.send_replace(Arc::new(Model::build(revision, config_revision, &kv)));
+    let mut events = store.watch(keys::PREFIX, revision + 1).await?;
+    while let Some(batch) = events.recv().await {
+        let batch = batch?;
+        for event in batch {
+            revision = revision.max(event.revision());
+            if !event.key().starts_with(keys::HEARTBEATS) {
+                config_revision = config_revision.max(event.revision());
+            }
+            match event {
+                Event::Put(item) => {
+                    kv.insert(item.key, item.value);
+                }
+                Event::Delete { key, .. } => {
+                    kv.remove(&key);
+                }
+            }
+        }
+        tx.send_replace(Arc::new(Model::build(revision, config_revision, &kv)));
+        if tx.is_closed() {
+            return Ok(());
+        }
+    }
+    Err(StoreError::Backend("store watch ended".into()))
+}

@@ -1,0 +1,79 @@
+//! What the primary stores, as JSON under the keys in [`crate::store::keys`].
+
+use serde::{Deserialize, Serialize};
+
+/// A registered cluster.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterRecord {
+    pub name: String,
+    pub network: String,
+    pub region: String,
+    pub zone: String,
+    pub gateways: Vec<String>,
+    pub trust_domain: String,
+    pub registered_unix: u64,
+    /// SHA-256 of the unused join token; cleared when it is used.
+    pub join_token_sha256: Option<String>,
+    pub join_token_expires_unix: u64,
+    pub joined_unix: Option<u64>,
+    /// SHA-256 fingerprints of the intermediates issued to this cluster's
+    /// agent. A peer whose chain holds one of these speaks for the cluster.
+    pub intermediates: Vec<String>,
+    /// SHA-256 of the cluster's gateway credential.
+    pub gateway_token_sha256: Option<String>,
+}
+
+/// The agent's liveness, kept apart from the cluster so heartbeats do not
+/// rebuild the model.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatRecord {
+    pub agent_version: String,
+    pub last_heartbeat_unix: u64,
+    pub last_sync_unix: Option<u64>,
+}
+
+/// One service as one cluster's agent reported it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceRecord {
+    pub namespace: String,
+    pub name: String,
+    pub ports: Vec<PortRecord>,
+    pub endpoints: Vec<EndpointRecord>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PortRecord {
+    pub name: String,
+    pub port: u16,
+    pub protocol: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointRecord {
+    pub workload: String,
+    pub address: String,
+    pub inbound_port: u16,
+    pub service_account: String,
+    pub ready: bool,
+}
+
+/// The mesh root, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RootRecord {
+    pub trust_domain: String,
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

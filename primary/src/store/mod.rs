@@ -1,0 +1,107 @@
+//! The primary's store: one interface, `get`, `put`, `delete`, `list`,
+//! `watch` and `txn`, over etcd-like revisions. Every key lives under
+//! `/isthmus/v1/<kind>/...`; see [`keys`].
+//!
+//! The embedded backend ([`embedded::EmbeddedStore`]) keeps one primary's
+//! state in a redb file. A watcher that falls behind the retained history gets
+//! [`StoreError::Compacted`] and must list again, exactly as with etcd.
+
+pub mod embedded;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("revision {requested} has been compacted; the oldest retained is {oldest}: list again and watch from the listed revision")]
+    Compacted { requested: i64, oldest: i64 },
+    #[error("store backend failed: {0}")]
+    Backend(String),
+    #[error("stored value under {key} is corrupt: {reason}")]
+    Corrupt { key: String, reason: String },
+}
+
+/// A stored value with its etcd-style revisions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub create_revision: i64,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Put(KeyValue),
+    Delete { key: String, mod_revision: i64 },
+}
+
+impl Event {
+    pub fn key(&self) -> &str {
+        match self {
+            Event::Put(kv) => &kv.key,
+            Event::Delete { key, .. } => key,
+        }
+    }
+    pub fn revision(&self) -> i64 {
+        match self {
+            Event::Put(kv) => kv.mod_revision,
+            Event::Delete { mod_revision, .. } => *mod_revision,
+        }
+    }
+}
+
+/// A condition of a transaction: the key's mod revision equals the given one
+/// (0 means the key must be absent).
+#[derive(Debug, Clone)]
+pub struct Compare {
+    pub key: String,
+    pub mod_revision: i64,
+}
+
+#[derive(Debug, Clone)]
+pub enum Op {
+    Put { key: String, value: Vec<u8> },
+    Delete { key: String },
+}
+
+/// Watch batches, in revision order. An `Err` ends the watch.
+pub type WatchReceiver = mpsc::UnboundedReceiver<Result<Vec<Event>, StoreError>>;
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError>;
+    /// Returns the new revision.
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError>;
+    /// Returns the new revision if the key existed.
+    async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError>;
+    /// Everything under `prefix`, and the revision the listing reflects.
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError>;
+    /// Events under `prefix` with revision >= `from_revision`.
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchReceiver, StoreError>;
+    /// Applies `ops` atomically if every compare holds. Returns whether it
+    /// applied and the store revision after it.
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(bool, i64), StoreError>;
+}
+
+/// Key layout: `/isthmus/v1/<kind>/<namespace>/<name>`.
+pub mod keys {
+    pub const PREFIX: &str = "/isthmus/v1/";
+    pub const CLUSTERS: &str = "/isthmus/v1/clusters/";
+    pub const ENDPOINTS: &str = "/isthmus/v1/endpoints/";
+    pub const HEARTBEATS: &str = "/isthmus/v1/heartbeats/";
+    pub const CA_ROOT: &str = "/isthmus/v1/ca/root";
+
+    pub fn cluster(name: &str) -> String {
+        format!("{CLUSTERS}{name}")
+    }
+    pub fn heartbeat(cluster: &str) -> String {
+        format!("{HEARTBEATS}{cluster}")
+    }
+    pub fn cluster_endpoints(cluster: &str) -> String {
+        format!("{ENDPOINTS}{cluster}/")
+    }
+    pub fn endpoints(cluster: &str, namespace: &str, service: &str) -> String {
+        format!("{ENDPOINTS}{cluster}/{namespace}/{service}")
+    }
+}

@@ -1,0 +1,273 @@
+//! State-of-the-World ADS, one task per stream.
+//!
+//! A request whose nonce is not the last one sent for its type is stale and
+//! ignored. A request carrying `error_detail` is a NACK: the proxy keeps its
+//! last good config, the NACK is recorded, and nothing is re-sent until the
+//! model changes. Resources are regenerated when the model's config revision
+//! moves and sent only when their version (a digest of their content) changes.
+
+use std::collections::{BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use futures::Stream;
+use isthmus_api::type_urls;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::generate::{self, Resources, Role};
+use super::status::ProxyStatus;
+use crate::{auth, Shared};
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+pub struct AdsService {
+    pub shared: Arc<Shared>,
+}
+
+type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = RespStream<DiscoveryResponse>;
+    type DeltaAggregatedResourcesStream = RespStream<DeltaDiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let certs = request.peer_certs();
+        let (cluster, role, identity) = match certs.as_deref().filter(|c| !c.is_empty()) {
+            Some(certs) => {
+                let peer = auth::workload(&self.shared, Some(certs.as_slice()))?;
+                (peer.cluster, Role::Sidecar, Some(peer.identity))
+            }
+            None => (auth::gateway(&self.shared, request.metadata())?, Role::Gateway, None),
+        };
+        let (tx, rx) = mpsc::channel(16);
+        let conn = Connection {
+            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            shared: self.shared.clone(),
+            cluster,
+            role,
+            identity: identity.map(|i| i.to_string()),
+            node_id: String::new(),
+            types: HashMap::new(),
+            nonce: 0,
+            tx,
+        };
+        tokio::spawn(conn.run(request.into_inner()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Err(Status::unimplemented(
+            "Delta ADS is not served yet; configure the client for State-of-the-World ADS (api_type: GRPC)",
+        ))
+    }
+}
+
+#[derive(Default)]
+struct TypeState {
+    /// None subscribes to everything (wildcard).
+    names: Option<BTreeSet<String>>,
+    sent_version: Option<String>,
+    nonce: String,
+}
+
+struct Connection {
+    id: u64,
+    shared: Arc<Shared>,
+    cluster: String,
+    role: Role,
+    identity: Option<String>,
+    node_id: String,
+    types: HashMap<String, TypeState>,
+    nonce: u64,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+}
+
+impl Connection {
+    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut model = self.shared.model.clone();
+        let mut seen_revision = model.borrow_and_update().config_revision;
+        let shared = self.shared.clone();
+        shared.metrics.xds_connections.inc();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req).await {
+                            tracing::warn!(node = %self.node_id, cluster = %self.cluster, reason = %status.message(), "closing xDS stream");
+                            let _ = self.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(node = %self.node_id, error = %e, "xDS stream error");
+                        break;
+                    }
+                },
+                changed = model.changed() => {
+                    if changed.is_err() { break; }
+                    let revision = model.borrow_and_update().config_revision;
+                    if revision != seen_revision {
+                        seen_revision = revision;
+                        if !self.shared.model.borrow().clusters.contains_key(&self.cluster) {
+                            let _ = self.tx.send(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster)))).await;
+                            break;
+                        }
+                        let types: Vec<String> = self.types.keys().cloned().collect();
+                        for t in types {
+                            if self.push(&t, false).await.is_err() { break; }
+                        }
+                    }
+                }
+            }
+        }
+        shared.metrics.xds_connections.dec();
+        shared.proxies.disconnect(self.id);
+        tracing::info!(node = %self.node_id, cluster = %self.cluster, "xDS stream closed");
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if self.node_id.is_empty() {
+            self.accept_node(req.node.as_ref())?;
+        }
+        let type_url = req.type_url.clone();
+        if ![type_urls::CLUSTER, type_urls::ENDPOINT, type_urls::LISTENER, type_urls::ROUTE].contains(&type_url.as_str()) {
+            return Err(Status::invalid_argument(format!("unsupported type_url {type_url:?}")));
+        }
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce != state.nonce {
+            return Ok(()); // stale: answers an older response
+        }
+        let names: Option<BTreeSet<String>> =
+            (!req.resource_names.is_empty()).then(|| req.resource_names.iter().cloned().collect());
+        let names_changed = names != state.names;
+        state.names = names;
+        if let Some(err) = &req.error_detail {
+            tracing::warn!(node = %self.node_id, type_url, version = %req.version_info, error = %err.message, "proxy NACKed config");
+            self.shared.metrics.xds_nacks.get_or_create(&vec![("type".into(), short(&type_url))]).inc();
+            let message = err.message.clone();
+            self.shared.proxies.update(self.id, &type_url, |s| s.nack = Some(message));
+            if names_changed {
+                self.push(&type_url, true).await?;
+            }
+            return Ok(());
+        }
+        if !req.response_nonce.is_empty() {
+            let version = req.version_info.clone();
+            self.shared.proxies.update(self.id, &type_url, |s| {
+                s.acked_version = Some(version);
+                s.nack = None;
+            });
+        }
+        let first = self.types.get(&type_url).is_some_and(|s| s.sent_version.is_none());
+        if first || names_changed {
+            self.push(&type_url, true).await?;
+        }
+        Ok(())
+    }
+
+    fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
+        let node = node.ok_or_else(|| Status::invalid_argument("the first DiscoveryRequest must carry a node"))?;
+        if node.id.is_empty() || node.id.len() > 256 {
+            return Err(Status::invalid_argument("node.id must be 1 to 256 bytes"));
+        }
+        // A node may not claim a cluster other than the one its credentials name.
+        if let Some(claimed) = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("CLUSTER_ID"))
+            .and_then(|v| match &v.kind {
+                Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.as_str()),
+                _ => None,
+            })
+        {
+            if claimed != self.cluster {
+                return Err(Status::permission_denied(format!(
+                    "node metadata claims cluster {claimed:?} but its credentials belong to {:?}",
+                    self.cluster
+                )));
+            }
+        }
+        self.node_id = node.id.clone();
+        self.shared.proxies.connect(
+            self.id,
+            ProxyStatus {
+                node_id: node.id.clone(),
+                cluster: self.cluster.clone(),
+                role: match self.role {
+                    Role::Sidecar => "sidecar".into(),
+                    Role::Gateway => "gateway".into(),
+                },
+                identity: self.identity.clone(),
+                types: Default::default(),
+            },
+        );
+        tracing::info!(node = %node.id, cluster = %self.cluster, identity = ?self.identity, "xDS stream opened");
+        Ok(())
+    }
+
+    /// Sends the current resources of `type_url` if they changed (or always,
+    /// when `force`).
+    async fn push(&mut self, type_url: &str, force: bool) -> Result<(), Status> {
+        let model = self.shared.model.borrow().clone();
+        let Some(me) = model.clusters.get(&self.cluster) else {
+            return Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster)));
+        };
+        let mut resources: Resources = generate::generate(&model, self.role, me, type_url);
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        if let Some(names) = &state.names {
+            resources.retain(|name, _| names.contains(name));
+        }
+        let version = digest(&resources);
+        if !force && state.sent_version.as_deref() == Some(version.as_str()) {
+            return Ok(());
+        }
+        self.nonce += 1;
+        state.nonce = self.nonce.to_string();
+        state.sent_version = Some(version.clone());
+        let response = DiscoveryResponse {
+            version_info: version.clone(),
+            resources: resources.into_values().collect(),
+            type_url: type_url.to_string(),
+            nonce: state.nonce.clone(),
+            ..Default::default()
+        };
+        self.shared.metrics.xds_pushes.get_or_create(&vec![("type".into(), short(type_url))]).inc();
+        self.shared.proxies.update(self.id, type_url, |s| s.sent_version = version);
+        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("proxy went away"))
+    }
+}
+
+fn short(type_url: &str) -> String {
+    type_url.rsplit('.').next().unwrap_or(type_url).to_string()
+}
+
+/// The version of a resource set: a digest of names and encoded bytes.
+fn digest(resources: &Resources) -> String {
+    let mut h = Sha256::new();
+    for (name, any) in resources {
+        h.update((name.len() as u64).to_le_bytes());
+        h.update(name.as_bytes());
+        h.update((any.value.len() as u64).to_le_bytes());
+        h.update(&any.value);
+    }
+    hex::encode(&h.finalize()[..8])
+}

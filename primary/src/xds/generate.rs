@@ -1,0 +1,337 @@
+//! Turning the model into Envoy v3 resources for one proxy.
+//!
+//! Sidecars get one EDS cluster per service port (`outbound|PORT||FQDN`)
+//! with mesh mTLS: the SNI `outbound_.PORT_._.FQDN`, certificates from SDS,
+//! and the service's SPIFFE identities as the allowed server SANs. Their
+//! endpoints are split-horizon: endpoints on the proxy's own network are
+//! listed directly; each other network is one locality holding its gateways,
+//! weighted by how many endpoints stand behind them. Priorities follow
+//! locality: same zone, same region, same network, then other networks.
+//!
+//! Gateways get one plain EDS cluster per exported service port, named by the
+//! SNI it answers to, holding only their own network's endpoints.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{
+    address, api_config_source::ApiType, config_source::ConfigSourceSpecifier, grpc_service, socket_address,
+    transport_socket, Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
+    HealthStatus, Locality, SocketAddress, TransportSocket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
+    subject_alt_name_matcher::SanType,
+    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
+use isthmus_api::names::{service_fqdn, ServiceKey};
+use isthmus_api::{type_urls, DEFAULT_CLUSTER_DOMAIN};
+use prost::Message;
+
+use crate::model::Model;
+use crate::records::{ClusterRecord, ServiceRecord};
+
+/// Name of the SDS cluster in an Envoy bootstrap (the agent's Unix socket),
+/// and the secret names Istio uses.
+pub const SDS_CLUSTER: &str = "sds-grpc";
+pub const SDS_CERT: &str = "default";
+pub const SDS_ROOT: &str = "ROOTCA";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Sidecar,
+    Gateway,
+}
+
+/// Resources of one type for one proxy, by name.
+pub type Resources = BTreeMap<String, Any>;
+
+pub fn generate(model: &Model, role: Role, me: &ClusterRecord, type_url: &str) -> Resources {
+    match (role, type_url) {
+        (Role::Sidecar, type_urls::CLUSTER) => sidecar_clusters(model),
+        (Role::Sidecar, type_urls::ENDPOINT) => sidecar_endpoints(model, me),
+        (Role::Gateway, type_urls::CLUSTER) => gateway_clusters(model, me),
+        (Role::Gateway, type_urls::ENDPOINT) => gateway_endpoints(model, me),
+        _ => Resources::new(),
+    }
+}
+
+fn any<M: Message>(type_url: &str, m: &M) -> Any {
+    Any {
+        type_url: type_url.to_string(),
+        value: m.encode_to_vec(),
+    }
+}
+
+/// Each service port in the mesh, with everything reported for it.
+fn service_ports(model: &Model) -> impl Iterator<Item = (ServiceKey, &str, &BTreeMap<String, ServiceRecord>)> {
+    model.services.iter().flat_map(|((ns, name), per_cluster)| {
+        let fqdn = service_fqdn(name, ns, DEFAULT_CLUSTER_DOMAIN);
+        let ports: BTreeSet<u16> = per_cluster.values().flat_map(|s| s.ports.iter().map(|p| p.port)).collect();
+        ports
+            .into_iter()
+            .map(move |port| (ServiceKey::new(fqdn.clone(), port), ns.as_str(), per_cluster))
+    })
+}
+
+fn ads() -> ConfigSource {
+    ConfigSource {
+        config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        resource_api_version: ApiVersion::V3 as i32,
+        ..Default::default()
+    }
+}
+
+fn sds(name: &str) -> SdsSecretConfig {
+    SdsSecretConfig {
+        name: name.to_string(),
+        sds_config: Some(ConfigSource {
+            config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
+                api_type: ApiType::Grpc as i32,
+                transport_api_version: ApiVersion::V3 as i32,
+                grpc_services: vec![GrpcService {
+                    target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
+                        cluster_name: SDS_CLUSTER.to_string(),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })),
+            resource_api_version: ApiVersion::V3 as i32,
+            ..Default::default()
+        }),
+    }
+}
+
+fn eds_cluster(name: String, transport_socket: Option<TransportSocket>) -> Cluster {
+    Cluster {
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: name.clone(),
+        }),
+        name,
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+        lb_policy: LbPolicy::RoundRobin as i32,
+        transport_socket,
+        ..Default::default()
+    }
+}
+
+fn sidecar_clusters(model: &Model) -> Resources {
+    let td = model
+        .clusters
+        .values()
+        .next()
+        .map(|c| c.trust_domain.clone())
+        .unwrap_or_else(|| isthmus_api::DEFAULT_TRUST_DOMAIN.to_string());
+    service_ports(model)
+        .map(|(key, ns, per_cluster)| {
+            let sans: BTreeSet<String> = per_cluster
+                .values()
+                .flat_map(|s| s.endpoints.iter().map(|e| e.service_account.clone()))
+                .map(|sa| format!("spiffe://{td}/ns/{ns}/sa/{sa}"))
+                .collect();
+            let tls = UpstreamTlsContext {
+                sni: key.sni(),
+                common_tls_context: Some(CommonTlsContext {
+                    tls_certificate_sds_secret_configs: vec![sds(SDS_CERT)],
+                    validation_context_type: Some(ValidationContextType::CombinedValidationContext(
+                        CombinedCertificateValidationContext {
+                            default_validation_context: Some(CertificateValidationContext {
+                                match_typed_subject_alt_names: sans
+                                    .into_iter()
+                                    .map(|san| SubjectAltNameMatcher {
+                                        san_type: SanType::Uri as i32,
+                                        matcher: Some(StringMatcher {
+                                            match_pattern: Some(MatchPattern::Exact(san)),
+                                            ..Default::default()
+                                        }),
+                                        ..Default::default()
+                                    })
+                                    .collect(),
+                                ..Default::default()
+                            }),
+                            validation_context_sds_secret_config: Some(sds(SDS_ROOT)),
+                            ..Default::default()
+                        },
+                    )),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let socket = TransportSocket {
+                name: "envoy.transport_sockets.tls".to_string(),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(type_urls::UPSTREAM_TLS, &tls))),
+            };
+            let name = key.cluster_name();
+            (name.clone(), any(type_urls::CLUSTER, &eds_cluster(name, Some(socket))))
+        })
+        .collect()
+}
+
+fn socket(ip: &str, port: u16) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: ip.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(port))),
+            ..Default::default()
+        })),
+    }
+}
+
+fn lb_endpoint(ip: &str, port: u16, weight: u32) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket(ip, port)),
+            ..Default::default()
+        })),
+        health_status: HealthStatus::Healthy as i32,
+        load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+        ..Default::default()
+    }
+}
+
+fn locality(c: &ClusterRecord) -> Locality {
+    Locality {
+        region: c.region.clone(),
+        zone: c.zone.clone(),
+        sub_zone: String::new(),
+    }
+}
+
+/// Raw priority of a cluster's endpoints as seen from `me`.
+fn raw_priority(me: &ClusterRecord, other: &ClusterRecord) -> u32 {
+    if other.network != me.network {
+        3
+    } else if other.region == me.region && other.zone == me.zone {
+        0
+    } else if other.region == me.region {
+        1
+    } else {
+        2
+    }
+}
+
+fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
+    service_ports(model)
+        .map(|(key, _, per_cluster)| {
+            let mut groups: Vec<(u32, LocalityLbEndpoints)> = Vec::new();
+            // Remote networks: network → (endpoint count, gateways, locality).
+            let mut remote: BTreeMap<&str, (u32, BTreeSet<&str>, Locality)> = BTreeMap::new();
+            for (cluster_name, svc) in per_cluster {
+                let Some(c) = model.clusters.get(cluster_name) else { continue };
+                if !svc.ports.iter().any(|p| p.port == key.port) {
+                    continue;
+                }
+                let ready: Vec<_> = svc.endpoints.iter().filter(|e| e.ready).collect();
+                if ready.is_empty() {
+                    continue;
+                }
+                if c.network == me.network {
+                    groups.push((
+                        raw_priority(me, c),
+                        LocalityLbEndpoints {
+                            locality: Some(locality(c)),
+                            lb_endpoints: ready.iter().map(|e| lb_endpoint(&e.address, e.inbound_port, 1)).collect(),
+                            load_balancing_weight: Some(UInt32Value { value: ready.len() as u32 }),
+                            ..Default::default()
+                        },
+                    ));
+                } else {
+                    let entry = remote
+                        .entry(c.network.as_str())
+                        .or_insert_with(|| (0, BTreeSet::new(), locality(c)));
+                    entry.0 += ready.len() as u32;
+                }
+            }
+            // Any gateway of a network reaches every endpoint in it.
+            for c in model.clusters.values() {
+                if let Some(entry) = remote.get_mut(c.network.as_str()) {
+                    entry.1.extend(c.gateways.iter().map(String::as_str));
+                }
+            }
+            for (network, (count, gateways, loc)) in remote {
+                if gateways.is_empty() {
+                    tracing::warn!(network, service = %key, "network has endpoints but no gateway; they are unreachable from here");
+                    continue;
+                }
+                groups.push((
+                    3,
+                    LocalityLbEndpoints {
+                        locality: Some(loc),
+                        lb_endpoints: gateways
+                            .iter()
+                            .map(|g| lb_endpoint(g, isthmus_api::ports::GATEWAY, count))
+                            .collect(),
+                        load_balancing_weight: Some(UInt32Value { value: count }),
+                        ..Default::default()
+                    },
+                ));
+            }
+            // Envoy wants priorities numbered from 0 without gaps.
+            let levels: BTreeSet<u32> = groups.iter().map(|(p, _)| *p).collect();
+            let endpoints = groups
+                .into_iter()
+                .map(|(p, mut g)| {
+                    g.priority = levels.iter().position(|l| *l == p).unwrap_or(0) as u32;
+                    g
+                })
+                .collect();
+            let name = key.cluster_name();
+            let cla = ClusterLoadAssignment {
+                cluster_name: name.clone(),
+                endpoints,
+                ..Default::default()
+            };
+            (name, any(type_urls::ENDPOINT, &cla))
+        })
+        .collect()
+}
+
+/// Service ports with ready endpoints on the gateway's network, by SNI.
+fn gateway_targets<'a>(model: &'a Model, me: &ClusterRecord) -> BTreeMap<String, Vec<(&'a str, u16)>> {
+    let mut out: BTreeMap<String, Vec<(&str, u16)>> = BTreeMap::new();
+    for (key, _, per_cluster) in service_ports(model) {
+        for (cluster_name, svc) in per_cluster {
+            let on_my_network = model.clusters.get(cluster_name).is_some_and(|c| c.network == me.network);
+            if !on_my_network || !svc.ports.iter().any(|p| p.port == key.port) {
+                continue;
+            }
+            for e in svc.endpoints.iter().filter(|e| e.ready) {
+                out.entry(key.sni()).or_default().push((&e.address, e.inbound_port));
+            }
+        }
+    }
+    out
+}
+
+fn gateway_clusters(model: &Model, me: &ClusterRecord) -> Resources {
+    gateway_targets(model, me)
+        .into_keys()
+        .map(|sni| (sni.clone(), any(type_urls::CLUSTER, &eds_cluster(sni, None))))
+        .collect()
+}
+
+fn gateway_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
+    gateway_targets(model, me)
+        .into_iter()
+        .map(|(sni, eps)| {
+            let cla = ClusterLoadAssignment {
+                cluster_name: sni.clone(),
+                endpoints: vec![LocalityLbEndpoints {
+                    locality: Some(locality(me)),
+                    lb_endpoints: eps.iter().map(|(ip, port)| lb_endpoint(ip, *port, 1)).collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            };
+            (sni, any(type_urls::ENDPOINT, &cla))
+        })
+        .collect()
+}
