@@ -113,7 +113,7 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
         Ok(_) => anyhow::bail!("admin token file {} is empty", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = tokens::generate();
-            write_private(path, &token)?;
+            isthmus_transport::write_private(path, &token).with_context(|| format!("writing {}", path.display()))?;
             tracing::info!(path = %path.display(), "created admin token");
             Ok(token)
         }
@@ -121,19 +121,6 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-fn write_private(path: &Path, contents: &str) -> anyhow::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(contents.as_bytes())?;
-    Ok(())
-}
 
 /// Runs the primary until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -161,7 +148,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     names.sort();
     names.dedup();
     let (cert_pem, key_pem) = ca.authority.issue_server_cert(&names)?;
-    let identity = Identity::from_pem(&cert_pem, &key_pem)?;
+    // The root rides along in the chain so joining agents can pin it by the
+    // fingerprint in their join token.
+    let identity = Identity::from_pem(&format!("{cert_pem}{}", ca.authority.cert_pem()), &key_pem)?;
     let crypto = isthmus_ca::crypto_provider();
 
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));

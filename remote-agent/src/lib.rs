@@ -1,1 +1,124 @@
-//! placeholder
+//! The Isthmus remote agent: runs inside (or beside) one cluster.
+//!
+//! - [`join`]: trades the one-time join token and a CSR for the cluster's
+//!   intermediate CA; the key never leaves the agent and is kept in a 0600
+//!   file so restarts need no new token.
+//! - [`registry`]: discovers services and workloads from a watched YAML file.
+//! - [`sync`]: streams snapshots and heartbeats to the primary, reconnecting
+//!   with jittered backoff.
+//! - [`ca_server`]: signs workload certificates over a Unix socket, for the
+//!   identity the caller's credential names. It needs no primary, so new
+//!   workloads get certificates while the primary is down.
+
+pub mod ca_server;
+pub mod join;
+pub mod registry;
+pub mod sync;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::watch;
+
+/// Everything the agent is told at start-up.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// The primary's gRPC address, `https://HOST:15012`.
+    #[arg(long, env = "ISTHMUS_PRIMARY")]
+    pub primary: String,
+    /// One-time join token from `isthmusctl cluster register`. Not needed
+    /// once the agent has joined (its state dir holds its credentials).
+    #[arg(long, env = "ISTHMUS_JOIN_TOKEN")]
+    pub join_token: Option<String>,
+    /// This cluster's registered name.
+    #[arg(long)]
+    pub cluster: String,
+    /// Where the agent keeps its intermediate key (0600), chain and bundle.
+    #[arg(long, default_value = "./isthmus-agent")]
+    pub state_dir: PathBuf,
+    /// The file registry to serve (YAML).
+    #[arg(long)]
+    pub registry: PathBuf,
+    /// Unix socket for the workload CA. Default: STATE_DIR/ca.sock.
+    #[arg(long)]
+    pub ca_socket: Option<PathBuf>,
+    /// Admin listener: /ready, /healthz.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+}
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Runs the agent until the process is stopped.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    isthmus_ca::install_crypto_provider();
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
+    let creds = Arc::new(join::ensure_joined(&config).await?);
+    tracing::info!(cluster = %config.cluster, trust_domain = %creds.signer.trust_domain(), "agent holds its cluster intermediate");
+
+    let initial = registry::Registry::load(&config.registry)?;
+    let (reg_tx, reg_rx) = watch::channel(Arc::new(initial));
+    tokio::spawn(watch_registry(config.registry.clone(), reg_tx));
+
+    let socket = config
+        .ca_socket
+        .clone()
+        .unwrap_or_else(|| config.state_dir.join("ca.sock"));
+    let ca = ca_server::serve(socket, creds.clone(), reg_rx.clone())?;
+
+    let (ready_tx, ready_rx) = watch::channel(false);
+    let admin = tokio::net::TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding admin listener {}", config.admin))?;
+    let router = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/ready",
+            axum::routing::get(move || {
+                let ready = *ready_rx.borrow();
+                async move {
+                    if ready {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not synced with the primary yet\n")
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move { axum::serve(admin, router).await });
+
+    let sync = sync::run(config.clone(), creds, reg_rx, ready_tx);
+    tokio::select! {
+        r = ca => r.context("workload CA server failed"),
+        () = sync => Ok(()),
+    }
+}
+
+/// Reloads the registry when the file's content changes. A broken file is
+/// reported and the last good registry stays in force.
+async fn watch_registry(path: PathBuf, tx: watch::Sender<Arc<registry::Registry>>) {
+    let mut last = std::fs::read(&path).ok();
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    loop {
+        tick.tick().await;
+        let now = std::fs::read(&path).ok();
+        if now == last {
+            continue;
+        }
+        last = now;
+        match registry::Registry::load(&path) {
+            Ok(reg) => {
+                tracing::info!(path = %path.display(), services = reg.services.len(), workloads = reg.workloads.len(), "registry reloaded");
+                tx.send_replace(Arc::new(reg));
+            }
+            Err(e) => tracing::error!(error = %e, "registry not reloaded; keeping the last good one"),
+        }
+        if tx.is_closed() {
+            return;
+        }
+    }
+}

@@ -1,1 +1,18 @@
-fn main() {}
+//! `isthmus-agent`: joins a cluster to the mesh.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Isthmus remote agent")]
+struct Cli {
+    #[command(flatten)]
+    config: isthmus_agent::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    isthmus_agent::run(Cli::parse().config).await
+}
