@@ -1,1 +1,18 @@
-fn main() {}
+//! `isthmus-gateway`: the east-west SNI passthrough gateway.
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(version, about = "Isthmus east-west gateway")]
+struct Cli {
+    #[command(flatten)]
+    config: isthmus_gateway::Config,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .init();
+    isthmus_gateway::run(Cli::parse().config).await
+}

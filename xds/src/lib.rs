@@ -1,1 +1,343 @@
-//! placeholder
+//! The xDS client of Isthmus's data planes (isthmus-proxy and
+//! isthmus-gateway): State-of-the-World ADS over gRPC for the subset of Envoy
+//! v3 the primary generates (Cluster and ClusterLoadAssignment), as gRPC's
+//! proxyless clients do.
+//!
+//! Responses are decoded outside any lock into a new immutable [`Snapshot`],
+//! which is swapped in whole (`ArcSwap`), so the request path never waits on
+//! config. A response that fails to decode is NACKed with the reason and the
+//! previous config stays in force; a rejected version is never ACKed. After a
+//! disconnect the client reconnects with backoff and keeps serving its last
+//! good config meanwhile.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address, transport_socket, Node};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{common_tls_context, UpstreamTlsContext};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use isthmus_api::type_urls;
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+
+/// One upstream cluster, as the data plane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterInfo {
+    pub name: String,
+    /// SNI for mesh mTLS; None for plain clusters (gateways).
+    pub sni: Option<String>,
+    /// Exact SPIFFE IDs the server may present; empty means any in the
+    /// trust domain.
+    pub allowed_sans: Vec<String>,
+}
+
+/// Endpoints of one cluster, grouped by priority (index 0 first).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EndpointSet {
+    pub priorities: Vec<Vec<WeightedEndpoint>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightedEndpoint {
+    pub addr: SocketAddr,
+    pub weight: u32,
+}
+
+impl EndpointSet {
+    /// The endpoints of the best priority that has any.
+    pub fn best(&self) -> &[WeightedEndpoint] {
+        self.priorities
+            .iter()
+            .find(|p| !p.is_empty())
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+    }
+}
+
+/// Everything the data plane knows, swapped whole on every change.
+#[derive(Debug, Default)]
+pub struct Snapshot {
+    pub clusters: HashMap<String, Arc<ClusterInfo>>,
+    pub endpoints: HashMap<String, Arc<EndpointSet>>,
+    pub cluster_version: String,
+    pub endpoint_version: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("resource {index} of {type_url}: {reason}")]
+    Resource { type_url: String, index: usize, reason: String },
+}
+
+/// How to reach the primary and who we are.
+#[derive(Clone)]
+pub struct XdsConfig {
+    pub primary: String,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// Gateways authenticate with a bearer credential instead of a certificate.
+    pub bearer: Option<String>,
+    pub node_id: String,
+    pub cluster: String,
+}
+
+/// A running xDS client.
+#[derive(Clone)]
+pub struct XdsHandle {
+    pub snapshot: Arc<ArcSwap<Snapshot>>,
+    /// True once both types have been ACKed at least once.
+    pub ready: watch::Receiver<bool>,
+}
+
+/// Starts the client in the background.
+pub fn start(config: XdsConfig, tls_updates: Option<watch::Receiver<Arc<rustls::ClientConfig>>>) -> XdsHandle {
+    let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
+    let (ready_tx, ready) = watch::channel(false);
+    let shared = snapshot.clone();
+    tokio::spawn(async move {
+        let mut config = config;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Some(updates) = &tls_updates {
+                config.tls = updates.borrow().clone();
+            }
+            match session(&config, &shared, &ready_tx).await {
+                Ok(()) => backoff = Duration::from_millis(100),
+                Err(e) => tracing::warn!(primary = %config.primary, error = %e, "xDS stream failed; keeping the last good config"),
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    });
+    XdsHandle { snapshot, ready }
+}
+
+fn node(config: &XdsConfig) -> Node {
+    let mut fields = HashMap::new();
+    fields.insert(
+        "CLUSTER_ID".to_string(),
+        Value {
+            kind: Some(Kind::StringValue(config.cluster.clone())),
+        },
+    );
+    Node {
+        id: config.node_id.clone(),
+        cluster: config.cluster.clone(),
+        metadata: Some(Struct { fields }),
+        ..Default::default()
+    }
+}
+
+async fn session(config: &XdsConfig, shared: &ArcSwap<Snapshot>, ready: &watch::Sender<bool>) -> anyhow_lite::Result<()> {
+    let channel = isthmus_transport::tls_channel(&config.primary, config.tls.clone())?;
+    let mut client = AggregatedDiscoveryServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(8);
+    tx.send(DiscoveryRequest {
+        node: Some(node(config)),
+        type_url: type_urls::CLUSTER.to_string(),
+        ..Default::default()
+    })
+    .await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    if let Some(token) = &config.bearer {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    let mut inbound = client.stream_aggregated_resources(request).await?.into_inner();
+    let mut eds_names: Option<BTreeSet<String>> = None;
+    let mut acked: BTreeSet<String> = BTreeSet::new();
+    while let Some(resp) = inbound.message().await? {
+        let current = shared.load_full();
+        let outcome = apply(&current, &resp);
+        let mut ack = DiscoveryRequest {
+            type_url: resp.type_url.clone(),
+            response_nonce: resp.nonce.clone(),
+            ..Default::default()
+        };
+        match outcome {
+            Ok(next) => {
+                ack.version_info = resp.version_info.clone();
+                if resp.type_url == type_urls::CLUSTER {
+                    let names: BTreeSet<String> = next.clusters.keys().cloned().collect();
+                    ack.resource_names = vec![];
+                    shared.store(Arc::new(next));
+                    tx.send(ack).await?;
+                    if eds_names.as_ref() != Some(&names) {
+                        // Subscribe EDS to exactly the clusters we know.
+                        tx.send(DiscoveryRequest {
+                            type_url: type_urls::ENDPOINT.to_string(),
+                            resource_names: names.iter().cloned().collect(),
+                            version_info: current.endpoint_version.clone(),
+                            response_nonce: String::new(),
+                            ..Default::default()
+                        })
+                        .await?;
+                        eds_names = Some(names);
+                    }
+                } else {
+                    if let Some(names) = &eds_names {
+                        ack.resource_names = names.iter().cloned().collect();
+                    }
+                    shared.store(Arc::new(next));
+                    tx.send(ack).await?;
+                }
+                acked.insert(resp.type_url.clone());
+                if acked.len() == 2 || eds_names.as_ref().is_some_and(BTreeSet::is_empty) {
+                    ready.send_replace(true);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, error = %e, "NACKing xDS response");
+                // Keep the version we last accepted; report why.
+                ack.version_info = if resp.type_url == type_urls::CLUSTER {
+                    current.cluster_version.clone()
+                } else {
+                    current.endpoint_version.clone()
+                };
+                if resp.type_url == type_urls::ENDPOINT {
+                    if let Some(names) = &eds_names {
+                        ack.resource_names = names.iter().cloned().collect();
+                    }
+                }
+                ack.error_detail = Some(RpcStatus {
+                    code: 3,
+                    message: e.to_string(),
+                    details: vec![],
+                });
+                tx.send(ack).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Builds the next snapshot from a response, or says why it cannot.
+pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, DecodeError> {
+    let err = |index: usize, reason: String| DecodeError::Resource {
+        type_url: resp.type_url.clone(),
+        index,
+        reason,
+    };
+    match resp.type_url.as_str() {
+        type_urls::CLUSTER => {
+            let mut clusters = HashMap::new();
+            for (i, any) in resp.resources.iter().enumerate() {
+                if any.type_url != type_urls::CLUSTER {
+                    return Err(err(i, format!("unexpected type {}", any.type_url)));
+                }
+                let c = Cluster::decode(any.value.as_slice()).map_err(|e| err(i, e.to_string()))?;
+                let info = cluster_info(&c).map_err(|e| err(i, e))?;
+                clusters.insert(info.name.clone(), Arc::new(info));
+            }
+            let endpoints = current
+                .endpoints
+                .iter()
+                .filter(|(k, _)| clusters.contains_key(*k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(Snapshot {
+                clusters,
+                endpoints,
+                cluster_version: resp.version_info.clone(),
+                endpoint_version: current.endpoint_version.clone(),
+            })
+        }
+        type_urls::ENDPOINT => {
+            let mut endpoints = HashMap::new();
+            for (i, any) in resp.resources.iter().enumerate() {
+                if any.type_url != type_urls::ENDPOINT {
+                    return Err(err(i, format!("unexpected type {}", any.type_url)));
+                }
+                let cla = ClusterLoadAssignment::decode(any.value.as_slice()).map_err(|e| err(i, e.to_string()))?;
+                let set = endpoint_set(&cla).map_err(|e| err(i, e))?;
+                endpoints.insert(cla.cluster_name.clone(), Arc::new(set));
+            }
+            Ok(Snapshot {
+                clusters: current.clusters.clone(),
+                endpoints,
+                cluster_version: current.cluster_version.clone(),
+                endpoint_version: resp.version_info.clone(),
+            })
+        }
+        other => Err(err(0, format!("type {other} is not supported by this client"))),
+    }
+}
+
+fn cluster_info(c: &Cluster) -> Result<ClusterInfo, String> {
+    if c.name.is_empty() {
+        return Err("cluster has no name".into());
+    }
+    let mut info = ClusterInfo {
+        name: c.name.clone(),
+        sni: None,
+        allowed_sans: vec![],
+    };
+    if let Some(ts) = &c.transport_socket {
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
+            return Err(format!("cluster {}: transport socket has no typed config", c.name));
+        };
+        if any.type_url != type_urls::UPSTREAM_TLS {
+            return Err(format!("cluster {}: unsupported transport socket {}", c.name, any.type_url));
+        }
+        let tls = UpstreamTlsContext::decode(any.value.as_slice()).map_err(|e| format!("cluster {}: {e}", c.name))?;
+        info.sni = Some(tls.sni.clone());
+        if let Some(common) = &tls.common_tls_context {
+            if let Some(common_tls_context::ValidationContextType::CombinedValidationContext(v)) = &common.validation_context_type {
+                for m in v.default_validation_context.iter().flat_map(|d| d.match_typed_subject_alt_names.iter()) {
+                    match m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref()) {
+                        Some(MatchPattern::Exact(san)) => info.allowed_sans.push(san.clone()),
+                        _ => return Err(format!("cluster {}: only exact SAN matchers are supported", c.name)),
+                    }
+                }
+            }
+        }
+    }
+    Ok(info)
+}
+
+fn endpoint_set(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String> {
+    let mut set = EndpointSet::default();
+    for group in &cla.endpoints {
+        let p = group.priority as usize;
+        if p > 16 {
+            return Err(format!("priority {p} is higher than 16"));
+        }
+        if set.priorities.len() <= p {
+            set.priorities.resize(p + 1, Vec::new());
+        }
+        for lb in &group.lb_endpoints {
+            let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
+                return Err("endpoint without an address".into());
+            };
+            let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
+                return Err("endpoint address is not a socket address".into());
+            };
+            let ip: IpAddr = sa.address.parse().map_err(|_| format!("endpoint address {:?} is not an IP", sa.address))?;
+            let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
+                return Err("endpoint has no port value".into());
+            };
+            let port = u16::try_from(port).map_err(|_| format!("endpoint port {port} is out of range"))?;
+            let weight = lb.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(1).max(1);
+            set.priorities[p].push(WeightedEndpoint {
+                addr: SocketAddr::new(ip, port),
+                weight,
+            });
+        }
+    }
+    Ok(set)
+}
+
+/// Errors of the session loop, boxed: they are only logged.
+mod anyhow_lite {
+    pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
