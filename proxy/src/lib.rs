@@ -1,1 +1,214 @@
-//! placeholder
+//! The Isthmus sidecar proxy.
+//!
+//! - [`identity`] keeps the proxy's SVID, from the local agent, renewed.
+//! - [`outbound`] (15001) routes the app's HTTP requests to mesh services
+//!   over mTLS, using clusters and endpoints from xDS ([`isthmus_xds`]).
+//! - [`inbound`] (15006) terminates mTLS from other sidecars, checks their
+//!   SPIFFE identity and hands the request to the local app.
+//! - The admin listener (15000) serves `/ready` and `/config_dump`; 15090
+//!   serves `/metrics`.
+//!
+//! Config lives in an `ArcSwap` and certificates on `watch` channels, so the
+//! request path takes no lock.
+
+pub mod identity;
+pub mod inbound;
+pub mod metrics;
+pub mod outbound;
+pub mod tls;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct Config {
+    /// The primary's gRPC address, `https://HOST:15012`.
+    #[arg(long, env = "ISTHMUS_PRIMARY")]
+    pub primary: String,
+    /// The cluster this workload runs in.
+    #[arg(long)]
+    pub cluster: String,
+    /// The local agent's workload CA socket.
+    #[arg(long)]
+    pub agent_socket: PathBuf,
+    /// File holding this workload's credential for the agent.
+    #[arg(long)]
+    pub token_file: PathBuf,
+    /// The xDS node id; defaults to `sidecar~<cluster>~<pid>`.
+    #[arg(long)]
+    pub node_id: Option<String>,
+    #[arg(long, default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15006")]
+    pub inbound: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: SocketAddr,
+    #[arg(long, default_value = "127.0.0.1:15090")]
+    pub metrics: SocketAddr,
+    /// Local apps by service port, `PORT=IP:PORT` (repeatable): inbound
+    /// requests for that port go there.
+    #[arg(long = "app", value_parser = parse_app)]
+    pub apps: Vec<(u16, SocketAddr)>,
+    /// Requested certificate lifetime in seconds; 0 means the CA default.
+    #[arg(long, default_value_t = 0)]
+    pub cert_ttl_seconds: u64,
+}
+
+fn parse_app(s: &str) -> Result<(u16, SocketAddr), String> {
+    let (port, addr) = s.split_once('=').ok_or("expected PORT=IP:PORT")?;
+    let port = port.parse::<u16>().map_err(|_| format!("{port:?} is not a port"))?;
+    let addr = addr.parse::<SocketAddr>().map_err(|_| format!("{addr:?} is not IP:PORT"))?;
+    Ok((port, addr))
+}
+
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    isthmus_ca::install_crypto_provider();
+    let token = std::fs::read_to_string(&config.token_file)
+        .with_context(|| format!("reading workload credential {}", config.token_file.display()))?;
+    let svid = identity::start(identity::AgentClient {
+        socket: config.agent_socket.clone(),
+        token: token.trim().to_string(),
+        ttl: Duration::from_secs(config.cert_ttl_seconds),
+    })
+    .await?;
+
+    // TLS configs follow the certificate: rebuilt on every renewal.
+    let (server_tx, server_rx) = watch::channel(Arc::new(tls::server_config(&svid.borrow())?));
+    let (xds_tls_tx, xds_tls_rx) = watch::channel(Arc::new(xds_tls(&svid.borrow())?));
+    let mut renewals = svid.clone();
+    tokio::spawn(async move {
+        while renewals.changed().await.is_ok() {
+            let current = renewals.borrow_and_update().clone();
+            let built = tls::server_config(&current)
+                .map_err(anyhow::Error::from)
+                .and_then(|s| Ok((s, xds_tls(&current)?)));
+            match built {
+                Ok((s, x)) => {
+                    server_tx.send_replace(Arc::new(s));
+                    xds_tls_tx.send_replace(Arc::new(x));
+                }
+                Err(e) => tracing::error!(error = %e, "renewed certificate unusable; keeping the previous one"),
+            }
+        }
+    });
+
+    let node_id = config
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("sidecar~{}~{}", config.cluster, std::process::id()));
+    let initial_tls = xds_tls_rx.borrow().clone();
+    let xds = isthmus_xds::start(
+        isthmus_xds::XdsConfig {
+            primary: config.primary.clone(),
+            tls: initial_tls,
+            bearer: None,
+            node_id,
+            cluster: config.cluster.clone(),
+        },
+        Some(xds_tls_rx),
+    );
+
+    let metrics = Arc::new(metrics::Metrics::new());
+    let outbound = TcpListener::bind(config.outbound)
+        .await
+        .with_context(|| format!("binding outbound {}", config.outbound))?;
+    let inbound = TcpListener::bind(config.inbound)
+        .await
+        .with_context(|| format!("binding inbound {}", config.inbound))?;
+    let client = outbound::client(outbound::MeshConnector::new(xds.snapshot.clone(), svid.clone()));
+    tokio::spawn(outbound::serve(outbound, client, metrics.clone()));
+    let apps: HashMap<u16, SocketAddr> = config.apps.iter().copied().collect();
+    tokio::spawn(inbound::serve(inbound, server_rx, svid.clone(), Arc::new(apps), metrics.clone()));
+    serve_admin(&config, xds, svid, metrics).await?;
+    tracing::info!(outbound = %config.outbound, inbound = %config.inbound, "proxy serving");
+    std::future::pending::<()>().await;
+    Ok(())
+}
+
+/// The client config for the xDS stream: our SVID against the mesh roots.
+fn xds_tls(svid: &identity::Svid) -> anyhow::Result<rustls::ClientConfig> {
+    Ok(isthmus_transport::primary_client_config(
+        &svid.bundle.to_pem(),
+        Some(svid.identity()),
+    )?)
+}
+
+async fn serve_admin(
+    config: &Config,
+    xds: isthmus_xds::XdsHandle,
+    svid: watch::Receiver<Arc<identity::Svid>>,
+    metrics: Arc<metrics::Metrics>,
+) -> anyhow::Result<()> {
+    let ready = xds.ready.clone();
+    let snapshot = xds.snapshot.clone();
+    let admin = axum::Router::new()
+        .route(
+            "/ready",
+            get(move || {
+                let ok = *ready.borrow();
+                async move {
+                    if ok {
+                        (axum::http::StatusCode::OK, "ready\n")
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "waiting for config from the primary\n")
+                    }
+                }
+            }),
+        )
+        .route(
+            "/config_dump",
+            get(move || {
+                let snap = snapshot.load_full();
+                let s = svid.borrow().clone();
+                async move { axum::Json(config_dump(&snap, &s)) }
+            }),
+        );
+    let metrics_router = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move { m.encode() }
+        }),
+    );
+    let a = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding admin {}", config.admin))?;
+    let m = TcpListener::bind(config.metrics)
+        .await
+        .with_context(|| format!("binding metrics {}", config.metrics))?;
+    tokio::spawn(async move { axum::serve(a, admin).await });
+    tokio::spawn(async move { axum::serve(m, metrics_router).await });
+    Ok(())
+}
+
+fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_json::Value {
+    let mut clusters: Vec<_> = snap
+        .clusters
+        .values()
+        .map(|c| {
+            let eps = snap.endpoints.get(&c.name);
+            serde_json::json!({
+                "name": c.name,
+                "sni": c.sni,
+                "allowedSans": c.allowed_sans,
+                "priorities": eps.map(|e| e.priorities.iter().map(|p| p.iter().map(|w| serde_json::json!({"address": w.addr.to_string(), "weight": w.weight})).collect::<Vec<_>>()).collect::<Vec<_>>()).unwrap_or_default(),
+            })
+        })
+        .collect();
+    clusters.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    serde_json::json!({
+        "identity": svid.id.to_string(),
+        "certificateNotAfter": svid.not_after_unix,
+        "clusterVersion": snap.cluster_version,
+        "endpointVersion": snap.endpoint_version,
+        "clusters": clusters,
+    })
+}

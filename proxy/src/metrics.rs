@@ -1,0 +1,49 @@
+//! The proxy's Prometheus metrics.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: &'static str,
+    pub code: u16,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub tls_refused: Counter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("isthmus_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        let tls_refused = Counter::default();
+        registry.register("requests", "HTTP requests by direction and status", requests.clone());
+        registry.register("inbound_tls_refused", "Inbound mTLS handshakes refused", tls_refused.clone());
+        Self {
+            registry,
+            requests,
+            tls_refused,
+        }
+    }
+
+    pub fn request(&self, direction: &'static str, code: u16) {
+        self.requests.get_or_create(&RequestLabels { direction, code }).inc();
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
