@@ -1,1 +1,378 @@
-fn main() {}
+//! `isthmusctl`: the Isthmus command line.
+//!
+//! Operator commands talk to a primary's REST API, found either through a
+//! local mesh's state dir (`--state-dir`) or through `--primary`, `--token`
+//! and `--ca-file` (or `ISTHMUS_PRIMARY`, `ISTHMUS_TOKEN`, `ISTHMUS_CA_FILE`).
+//! `up`, `down` and `status` run and inspect a mesh on this machine. The
+//! hidden `component` command runs one Isthmus process; `up` uses it so a
+//! single binary is all a laptop needs.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand, ValueEnum};
+use isthmus_api::rest::RegisterCluster;
+use isthmus_topology::client::PrimaryClient;
+use isthmus_topology::runner::{self, MeshState, NetMode, UpOptions};
+
+#[derive(Parser)]
+#[command(name = "isthmusctl", version, about = "Operate an Isthmus service mesh")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// How to reach a primary.
+#[derive(clap::Args, Clone)]
+struct Conn {
+    /// A local mesh started by `isthmusctl up`; its primary and admin token
+    /// are read from here.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// The primary's REST API, `https://HOST:15014`.
+    #[arg(long, env = "ISTHMUS_PRIMARY")]
+    primary: Option<String>,
+    /// Admin bearer token.
+    #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// PEM file with the mesh root, to verify the primary.
+    #[arg(long, env = "ISTHMUS_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+impl Conn {
+    fn client(&self) -> anyhow::Result<PrimaryClient> {
+        if let Some(dir) = &self.state_dir {
+            return MeshState::load(dir)?.client();
+        }
+        let (Some(primary), Some(token)) = (&self.primary, &self.token) else {
+            bail!("say which primary to use: --state-dir DIR, or --primary URL --token T --ca-file F");
+        };
+        let ca_file = self
+            .ca_file
+            .as_ref()
+            .context("--ca-file (or ISTHMUS_CA_FILE) is needed to verify the primary")?;
+        let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        PrimaryClient::new(primary, token, &ca)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a topology template on this machine: embedded store, real
+    /// processes, sample services.
+    Up {
+        /// Template name (see topologies/templates/).
+        #[arg(default_value = "multi-network")]
+        template: String,
+        /// Return once the mesh is ready instead of staying in the foreground.
+        #[arg(long)]
+        detach: bool,
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+        /// Network layout.
+        #[arg(long, value_enum, default_value = "auto")]
+        net: NetMode,
+    },
+    /// Stop a local mesh and remove its network namespaces.
+    Down {
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+    },
+    /// Show every component of a local mesh.
+    Status {
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Register, list and deregister clusters.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// What every connected proxy has ACKed or NACKed.
+    ProxyStatus {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Run one Isthmus process (used by `up`).
+    #[command(hide = true)]
+    Component {
+        #[command(subcommand)]
+        component: Component,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Register a cluster; prints its one-time join token.
+    Register {
+        name: String,
+        #[arg(long)]
+        network: String,
+        #[arg(long, default_value = "")]
+        region: String,
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// East-west gateway IP (repeatable).
+        #[arg(long = "gateway")]
+        gateways: Vec<String>,
+        /// Join token lifetime in seconds (default 3600).
+        #[arg(long, default_value_t = 0)]
+        token_ttl: u64,
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// List clusters with health, last sync, agent version and endpoints.
+    List {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Remove a cluster: its endpoints leave every proxy and its agent's
+    /// credentials stop working.
+    Deregister {
+        name: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+#[derive(Subcommand)]
+enum Component {
+    Primary(isthmus_primary::Config),
+    Agent(isthmus_agent::Config),
+    Gateway(isthmus_gateway::Config),
+    Proxy(isthmus_proxy::Config),
+    Echo(isthmus_echo::Config),
+}
+
+fn print(output: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+    let text = match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Yaml => serde_saphyr::to_string(value)?,
+        Output::Table => table(),
+    };
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn ago(unix: Option<u64>) -> String {
+    unix.map(|t| format!("{}s ago", now_unix().saturating_sub(t)))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let component = matches!(cli.command, Cmd::Component { .. });
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| if component { "info" } else { "warn" }.into()),
+        )
+        .init();
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(run(cli.command))
+}
+
+async fn run(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
+        Cmd::Component { component } => match component {
+            Component::Primary(c) => isthmus_primary::run(c).await,
+            Component::Agent(c) => isthmus_agent::run(c).await,
+            Component::Gateway(c) => isthmus_gateway::run(c).await,
+            Component::Proxy(c) => isthmus_proxy::run(c).await,
+            Component::Echo(c) => isthmus_echo::run(c).await,
+        },
+        Cmd::Up {
+            template,
+            detach,
+            state_dir,
+            net,
+        } => {
+            let exe = std::env::current_exe().context("locating isthmusctl")?;
+            let state = runner::up(UpOptions {
+                template: template.clone(),
+                state_dir: state_dir.clone(),
+                mode: net,
+                exe,
+            })
+            .await?;
+            let dir = state.state_dir.display().to_string();
+            match &state.layout {
+                Some(l) => println!("mesh {template} is up, one network namespace per network ({}-*)", l.prefix),
+                None => println!("mesh {template} is up on loopback (networks are not isolated; run as root for namespaces)"),
+            }
+            println!("  primary API   {}", state.primary_api);
+            println!("  components    isthmusctl status --state-dir {dir}");
+            println!("  clusters      isthmusctl cluster list --state-dir {dir}");
+            println!("  stop          isthmusctl down --state-dir {dir}");
+            if detach {
+                println!("Send one request from east's client through the mesh:");
+                println!("{}", state.client_command);
+                return Ok(());
+            }
+            println!("Send one request from east's client through the mesh:");
+            println!("{}", state.client_command);
+            println!("Press Ctrl-C to stop.");
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {},
+                _ = term.recv() => {},
+            }
+            for line in runner::down(&state.state_dir) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Down { state_dir } => {
+            for line in runner::down(&state_dir) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Cmd::Status { state_dir, output } => {
+            let state = MeshState::load(&state_dir)?;
+            let components: Vec<serde_json::Value> = state
+                .components
+                .iter()
+                .map(|c| {
+                    serde_json::json!({
+                        "name": c.name, "kind": c.kind, "cluster": c.cluster, "network": c.network,
+                        "netns": c.netns, "pid": c.pid, "listeners": c.listeners,
+                        "running": runner::alive(c.pid), "log": c.log,
+                    })
+                })
+                .collect();
+            print(output, &serde_json::json!({ "components": components }), || {
+                let mut s = format!("{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} LISTENERS\n", "NAME", "KIND", "CLUSTER", "NETWORK", "PID", "STATE");
+                for c in &state.components {
+                    let listeners: Vec<String> = c.listeners.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    s += &format!(
+                        "{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} {}\n",
+                        c.name,
+                        c.kind,
+                        c.cluster.as_deref().unwrap_or("-"),
+                        c.network.as_deref().unwrap_or("-"),
+                        c.pid,
+                        if runner::alive(c.pid) { "running" } else { "exited" },
+                        listeners.join(" ")
+                    );
+                }
+                s
+            })
+        }
+        Cmd::Cluster { command } => match command {
+            ClusterCmd::Register {
+                name,
+                network,
+                region,
+                zone,
+                gateways,
+                token_ttl,
+                conn,
+                output,
+            } => {
+                let registered = conn
+                    .client()?
+                    .register_cluster(&RegisterCluster {
+                        name,
+                        network,
+                        region,
+                        zone,
+                        gateways,
+                        token_ttl_seconds: token_ttl,
+                    })
+                    .await?;
+                print(output, &registered, || {
+                    format!(
+                        "cluster {} registered on network {}.\nJoin token (shown once, valid for {}s):\n{}\n",
+                        registered.cluster.name,
+                        registered.cluster.network,
+                        registered.join_token_expires_unix.saturating_sub(now_unix()),
+                        registered.join_token
+                    )
+                })
+            }
+            ClusterCmd::List { conn, output } => {
+                let clusters = conn.client()?.list_clusters().await?;
+                print(output, &clusters, || {
+                    let mut s = format!(
+                        "{:<12} {:<12} {:<14} {:<9} {:<9} {:<12} {:<12} ENDPOINTS\n",
+                        "NAME", "NETWORK", "LOCALITY", "HEALTH", "AGENT", "HEARTBEAT", "LAST SYNC"
+                    );
+                    for c in &clusters {
+                        s += &format!(
+                            "{:<12} {:<12} {:<14} {:<9} {:<9} {:<12} {:<12} {}\n",
+                            c.name,
+                            c.network,
+                            format!("{}/{}", c.region, c.zone),
+                            c.health,
+                            c.agent_version.as_deref().unwrap_or("-"),
+                            ago(c.last_heartbeat_unix),
+                            ago(c.last_sync_unix),
+                            c.endpoint_count
+                        );
+                    }
+                    s
+                })
+            }
+            ClusterCmd::Deregister { name, conn } => {
+                conn.client()?.deregister_cluster(&name).await?;
+                println!("cluster {name} deregistered");
+                Ok(())
+            }
+        },
+        Cmd::ProxyStatus { conn, output } => {
+            let proxies = conn.client()?.proxies().await?;
+            print(output, &proxies, || {
+                let mut s = format!("{:<36} {:<8} {:<9} {:<22} {}\n", "NODE", "CLUSTER", "ROLE", "CLUSTERS (CDS)", "ENDPOINTS (EDS)");
+                for p in proxies.as_array().into_iter().flatten() {
+                    let state = |t: &str| {
+                        let ty = &p["types"][t];
+                        if ty.is_null() {
+                            "-".to_string()
+                        } else if !ty["nack"].is_null() {
+                            "NACKED".into()
+                        } else if ty["ackedVersion"] == ty["sentVersion"] {
+                            "SYNCED".into()
+                        } else {
+                            "STALE".into()
+                        }
+                    };
+                    s += &format!(
+                        "{:<36} {:<8} {:<9} {:<22} {}\n",
+                        p["nodeId"].as_str().unwrap_or("-"),
+                        p["cluster"].as_str().unwrap_or("-"),
+                        p["role"].as_str().unwrap_or("-"),
+                        state("Cluster"),
+                        state("ClusterLoadAssignment")
+                    );
+                }
+                s
+            })
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! A client for the primary's REST API, used by `isthmusctl` and the local
+//! runner. It trusts only the mesh root and sends the admin bearer token.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
+use reqwest::{Method, StatusCode};
+use serde::de::DeserializeOwned;
+
+#[derive(Clone)]
+pub struct PrimaryClient {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+impl PrimaryClient {
+    /// `base` is `https://HOST:15014`; `ca_pem` the mesh root(s).
+    pub fn new(base: &str, token: &str, ca_pem: &str) -> anyhow::Result<Self> {
+        isthmus_ca::install_crypto_provider();
+        let tls = isthmus_transport::primary_client_config(ca_pem, None)?;
+        let mut tls = tls;
+        tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .timeout(std::time::Duration::from_secs(15))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Self {
+            base: base.trim_end_matches('/').to_string(),
+            token: token.trim().to_string(),
+            http,
+        })
+    }
+
+    pub fn from_files(base: &str, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
+        let token = std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?;
+        let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        Self::new(base, &token, &ca)
+    }
+
+    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method.clone(), &url).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req
+            .send()
+            .await
+            .with_context(|| format!("{method} {url}: is the primary running?"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).to_string());
+            bail!("{method} {path}: {status}: {msg}");
+        }
+        if status == StatusCode::NO_CONTENT || bytes.is_empty() {
+            return Ok(serde_json::from_value(serde_json::Value::Null)?);
+        }
+        Ok(serde_json::from_slice(&bytes).with_context(|| format!("{method} {path}: unexpected answer"))?)
+    }
+
+    pub async fn healthz(&self) -> anyhow::Result<()> {
+        let url = format!("{}/healthz", self.base);
+        let resp = self.http.get(&url).send().await?;
+        if !resp.status().is_success() {
+            bail!("{url}: {}", resp.status());
+        }
+        Ok(())
+    }
+
+    pub async fn register_cluster(&self, req: &RegisterCluster) -> anyhow::Result<Registered> {
+        self.call(Method::POST, "/api/v1/clusters", Some(serde_json::to_value(req)?)).await
+    }
+
+    pub async fn list_clusters(&self) -> anyhow::Result<Vec<ClusterView>> {
+        self.call(Method::GET, "/api/v1/clusters", None).await
+    }
+
+    pub async fn deregister_cluster(&self, name: &str) -> anyhow::Result<()> {
+        let _: Option<serde_json::Value> = self.call(Method::DELETE, &format!("/api/v1/clusters/{name}"), None).await?;
+        Ok(())
+    }
+
+    pub async fn proxies(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(Method::GET, "/api/v1/proxies", None).await
+    }
+}

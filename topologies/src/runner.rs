@@ -1,0 +1,624 @@
+//! The local runner behind `isthmusctl up`: real processes for the primary
+//! (on its embedded store), each cluster's agent and gateway, and each
+//! workload's sidecar and sample app, wired exactly as they would be across
+//! machines. As root, every network is its own Linux network namespace;
+//! otherwise everything shares loopback on distinct 127.x addresses.
+//!
+//! Everything about a running mesh is recorded in `STATE_DIR/mesh.json`, which
+//! `status` and `down` read.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use isthmus_api::ports;
+use isthmus_api::rest::RegisterCluster;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::client::PrimaryClient;
+use crate::netns::{self, Layout};
+use crate::probe;
+use crate::template::{self, Template};
+
+pub const STATE_FILE: &str = "mesh.json";
+/// How long `up` waits for any one component to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How networks are laid out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum NetMode {
+    /// Network namespaces when running as root, loopback otherwise.
+    Auto,
+    /// One Linux network namespace per network (needs root and iproute2).
+    Netns,
+    /// Everything on loopback; networks are not isolated.
+    Loopback,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Component {
+    pub name: String,
+    pub kind: String,
+    pub cluster: Option<String>,
+    pub network: Option<String>,
+    pub netns: Option<String>,
+    pub pid: u32,
+    pub listeners: BTreeMap<String, String>,
+    pub log: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshState {
+    pub template: String,
+    pub mode: NetMode,
+    pub state_dir: PathBuf,
+    /// gRPC (agents, xDS): `https://IP:15012`.
+    pub primary_grpc: String,
+    /// REST: `https://IP:15014`.
+    pub primary_api: String,
+    pub admin_token_file: PathBuf,
+    pub ca_file: PathBuf,
+    pub layout: Option<Layout>,
+    pub components: Vec<Component>,
+    /// The shell command that sends one request through the mesh.
+    pub client_command: String,
+}
+
+impl MeshState {
+    pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
+        let path = state_dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no mesh is recorded in {} (run `isthmusctl up` first)", state_dir.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
+    }
+
+    fn save(&self) -> anyhow::Result<()> {
+        let path = self.state_dir.join(STATE_FILE);
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub fn client(&self) -> anyhow::Result<PrimaryClient> {
+        PrimaryClient::from_files(&self.primary_api, &self.admin_token_file, &self.ca_file)
+    }
+
+    pub fn component(&self, name: &str) -> Option<&Component> {
+        self.components.iter().find(|c| c.name == name)
+    }
+}
+
+pub struct UpOptions {
+    pub template: String,
+    pub state_dir: PathBuf,
+    pub mode: NetMode,
+    /// The binary that runs components (`isthmusctl component ...`).
+    pub exe: PathBuf,
+}
+
+/// Addresses for one run.
+struct Plan {
+    primary: Ipv4Addr,
+    /// Per network: gateway address.
+    gateway: Vec<Ipv4Addr>,
+    /// Per network: pod address maker.
+    pod: Vec<Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>>,
+}
+
+fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
+    match mode {
+        NetMode::Netns => Ok(Plan {
+            primary: netns::HOST_ADDR,
+            gateway: (0..networks).map(netns::gateway_addr).collect(),
+            pod: (0..networks)
+                .map(|i| Box::new(move |h| netns::pod_addr(i, h)) as Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>)
+                .collect(),
+        }),
+        _ => {
+            // A random 127.X/16 keeps concurrent meshes apart.
+            for _ in 0..20 {
+                let x: u8 = rand::random_range(20..250);
+                let primary = Ipv4Addr::new(127, x, 0, 1);
+                if std::net::TcpListener::bind((primary, ports::PRIMARY_HTTP)).is_ok() {
+                    return Ok(Plan {
+                        primary,
+                        gateway: (0..networks).map(|i| Ipv4Addr::new(127, x, 10 + i as u8, 1)).collect(),
+                        pod: (0..networks)
+                            .map(|i| {
+                                Box::new(move |h| Ipv4Addr::new(127, x, 100 + i as u8, h))
+                                    as Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>
+                            })
+                            .collect(),
+                    });
+                }
+            }
+            bail!("found no free 127.x.0.1 address for the primary")
+        }
+    }
+}
+
+fn resolve_mode(mode: NetMode) -> anyhow::Result<NetMode> {
+    match mode {
+        NetMode::Auto if netns::available() => Ok(NetMode::Netns),
+        NetMode::Auto => Ok(NetMode::Loopback),
+        NetMode::Netns if !netns::available() => bail!("--net netns needs root and iproute2 (`ip`)"),
+        m => Ok(m),
+    }
+}
+
+/// Starts the mesh and returns once a request has crossed it.
+pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
+    let tpl = template::load(&opts.template)?;
+    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    let state_dir = opts.state_dir.canonicalize()?;
+    if let Ok(existing) = MeshState::load(&state_dir) {
+        if existing.components.iter().any(|c| alive(c.pid)) {
+            bail!(
+                "a mesh is already running from {}; stop it with `isthmusctl down --state-dir {}`",
+                state_dir.display(),
+                state_dir.display()
+            );
+        }
+    }
+    let mode = resolve_mode(opts.mode)?;
+    let networks: Vec<String> = {
+        let mut v: Vec<String> = tpl.clusters.iter().map(|c| c.network.clone()).collect();
+        v.dedup();
+        v
+    };
+    let layout = if mode == NetMode::Netns {
+        let prefix = format!("isth{:04x}", rand::random::<u16>());
+        Some(Layout::create(&prefix, &networks)?)
+    } else {
+        None
+    };
+    let addrs = plan(mode, networks.len())?;
+    let mut state = MeshState {
+        template: tpl.name.clone(),
+        mode,
+        state_dir: state_dir.clone(),
+        primary_grpc: format!("https://{}:{}", addrs.primary, ports::PRIMARY_GRPC),
+        primary_api: format!("https://{}:{}", addrs.primary, ports::PRIMARY_HTTP),
+        admin_token_file: state_dir.join("admin-token"),
+        ca_file: state_dir.join("primary").join("root-cert.pem"),
+        layout,
+        components: vec![],
+        client_command: String::new(),
+    };
+    state.save()?;
+    match start(&opts, &tpl, &addrs, &networks, &mut state).await {
+        Ok(()) => {
+            state.save()?;
+            Ok(state)
+        }
+        Err(e) => {
+            let _ = state.save();
+            down(&state_dir);
+            Err(e.context(format!("starting the mesh failed; logs are in {}", state_dir.join("logs").display())))
+        }
+    }
+}
+
+fn random_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[String], state: &mut MeshState) -> anyhow::Result<()> {
+    let dir = state.state_dir.clone();
+    std::fs::create_dir_all(dir.join("logs"))?;
+    isthmus_transport::write_private(&state.admin_token_file, &random_token())?;
+    let spawner = Spawner {
+        exe: opts.exe.clone(),
+        dir: dir.clone(),
+    };
+
+    // 1. The primary, on the embedded store.
+    let p = addrs.primary;
+    let mut listeners = BTreeMap::new();
+    listeners.insert("grpc".to_string(), format!("{p}:{}", ports::PRIMARY_GRPC));
+    listeners.insert("http".to_string(), format!("{p}:{}", ports::PRIMARY_HTTP));
+    let pid = spawner.spawn(
+        "primary",
+        None,
+        &[
+            "primary".into(),
+            "--data-dir".into(),
+            dir.join("primary").display().to_string(),
+            "--grpc-listen".into(),
+            listeners["grpc"].clone(),
+            "--http-listen".into(),
+            listeners["http"].clone(),
+            "--admin-token-file".into(),
+            state.admin_token_file.display().to_string(),
+        ],
+    )?;
+    state.components.push(Component {
+        name: "primary".into(),
+        kind: "primary".into(),
+        cluster: None,
+        network: None,
+        netns: None,
+        pid,
+        listeners,
+        log: spawner.log("primary"),
+    });
+    let client = wait_for_primary(state, pid).await?;
+
+    // 2. Clusters: register, write registries, start agents and gateways.
+    for cluster in &tpl.clusters {
+        let net_index = networks.iter().position(|n| *n == cluster.network).unwrap_or(0);
+        let ns = state.layout.as_ref().and_then(|l| l.namespace_of(&cluster.network)).map(str::to_string);
+        let pod = &addrs.pod[net_index];
+        let gw = addrs.gateway[net_index];
+        let registered = client
+            .register_cluster(&RegisterCluster {
+                name: cluster.name.clone(),
+                network: cluster.network.clone(),
+                region: cluster.region.clone(),
+                zone: cluster.zone.clone(),
+                gateways: vec![gw.to_string()],
+                token_ttl_seconds: 0,
+            })
+            .await?;
+        let cdir = dir.join("clusters").join(&cluster.name);
+        std::fs::create_dir_all(&cdir)?;
+        // Workload credentials: the token for the sidecar, its digest for the registry.
+        let mut reg_workloads = Vec::new();
+        for (j, w) in cluster.workloads.iter().enumerate() {
+            let token = random_token();
+            isthmus_transport::write_private(&cdir.join(format!("{}.token", w.name)), &token)?;
+            let addr = pod(10 + j as u8);
+            if let (Some(layout), true) = (&state.layout, j == 0) {
+                layout.add_pod_addr(&cluster.network, pod(2))?;
+            }
+            if let Some(layout) = &state.layout {
+                layout.add_pod_addr(&cluster.network, addr)?;
+            }
+            reg_workloads.push(serde_json::json!({
+                "name": w.name,
+                "namespace": w.namespace,
+                "serviceAccount": w.service_account,
+                "address": addr.to_string(),
+                "labels": w.labels,
+                "tokenSha256": hex::encode(Sha256::digest(token.as_bytes())),
+            }));
+        }
+        let registry = serde_json::json!({
+            "services": tpl.services.iter().map(|s| serde_json::json!({
+                "name": s.name, "namespace": s.namespace,
+                "ports": [{"name": "http", "port": s.port}],
+                "selector": s.selector,
+            })).collect::<Vec<_>>(),
+            "workloads": reg_workloads,
+        });
+        std::fs::write(cdir.join("registry.yaml"), serde_saphyr::to_string(&registry)?)?;
+
+        let agent_dir = cdir.join("agent");
+        let agent_admin = SocketAddr::new(IpAddr::V4(pod(2)), ports::ADMIN);
+        let name = format!("agent-{}", cluster.name);
+        let pid = spawner.spawn(
+            &name,
+            ns.as_deref(),
+            &[
+                "agent".into(),
+                "--primary".into(),
+                state.primary_grpc.clone(),
+                "--join-token".into(),
+                registered.join_token.clone(),
+                "--cluster".into(),
+                cluster.name.clone(),
+                "--state-dir".into(),
+                agent_dir.display().to_string(),
+                "--registry".into(),
+                cdir.join("registry.yaml").display().to_string(),
+                "--admin".into(),
+                agent_admin.to_string(),
+            ],
+        )?;
+        state.components.push(Component {
+            name: name.clone(),
+            kind: "agent".into(),
+            cluster: Some(cluster.name.clone()),
+            network: Some(cluster.network.clone()),
+            netns: ns.clone(),
+            pid,
+            listeners: BTreeMap::from([("admin".into(), agent_admin.to_string())]),
+            log: spawner.log(&name),
+        });
+        state.save()?;
+        wait_ready(ns.as_deref(), agent_admin, pid, &spawner.log(&name)).await?;
+
+        let name = format!("gateway-{}", cluster.name);
+        let gw_listen = SocketAddr::new(IpAddr::V4(gw), ports::GATEWAY);
+        let gw_admin = SocketAddr::new(IpAddr::V4(gw), ports::ADMIN);
+        let gw_metrics = SocketAddr::new(IpAddr::V4(gw), ports::METRICS);
+        let pid = spawner.spawn(
+            &name,
+            ns.as_deref(),
+            &[
+                "gateway".into(),
+                "--primary".into(),
+                state.primary_grpc.clone(),
+                "--cluster".into(),
+                cluster.name.clone(),
+                "--token-file".into(),
+                agent_dir.join("gateway-token").display().to_string(),
+                "--roots".into(),
+                agent_dir.join("roots.pem").display().to_string(),
+                "--listen".into(),
+                gw_listen.to_string(),
+                "--admin".into(),
+                gw_admin.to_string(),
+                "--metrics".into(),
+                gw_metrics.to_string(),
+            ],
+        )?;
+        state.components.push(Component {
+            name: name.clone(),
+            kind: "gateway".into(),
+            cluster: Some(cluster.name.clone()),
+            network: Some(cluster.network.clone()),
+            netns: ns.clone(),
+            pid,
+            listeners: BTreeMap::from([
+                ("gateway".into(), gw_listen.to_string()),
+                ("admin".into(), gw_admin.to_string()),
+                ("metrics".into(), gw_metrics.to_string()),
+            ]),
+            log: spawner.log(&name),
+        });
+        state.save()?;
+        wait_ready(ns.as_deref(), gw_admin, pid, &spawner.log(&name)).await?;
+
+        // 3. Workloads: the sample app and its sidecar.
+        for (j, w) in cluster.workloads.iter().enumerate() {
+            let addr = pod(10 + j as u8);
+            let app_addr = SocketAddr::new(IpAddr::V4(addr), 18080);
+            let mut proxy_args: Vec<String> = vec![
+                "proxy".into(),
+                "--primary".into(),
+                state.primary_grpc.clone(),
+                "--cluster".into(),
+                cluster.name.clone(),
+                "--agent-socket".into(),
+                agent_dir.join("ca.sock").display().to_string(),
+                "--token-file".into(),
+                cdir.join(format!("{}.token", w.name)).display().to_string(),
+                "--node-id".into(),
+                format!("sidecar~{}~{}", cluster.name, w.name),
+            ];
+            let listen = |port: u16| SocketAddr::new(IpAddr::V4(addr), port);
+            for (flag, port) in [
+                ("--outbound", ports::OUTBOUND),
+                ("--inbound", ports::INBOUND),
+                ("--admin", ports::ADMIN),
+                ("--metrics", ports::METRICS),
+            ] {
+                proxy_args.push(flag.into());
+                proxy_args.push(listen(port).to_string());
+            }
+            if let Some(app) = &w.app {
+                let port = tpl
+                    .services
+                    .iter()
+                    .find(|s| s.selector.iter().all(|(k, v)| w.labels.get(k) == Some(v)))
+                    .map(|s| s.port)
+                    .unwrap_or(8080);
+                proxy_args.push("--app".into());
+                proxy_args.push(format!("{port}={app_addr}"));
+                let name = format!("{app}-{}", cluster.name);
+                let pid = spawner.spawn(
+                    &name,
+                    ns.as_deref(),
+                    &[
+                        "echo".into(),
+                        "--listen".into(),
+                        app_addr.to_string(),
+                        "--cluster".into(),
+                        cluster.name.clone(),
+                        "--workload".into(),
+                        w.name.clone(),
+                    ],
+                )?;
+                state.components.push(Component {
+                    name,
+                    kind: "app".into(),
+                    cluster: Some(cluster.name.clone()),
+                    network: Some(cluster.network.clone()),
+                    netns: ns.clone(),
+                    pid,
+                    listeners: BTreeMap::from([("http".into(), app_addr.to_string())]),
+                    log: spawner.log(&format!("{app}-{}", cluster.name)),
+                });
+            }
+            let name = format!("proxy-{}", w.name);
+            let pid = spawner.spawn(&name, ns.as_deref(), &proxy_args)?;
+            state.components.push(Component {
+                name: name.clone(),
+                kind: "proxy".into(),
+                cluster: Some(cluster.name.clone()),
+                network: Some(cluster.network.clone()),
+                netns: ns.clone(),
+                pid,
+                listeners: BTreeMap::from([
+                    ("outbound".into(), listen(ports::OUTBOUND).to_string()),
+                    ("inbound".into(), listen(ports::INBOUND).to_string()),
+                    ("admin".into(), listen(ports::ADMIN).to_string()),
+                    ("metrics".into(), listen(ports::METRICS).to_string()),
+                ]),
+                log: spawner.log(&name),
+            });
+            state.save()?;
+            wait_ready(ns.as_deref(), listen(ports::ADMIN), pid, &spawner.log(&name)).await?;
+        }
+    }
+
+    // 4. The client command, proven before it is handed out.
+    let client_proxy = state
+        .component(&format!("proxy-{}", tpl.client.workload))
+        .context("template names a client workload that has no sidecar")?
+        .clone();
+    let outbound = client_proxy.listeners["outbound"].clone();
+    let curl = format!("curl -sS --max-time 10 -x http://{outbound} {}", tpl.client.url);
+    state.client_command = match &client_proxy.netns {
+        Some(ns) => format!("ip netns exec {ns} {curl}"),
+        None => curl,
+    };
+    let out: SocketAddr = outbound.parse()?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match probe::get(client_proxy.netns.as_deref(), out, &tpl.client.url).await {
+            Ok((200, _)) => break,
+            other if Instant::now() > deadline => bail!("the first request through the mesh never succeeded: {other:?}"),
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    Ok(())
+}
+
+async fn wait_for_primary(state: &MeshState, pid: u32) -> anyhow::Result<PrimaryClient> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if !alive(pid) {
+            bail!("the primary exited:\n{}", tail(&state.state_dir.join("logs/primary.log")));
+        }
+        if state.ca_file.exists() {
+            if let Ok(client) = state.client() {
+                if client.healthz().await.is_ok() {
+                    return Ok(client);
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the primary did not become healthy:\n{}", tail(&state.state_dir.join("logs/primary.log")));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits for `GET /ready` on a component's admin port to answer 200.
+async fn wait_ready(ns: Option<&str>, admin: SocketAddr, pid: u32, log: &Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if !alive(pid) {
+            bail!("component exited before it was ready:\n{}", tail(log));
+        }
+        if let Ok((200, _)) = probe::get(ns, admin, "/ready").await {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("component at {admin} was not ready within {READY_TIMEOUT:?}:\n{}", tail(log));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn tail(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+struct Spawner {
+    exe: PathBuf,
+    dir: PathBuf,
+}
+
+impl Spawner {
+    fn log(&self, name: &str) -> PathBuf {
+        self.dir.join("logs").join(format!("{name}.log"))
+    }
+
+    /// Starts `exe component ARGS...`, in `ns` if given, detached from our
+    /// process group so it outlives `up --detach` and a terminal's Ctrl-C
+    /// reaches only `up`, which then stops everything in order.
+    fn spawn(&self, name: &str, ns: Option<&str>, args: &[String]) -> anyhow::Result<u32> {
+        let log = std::fs::File::create(self.log(name))?;
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c
+            }
+            None => Command::new(&self.exe),
+        };
+        cmd.arg("component")
+            .args(args)
+            .env("ISTHMUS_STATE_DIR", &self.dir)
+            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0);
+        let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+        Ok(child.id())
+    }
+}
+
+/// True if `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|s| s != "Z" && s != "X"),
+        Err(_) => false,
+    }
+}
+
+/// True if `pid` is one of this mesh's processes (guards against pid reuse).
+fn ours(pid: u32, state_dir: &Path) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|env| {
+            let needle = format!("ISTHMUS_STATE_DIR={}", state_dir.display());
+            env.split(|b| *b == 0).any(|kv| kv == needle.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+/// Stops every process of the mesh in `state_dir` and removes its network
+/// namespaces. Safe to run twice.
+pub fn down(state_dir: &Path) -> Vec<String> {
+    let mut report = Vec::new();
+    let Ok(state) = MeshState::load(state_dir) else {
+        report.push(format!("no mesh recorded in {}", state_dir.display()));
+        return report;
+    };
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let live: Vec<&Component> = state
+        .components
+        .iter()
+        .rev()
+        .filter(|c| alive(c.pid) && ours(c.pid, &state.state_dir))
+        .collect();
+    for c in &live {
+        let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while live.iter().any(|c| alive(c.pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for c in &live {
+        if alive(c.pid) {
+            let _ = kill(Pid::from_raw(c.pid as i32), Signal::SIGKILL);
+            report.push(format!("{} did not stop on SIGTERM; killed", c.name));
+        }
+    }
+    for c in &live {
+        // Reap our own children (foreground mode); others are reaped by init.
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(c.pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+    }
+    report.push(format!("stopped {} processes", live.len()));
+    if let Some(layout) = &state.layout {
+        layout.destroy();
+        report.push(format!("removed network namespaces {}-*", layout.prefix));
+    }
+    let _ = std::fs::remove_file(state_dir.join(STATE_FILE));
+    report
+}
