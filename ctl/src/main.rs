@@ -187,6 +187,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let component = matches!(cli.command, Cmd::Component { .. });
     tracing_subscriber::fmt()
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()

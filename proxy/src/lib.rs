@@ -123,8 +123,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let inbound = TcpListener::bind(config.inbound)
         .await
         .with_context(|| format!("binding inbound {}", config.inbound))?;
-    let client = outbound::client(outbound::MeshConnector::new(xds.snapshot.clone(), svid.clone()));
-    tokio::spawn(outbound::serve(outbound, client, metrics.clone()));
+    let router = Arc::new(outbound::Outbound::new(xds.snapshot.clone(), svid.clone(), metrics.clone()));
+    tokio::spawn(outbound::serve(outbound, router));
     let apps: HashMap<u16, SocketAddr> = config.apps.iter().copied().collect();
     tokio::spawn(inbound::serve(inbound, server_rx, svid.clone(), Arc::new(apps), metrics.clone()));
     serve_admin(&config, xds, svid, metrics).await?;

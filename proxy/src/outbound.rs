@@ -5,6 +5,7 @@
 //! the destination sidecar on this network or through the destination
 //! network's gateway otherwise, always with the SNI `outbound_.PORT_._.HOST`.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -35,8 +36,6 @@ use crate::metrics::Metrics;
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Endpoints tried for one new connection before giving up.
-const CONNECT_ATTEMPTS: usize = 3;
 
 pub fn text(status: StatusCode, msg: String) -> Response<Body> {
     let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|never| match never {}).boxed());
@@ -45,13 +44,14 @@ pub fn text(status: StatusCode, msg: String) -> Response<Body> {
     r
 }
 
-/// Opens mesh mTLS connections for the legacy hyper client, which pools
-/// them per `host:port` (that is, per service port).
+/// Opens mesh mTLS connections to one cluster's endpoints. The legacy hyper
+/// client pools them per request URI authority, which is the endpoint, so
+/// the pool key is (cluster, endpoint).
 #[derive(Clone)]
 pub struct MeshConnector {
-    pub xds: Arc<ArcSwap<Snapshot>>,
-    pub svid: watch::Receiver<Arc<Svid>>,
-    next: Arc<AtomicUsize>,
+    cluster: Arc<str>,
+    xds: Arc<ArcSwap<Snapshot>>,
+    svid: watch::Receiver<Arc<Svid>>,
 }
 
 pub struct MeshConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
@@ -82,15 +82,15 @@ impl Connection for MeshConn {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OutboundError {
-    #[error("{0} is not a mesh service (no cluster {1})")]
-    NoCluster(String, String),
-    #[error("service {0} has no endpoints")]
-    NoEndpoints(String),
+    #[error("cluster {0} is gone from the config")]
+    NoCluster(String),
     #[error("cluster {0} has no mesh TLS settings")]
     NoTls(String),
-    #[error("connecting to {addr} for {service}: {source}")]
+    #[error("request URI {0} names no endpoint")]
+    BadEndpoint(String),
+    #[error("connecting to {addr} for {cluster}: {source}")]
     Connect {
-        service: String,
+        cluster: String,
         addr: SocketAddr,
         source: io::Error,
     },
@@ -99,74 +99,44 @@ pub enum OutboundError {
 }
 
 impl MeshConnector {
-    pub fn new(xds: Arc<ArcSwap<Snapshot>>, svid: watch::Receiver<Arc<Svid>>) -> Self {
-        Self {
-            xds,
-            svid,
-            next: Arc::new(AtomicUsize::new(0)),
-        }
-    }
-
     async fn connect(self, uri: Uri) -> Result<MeshConn, OutboundError> {
-        let host = uri.host().unwrap_or_default().to_string();
-        let port = uri.port_u16().unwrap_or(80);
-        let key = ServiceKey::new(host.clone(), port);
-        let service = format!("{host}:{port}");
+        let cluster_name = self.cluster.to_string();
+        let addr: SocketAddr = uri
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or_else(|| OutboundError::BadEndpoint(uri.to_string()))?;
         let snap = self.xds.load_full();
         let cluster = snap
             .clusters
-            .get(&key.cluster_name())
-            .ok_or_else(|| OutboundError::NoCluster(service.clone(), key.cluster_name()))?
+            .get(&cluster_name)
+            .ok_or_else(|| OutboundError::NoCluster(cluster_name.clone()))?
             .clone();
-        let sni = cluster.sni.clone().ok_or_else(|| OutboundError::NoTls(cluster.name.clone()))?;
-        let endpoints = snap
-            .endpoints
-            .get(&cluster.name)
-            .map(|e| e.best().to_vec())
-            .unwrap_or_default();
-        if endpoints.is_empty() {
-            return Err(OutboundError::NoEndpoints(service));
-        }
+        let sni = cluster.sni.clone().ok_or_else(|| OutboundError::NoTls(cluster_name.clone()))?;
         let svid = self.svid.borrow().clone();
         let config = crate::tls::client_config(&svid, &cluster.allowed_sans)
-            .map_err(|e| OutboundError::Tls(cluster.name.clone(), e.to_string()))?;
+            .map_err(|e| OutboundError::Tls(cluster_name.clone(), e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let server_name =
-            ServerName::try_from(sni.clone()).map_err(|e| OutboundError::Tls(cluster.name.clone(), e.to_string()))?;
-        let start = self.next.fetch_add(1, Ordering::Relaxed);
-        let mut last = None;
-        for i in 0..CONNECT_ATTEMPTS.min(endpoints.len()) {
-            let addr = pick(&endpoints, start + i);
-            let attempt = async {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                connector.connect(server_name.clone(), tcp).await
-            };
-            match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
-                Ok(Ok(tls)) => return Ok(MeshConn(TokioIo::new(tls))),
-                Ok(Err(e)) => {
-                    tracing::debug!(%addr, %service, error = %e, "endpoint connect failed");
-                    last = Some((addr, e));
-                }
-                Err(_) => last = Some((addr, io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))),
-            }
+            ServerName::try_from(sni).map_err(|e| OutboundError::Tls(cluster_name.clone(), e.to_string()))?;
+        let attempt = async {
+            let tcp = TcpStream::connect(addr).await?;
+            tcp.set_nodelay(true)?;
+            connector.connect(server_name, tcp).await
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+            Ok(Ok(tls)) => Ok(MeshConn(TokioIo::new(tls))),
+            Ok(Err(source)) => Err(OutboundError::Connect {
+                cluster: cluster_name,
+                addr,
+                source,
+            }),
+            Err(_) => Err(OutboundError::Connect {
+                cluster: cluster_name,
+                addr,
+                source: io::Error::new(io::ErrorKind::TimedOut, "connect timed out"),
+            }),
         }
-        let (addr, source) = last.unwrap_or_else(|| (endpoints[0].addr, io::Error::other("no attempt made")));
-        Err(OutboundError::Connect { service, addr, source })
     }
-}
-
-/// Weighted round robin over one priority's endpoints.
-fn pick(endpoints: &[isthmus_xds::WeightedEndpoint], n: usize) -> SocketAddr {
-    let total: usize = endpoints.iter().map(|e| e.weight as usize).sum::<usize>().max(1);
-    let mut slot = n % total;
-    for e in endpoints {
-        if slot < e.weight as usize {
-            return e.addr;
-        }
-        slot -= e.weight as usize;
-    }
-    endpoints[0].addr
 }
 
 impl tower::Service<Uri> for MeshConnector {
@@ -183,12 +153,111 @@ impl tower::Service<Uri> for MeshConnector {
     }
 }
 
-pub type MeshClient = Client<MeshConnector, Incoming>;
+type MeshClient = Client<MeshConnector, Incoming>;
 
-pub fn client(connector: MeshConnector) -> MeshClient {
-    Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
+/// Outbound routing state: config from xDS, our SVID, and one pooled client
+/// per cluster, created on first use.
+pub struct Outbound {
+    xds: Arc<ArcSwap<Snapshot>>,
+    svid: watch::Receiver<Arc<Svid>>,
+    clients: ArcSwap<HashMap<String, MeshClient>>,
+    next: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+impl Outbound {
+    pub fn new(xds: Arc<ArcSwap<Snapshot>>, svid: watch::Receiver<Arc<Svid>>, metrics: Arc<Metrics>) -> Self {
+        Self {
+            xds,
+            svid,
+            clients: ArcSwap::from_pointee(HashMap::new()),
+            next: AtomicUsize::new(0),
+            metrics,
+        }
+    }
+
+    fn client(&self, cluster: &str) -> MeshClient {
+        if let Some(c) = self.clients.load().get(cluster) {
+            return c.clone();
+        }
+        let client: MeshClient = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(MeshConnector {
+                cluster: cluster.into(),
+                xds: self.xds.clone(),
+                svid: self.svid.clone(),
+            });
+        self.clients.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.entry(cluster.to_string()).or_insert_with(|| client.clone());
+            m
+        });
+        client
+    }
+
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+        let Some((host, port)) = authority(&req) else {
+            self.metrics.request("outbound", 400);
+            return Ok(text(StatusCode::BAD_REQUEST, "request names no host (absolute URI or Host header)\n".into()));
+        };
+        let key = ServiceKey::new(host.clone(), port);
+        let cluster = key.cluster_name();
+        let endpoint = {
+            let snap = self.xds.load();
+            if !snap.clusters.contains_key(&cluster) {
+                self.metrics.request("outbound", 404);
+                return Ok(text(
+                    StatusCode::NOT_FOUND,
+                    format!("isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"),
+                ));
+            }
+            let best = snap.endpoints.get(&cluster).map(|e| e.best().to_vec()).unwrap_or_default();
+            if best.is_empty() {
+                self.metrics.request("outbound", 503);
+                return Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("isthmus-proxy: {host}:{port} has no endpoints\n")));
+            }
+            pick(&best, self.next.fetch_add(1, Ordering::Relaxed))
+        };
+        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
+            self.metrics.request("outbound", 400);
+            return Ok(text(StatusCode::BAD_REQUEST, "request target is not a valid URI\n".into()));
+        };
+        // The app's Host header (the service) travels on unchanged.
+        if !req.headers().contains_key("host") {
+            if let Ok(h) = HeaderValue::from_str(&format!("{host}:{port}")) {
+                req.headers_mut().insert("host", h);
+            }
+        }
+        *req.uri_mut() = uri;
+        req.headers_mut().remove("proxy-connection");
+        req.headers_mut().remove("proxy-authorization");
+        match self.client(&cluster).request(req).await {
+            Ok(resp) => {
+                self.metrics.request("outbound", resp.status().as_u16());
+                Ok(resp.map(|b| b.boxed()))
+            }
+            Err(e) => {
+                let reason = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                self.metrics.request("outbound", 503);
+                tracing::info!(%host, port, %endpoint, %reason, "outbound request failed");
+                Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("isthmus-proxy: {reason}\n")))
+            }
+        }
+    }
+}
+
+/// Weighted round robin over one priority's endpoints.
+fn pick(endpoints: &[isthmus_xds::WeightedEndpoint], n: usize) -> SocketAddr {
+    let total: usize = endpoints.iter().map(|e| e.weight as usize).sum::<usize>().max(1);
+    let mut slot = n % total;
+    for e in endpoints {
+        if slot < e.weight as usize {
+            return e.addr;
+        }
+        slot -= e.weight as usize;
+    }
+    endpoints[0].addr
 }
 
 /// The authority a request is for: the absolute URI's, else the Host header.
@@ -202,53 +271,16 @@ fn authority(req: &Request<Incoming>) -> Option<(String, u16)> {
     Some((uri.host()?.to_ascii_lowercase(), uri.port_u16().unwrap_or(80)))
 }
 
-pub async fn handle(client: MeshClient, metrics: Arc<Metrics>, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
-    let Some((host, port)) = authority(&req) else {
-        metrics.request("outbound", 400);
-        return Ok(text(StatusCode::BAD_REQUEST, "request names no host (absolute URI or Host header)\n".into()));
-    };
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    let Ok(uri) = format!("http://{host}:{port}{path}").parse::<Uri>() else {
-        metrics.request("outbound", 400);
-        return Ok(text(StatusCode::BAD_REQUEST, "request target is not a valid URI\n".into()));
-    };
-    *req.uri_mut() = uri;
-    // Hop-by-hop proxy headers are not forwarded.
-    req.headers_mut().remove("proxy-connection");
-    req.headers_mut().remove("proxy-authorization");
-    match client.request(req).await {
-        Ok(resp) => {
-            metrics.request("outbound", resp.status().as_u16());
-            Ok(resp.map(|b| b.boxed()))
-        }
-        Err(e) => {
-            let reason = match std::error::Error::source(&e) {
-                Some(src) => src.to_string(),
-                None => e.to_string(),
-            };
-            let status = if reason.contains("not a mesh service") {
-                StatusCode::NOT_FOUND
-            } else {
-                StatusCode::SERVICE_UNAVAILABLE
-            };
-            metrics.request("outbound", status.as_u16());
-            tracing::info!(%host, port, %reason, "outbound request failed");
-            Ok(text(status, format!("isthmus-proxy: {reason}\n")))
-        }
-    }
-}
-
-pub async fn serve(listener: TcpListener, client: MeshClient, metrics: Arc<Metrics>) {
+pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
     loop {
         let Ok((tcp, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        let client = client.clone();
-        let metrics = metrics.clone();
+        let outbound = outbound.clone();
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req| handle(client.clone(), metrics.clone(), req));
+            let service = hyper::service::service_fn(move |req| outbound.clone().handle(req));
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;

@@ -40,6 +40,14 @@ fn snapshot(reg: &Registry) -> AgentMessage {
     }
 }
 
+fn heartbeat() -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
+            agent_version: crate::VERSION.to_string(),
+        })),
+    }
+}
+
 async fn session(
     config: &Config,
     creds: &Credentials,
@@ -51,10 +59,11 @@ async fn session(
     let mut client = SyncClient::new(isthmus_transport::tls_channel(&config.primary, Arc::new(tls))?);
     let (tx, rx) = mpsc::channel(4);
     tx.send(snapshot(&registry.borrow_and_update())).await?;
+    tx.send(heartbeat()).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(primary = %config.primary, "sync stream open");
-    let mut heartbeat = tokio::time::interval(HEARTBEAT);
-    heartbeat.tick().await;
+    let mut beat = tokio::time::interval(HEARTBEAT);
+    beat.tick().await;
     loop {
         tokio::select! {
             changed = registry.changed() => {
@@ -62,10 +71,8 @@ async fn session(
                 let msg = snapshot(&registry.borrow_and_update());
                 tx.send(msg).await?;
             }
-            _ = heartbeat.tick() => {
-                tx.send(AgentMessage {
-                    kind: Some(agent_message::Kind::Heartbeat(Heartbeat { agent_version: crate::VERSION.to_string() })),
-                }).await?;
+            _ = beat.tick() => {
+                tx.send(heartbeat()).await?;
             }
             msg = inbound.message() => match msg? {
                 Some(m) => {

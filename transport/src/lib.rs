@@ -83,7 +83,11 @@ pub fn primary_client_config(roots_pem: &str, identity: Option<Identity>) -> Res
 /// A lazily connecting gRPC channel over TLS to `url` (`https://HOST:PORT`).
 /// The TLS server name is the URL's host.
 pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TransportError> {
-    let endpoint = endpoint(url)?;
+    let Some(rest) = url.strip_prefix("https://") else {
+        return Err(TransportError::BadAddress(url.to_string(), "must start with https://".into()));
+    };
+    // The connector below does the TLS; tonic must not try to.
+    let endpoint = endpoint(&format!("http://{rest}"))?;
     let connector = tower::service_fn(move |uri: Uri| {
         let config = config.clone();
         async move {
