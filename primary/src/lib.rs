@@ -58,6 +58,10 @@ pub struct Config {
     /// serving certificate. The listen IPs and localhost are always added.
     #[arg(long = "advertise", value_delimiter = ',')]
     pub advertise: Vec<String>,
+    /// Also serve the REST API (same TLS and token) on this Unix socket, for
+    /// local tools that cannot reach the primary's network.
+    #[arg(long)]
+    pub api_socket: Option<PathBuf>,
     /// File holding the admin bearer token; created with a random token if
     /// it does not exist.
     #[arg(long, env = "ISTHMUS_ADMIN_TOKEN_FILE")]
@@ -121,6 +125,23 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
+
+/// Serves the REST router on every TLS stream that arrives.
+async fn serve_http<IO>(mut incoming: tokio_stream::wrappers::ReceiverStream<Result<tokio_rustls::server::TlsStream<IO>, std::io::Error>>, router: axum::Router)
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    while let Some(Ok(tls)) = incoming.next().await {
+        let service = TowerToHyperService::new(router.clone());
+        tokio::spawn(async move {
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
 
 /// Runs the primary until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
@@ -186,19 +207,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (_http_cfg_tx, http_cfg) = watch::channel(Arc::new(http_tls));
     let router = api::router(shared.clone());
-    let http = async move {
-        let mut incoming = isthmus_transport::tls_incoming(http_listener, http_cfg);
-        use tokio_stream::StreamExt;
-        while let Some(Ok(tls)) = incoming.next().await {
-            let service = TowerToHyperService::new(router.clone());
-            tokio::spawn(async move {
-                let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
-                }
-            });
-        }
-    };
+    if let Some(path) = &config.api_socket {
+        let _ = std::fs::remove_file(path);
+        let unix = tokio::net::UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))?;
+        tokio::spawn(serve_http(isthmus_transport::tls_incoming(unix, http_cfg.clone()), router.clone()));
+    }
+    let http = serve_http(isthmus_transport::tls_incoming(http_listener, http_cfg), router);
     tokio::select! {
         r = grpc => r.context("gRPC server failed")?,
         () = http => {},

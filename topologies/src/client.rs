@@ -18,11 +18,24 @@ pub struct PrimaryClient {
 impl PrimaryClient {
     /// `base` is `https://HOST:15014`; `ca_pem` the mesh root(s).
     pub fn new(base: &str, token: &str, ca_pem: &str) -> anyhow::Result<Self> {
+        Self::build(base, token, ca_pem, None)
+    }
+
+    /// Talks to a local primary over its Unix API socket (still TLS).
+    pub fn over_socket(socket: &Path, token: &str, ca_pem: &str) -> anyhow::Result<Self> {
+        Self::build("https://localhost", token, ca_pem, Some(socket))
+    }
+
+    fn build(base: &str, token: &str, ca_pem: &str, socket: Option<&Path>) -> anyhow::Result<Self> {
         isthmus_ca::install_crypto_provider();
         let tls = isthmus_transport::primary_client_config(ca_pem, None)?;
         let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(socket) = socket {
+            builder = builder.unix_socket(socket.to_path_buf());
+        }
+        let http = builder
             .use_preconfigured_tls(tls)
             .timeout(std::time::Duration::from_secs(15))
             .build()
@@ -34,10 +47,11 @@ impl PrimaryClient {
         })
     }
 
-    pub fn from_files(base: &str, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
+    /// A local primary: its API socket, admin token file and root file.
+    pub fn from_files(socket: &Path, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
         let token = std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?;
         let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
-        Self::new(base, &token, &ca)
+        Self::over_socket(socket, &token, &ca)
     }
 
     async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {

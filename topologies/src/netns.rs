@@ -4,9 +4,13 @@
 //! addresses on their network's loopback, which no other namespace routes
 //! to, so east's workloads can reach west only through west's gateway.
 //!
+//! The primary lives in the wan namespace, on the bridge itself. Nothing is
+//! routed to or from the host's own namespace: local tools reach the primary
+//! through its Unix API socket, and tests enter a namespace to connect.
+//!
 //! Addresses come from the documentation ranges: the wan is 192.0.2.0/24
-//! (the host is .1, network i's gateway .(10+i)), and network i's pods live
-//! in 198.51.100.0/24 or 203.0.113.0/24.
+//! (the primary is .1, network i's gateway .(10+i)), and network i's pods
+//! live in 198.51.100.0/24 or 203.0.113.0/24.
 
 use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
@@ -31,7 +35,7 @@ pub fn available() -> bool {
     nix::unistd::geteuid().is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
 }
 
-pub const HOST_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const PRIMARY_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
 pub fn gateway_addr(network_index: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + network_index as u8)
@@ -50,7 +54,6 @@ pub fn pod_addr(network_index: usize, host: u8) -> Ipv4Addr {
 pub struct Layout {
     pub prefix: String,
     pub wan: String,
-    pub host_link: String,
     /// Network name → namespace name.
     pub networks: Vec<(String, String)>,
 }
@@ -68,7 +71,6 @@ impl Layout {
         let layout = Layout {
             prefix: prefix.to_string(),
             wan: format!("{prefix}-wan"),
-            host_link: format!("{prefix}h"),
             networks: networks.iter().map(|n| (n.clone(), format!("{prefix}-{n}"))).collect(),
         };
         if let Err(e) = layout.build() {
@@ -83,13 +85,8 @@ impl Layout {
         ip(&["netns", "add", wan])?;
         ip(&["-n", wan, "link", "set", "lo", "up"])?;
         ip(&["-n", wan, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", wan, "addr", "add", &format!("{PRIMARY_ADDR}/24"), "dev", "br0"])?;
         ip(&["-n", wan, "link", "set", "br0", "up"])?;
-        // Host side: the primary listens on HOST_ADDR.
-        ip(&["link", "add", &self.host_link, "type", "veth", "peer", "name", "host", "netns", wan])?;
-        ip(&["addr", "add", &format!("{HOST_ADDR}/24"), "dev", &self.host_link])?;
-        ip(&["link", "set", &self.host_link, "up"])?;
-        ip(&["-n", wan, "link", "set", "host", "master", "br0"])?;
-        ip(&["-n", wan, "link", "set", "host", "up"])?;
         for (i, (_, ns)) in self.networks.iter().enumerate() {
             let port = format!("n{i}");
             ip(&["netns", "add", ns])?;
@@ -114,7 +111,6 @@ impl Layout {
         for (_, ns) in &self.networks {
             let _ = ip(&["netns", "del", ns]);
         }
-        let _ = ip(&["link", "del", &self.host_link]);
         let _ = ip(&["netns", "del", &self.wan]);
     }
 }

@@ -63,6 +63,8 @@ pub struct MeshState {
     pub primary_grpc: String,
     /// REST: `https://IP:15014`.
     pub primary_api: String,
+    /// The same REST API on a Unix socket, reachable from any namespace.
+    pub api_socket: PathBuf,
     pub admin_token_file: PathBuf,
     pub ca_file: PathBuf,
     pub layout: Option<Layout>,
@@ -85,7 +87,7 @@ impl MeshState {
     }
 
     pub fn client(&self) -> anyhow::Result<PrimaryClient> {
-        PrimaryClient::from_files(&self.primary_api, &self.admin_token_file, &self.ca_file)
+        PrimaryClient::from_files(&self.api_socket, &self.admin_token_file, &self.ca_file)
     }
 
     pub fn component(&self, name: &str) -> Option<&Component> {
@@ -113,7 +115,7 @@ struct Plan {
 fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
     match mode {
         NetMode::Netns => Ok(Plan {
-            primary: netns::HOST_ADDR,
+            primary: netns::PRIMARY_ADDR,
             gateway: (0..networks).map(netns::gateway_addr).collect(),
             pod: (0..networks)
                 .map(|i| Box::new(move |h| netns::pod_addr(i, h)) as Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>)
@@ -184,6 +186,7 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
         state_dir: state_dir.clone(),
         primary_grpc: format!("https://{}:{}", addrs.primary, ports::PRIMARY_GRPC),
         primary_api: format!("https://{}:{}", addrs.primary, ports::PRIMARY_HTTP),
+        api_socket: state_dir.join("primary").join("api.sock"),
         admin_token_file: state_dir.join("admin-token"),
         ca_file: state_dir.join("primary").join("root-cert.pem"),
         layout,
@@ -219,14 +222,17 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
 
     // 1. The primary, on the embedded store.
     let p = addrs.primary;
+    let wan = state.layout.as_ref().map(|l| l.wan.clone());
     let mut listeners = BTreeMap::new();
     listeners.insert("grpc".to_string(), format!("{p}:{}", ports::PRIMARY_GRPC));
     listeners.insert("http".to_string(), format!("{p}:{}", ports::PRIMARY_HTTP));
     let pid = spawner.spawn(
         "primary",
-        None,
+        wan.as_deref(),
         &[
             "primary".into(),
+            "--api-socket".into(),
+            state.api_socket.display().to_string(),
             "--data-dir".into(),
             dir.join("primary").display().to_string(),
             "--grpc-listen".into(),
@@ -242,7 +248,7 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
         kind: "primary".into(),
         cluster: None,
         network: None,
-        netns: None,
+        netns: wan.clone(),
         pid,
         listeners,
         log: spawner.log("primary"),
@@ -487,7 +493,7 @@ async fn wait_for_primary(state: &MeshState, pid: u32) -> anyhow::Result<Primary
         if !alive(pid) {
             bail!("the primary exited:\n{}", tail(&state.state_dir.join("logs/primary.log")));
         }
-        if state.ca_file.exists() {
+        if state.ca_file.exists() && state.api_socket.exists() {
             if let Ok(client) = state.client() {
                 if client.healthz().await.is_ok() {
                     return Ok(client);

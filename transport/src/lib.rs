@@ -130,18 +130,41 @@ fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
         .keep_alive_timeout(Duration::from_secs(10)))
 }
 
-/// Accepts TCP connections, completes TLS handshakes concurrently with the
+/// Something that accepts byte streams: a TCP or a Unix listener.
+pub trait Listener: Send + 'static {
+    type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
+    fn accept(&mut self) -> impl std::future::Future<Output = io::Result<(Self::Io, String)>> + Send;
+}
+
+impl Listener for TcpListener {
+    type Io = TcpStream;
+    async fn accept(&mut self) -> io::Result<(TcpStream, String)> {
+        let (s, peer) = TcpListener::accept(self).await?;
+        let _ = s.set_nodelay(true);
+        Ok((s, peer.to_string()))
+    }
+}
+
+impl Listener for tokio::net::UnixListener {
+    type Io = UnixStream;
+    async fn accept(&mut self) -> io::Result<(UnixStream, String)> {
+        let (s, _) = tokio::net::UnixListener::accept(self).await?;
+        Ok((s, "unix".into()))
+    }
+}
+
+/// Accepts connections, completes TLS handshakes concurrently with the
 /// current server config, and yields the established streams. The config is
 /// read per connection, so certificate rotation takes effect for new
 /// connections without a restart.
-pub fn tls_incoming(
-    listener: TcpListener,
+pub fn tls_incoming<L: Listener>(
+    mut listener: L,
     config: watch::Receiver<Arc<ServerConfig>>,
-) -> ReceiverStream<Result<TlsStream<TcpStream>, io::Error>> {
+) -> ReceiverStream<Result<TlsStream<L::Io>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            let (conn, peer) = match listener.accept().await {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -149,14 +172,13 @@ pub fn tls_incoming(
                     continue;
                 }
             };
-            let _ = tcp.set_nodelay(true);
             if tx.is_closed() {
                 return;
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
