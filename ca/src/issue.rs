@@ -168,7 +168,7 @@ impl Signer {
             .spiffe_id
             .as_ref()
             .map(|id| id.trust_domain().to_string())
-            .unwrap_or_else(|| isthmus_default_td().to_string());
+            .unwrap_or_else(|| isthmus_api::DEFAULT_TRUST_DOMAIN.to_string());
         let key = KeyPair::from_pem(key_pem)
             .map_err(|e| CaError::BadKeyMaterial(format!("intermediate key: {e}")))?;
         let issuer = Issuer::from_ca_cert_der(&chain[0], key)?;
@@ -323,10 +323,6 @@ fn finish(cert: rcgen::Certificate, params: &CertificateParams, kind: SvidKind) 
         not_after_unix: params.not_after.unix_timestamp(),
         der,
     })
-}
-
-fn isthmus_default_td() -> &'static str {
-    "cluster.local"
 }
 
 #[cfg(test)]

@@ -110,7 +110,7 @@ enum Cmd {
     #[command(hide = true)]
     Component {
         #[command(subcommand)]
-        component: Component,
+        component: isthmus_topology::component::Component,
     },
 }
 
@@ -152,15 +152,6 @@ enum ClusterCmd {
     },
 }
 
-#[derive(Subcommand)]
-enum Component {
-    Primary(isthmus_primary::Config),
-    Agent(isthmus_agent::Config),
-    Gateway(isthmus_gateway::Config),
-    Proxy(isthmus_proxy::Config),
-    Echo(isthmus_echo::Config),
-}
-
 fn print(output: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> anyhow::Result<()> {
     let text = match output {
         Output::Json => serde_json::to_string_pretty(value)? + "\n",
@@ -200,13 +191,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
-        Cmd::Component { component } => match component {
-            Component::Primary(c) => isthmus_primary::run(c).await,
-            Component::Agent(c) => isthmus_agent::run(c).await,
-            Component::Gateway(c) => isthmus_gateway::run(c).await,
-            Component::Proxy(c) => isthmus_proxy::run(c).await,
-            Component::Echo(c) => isthmus_echo::run(c).await,
-        },
+        Cmd::Component { component } => component.run().await,
         Cmd::Up {
             template,
             detach,

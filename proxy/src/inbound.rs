@@ -41,6 +41,7 @@ pub async fn serve(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        metrics.inbound_connections.inc();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
         let (app_client, apps, metrics) = (app_client.clone(), apps.clone(), metrics.clone());
         let me = svid.borrow().id.to_string();

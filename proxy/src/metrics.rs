@@ -15,6 +15,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub tls_refused: Counter,
+    pub inbound_connections: Counter,
 }
 
 impl Metrics {
@@ -22,12 +23,15 @@ impl Metrics {
         let mut registry = Registry::with_prefix("isthmus_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         let tls_refused = Counter::default();
+        let inbound_connections = Counter::default();
         registry.register("requests", "HTTP requests by direction and status", requests.clone());
         registry.register("inbound_tls_refused", "Inbound mTLS handshakes refused", tls_refused.clone());
+        registry.register("inbound_connections", "Inbound TCP connections accepted", inbound_connections.clone());
         Self {
             registry,
             requests,
             tls_refused,
+            inbound_connections,
         }
     }
 

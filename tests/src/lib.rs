@@ -1,1 +1,203 @@
-//! placeholder
+//! The Isthmus end-to-end harness: starts a whole mesh of real processes
+//! with the same runner as `isthmusctl up` (in network namespaces when
+//! root), and gives tests ways to reach into it: HTTP from inside a
+//! namespace, metrics, config dumps, registry edits, and mesh mTLS clients
+//! holding real or foreign certificates. Every wait polls a condition
+//! against a deadline.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use isthmus_ca::{SpiffeId, TrustBundle};
+use isthmus_topology::netns;
+use isthmus_topology::probe;
+use isthmus_topology::runner::{self, Component, MeshState, NetMode, UpOptions};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A running mesh; stopped (processes and namespaces) when dropped.
+pub struct Mesh {
+    pub state: MeshState,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for line in runner::down(self.dir.path()) {
+            eprintln!("mesh down: {line}");
+        }
+    }
+}
+
+impl Mesh {
+    /// Starts the multi-network template. `node` is the component binary.
+    pub async fn up(mode: NetMode, node: &str) -> anyhow::Result<Self> {
+        isthmus_ca::install_crypto_provider();
+        let dir = tempfile::Builder::new().prefix("isthmus-e2e-").tempdir()?;
+        let state = runner::up(UpOptions {
+            template: "multi-network".into(),
+            state_dir: dir.path().to_path_buf(),
+            mode,
+            exe: PathBuf::from(node),
+        })
+        .await?;
+        Ok(Self { state, dir })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.state.state_dir
+    }
+
+    pub fn component(&self, name: &str) -> &Component {
+        self.state
+            .component(name)
+            .unwrap_or_else(|| panic!("mesh has no component {name}"))
+    }
+
+    pub fn listener(&self, name: &str, role: &str) -> SocketAddr {
+        let c = self.component(name);
+        c.listeners
+            .get(role)
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("{name} has no {role} listener"))
+    }
+
+    pub fn netns(&self, name: &str) -> Option<&str> {
+        self.component(name).netns.as_deref()
+    }
+
+    /// GET `target` from a component's listener, from inside its namespace.
+    pub async fn get(&self, name: &str, role: &str, target: &str) -> anyhow::Result<(u16, String)> {
+        probe::get(self.netns(name), self.listener(name, role), target).await
+    }
+
+    /// A counter's value from a component's `/metrics`, summed over series
+    /// whose labels contain every `label` given.
+    pub async fn counter(&self, name: &str, metric: &str, labels: &[&str]) -> anyhow::Result<f64> {
+        let (status, text) = self.get(name, "metrics", "/metrics").await?;
+        if status != 200 {
+            bail!("{name} /metrics answered {status}");
+        }
+        Ok(counter_value(&text, metric, labels))
+    }
+
+    /// Rewrites one workload's label in its cluster's file registry.
+    pub fn relabel(&self, cluster: &str, workload: &str, key: &str, value: &str) -> anyhow::Result<()> {
+        let path = self.dir().join("clusters").join(cluster).join("registry.yaml");
+        let text = std::fs::read_to_string(&path)?;
+        let mut doc: serde_json::Value = serde_saphyr_json(&text)?;
+        let w = doc["workloads"]
+            .as_array_mut()
+            .and_then(|ws| ws.iter_mut().find(|w| w["name"] == workload))
+            .with_context(|| format!("no workload {workload} in {}", path.display()))?;
+        w["labels"][key] = serde_json::Value::String(value.to_string());
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+        Ok(())
+    }
+
+    /// Fetches a real certificate for `workload` from its cluster's agent.
+    pub async fn workload_svid(&self, cluster: &str, workload: &str) -> anyhow::Result<isthmus_proxy::identity::Svid> {
+        let cdir = self.dir().join("clusters").join(cluster);
+        let token = std::fs::read_to_string(cdir.join(format!("{workload}.token")))?;
+        isthmus_proxy::identity::AgentClient {
+            socket: cdir.join("agent").join("ca.sock"),
+            token,
+            ttl: Duration::ZERO,
+        }
+        .fetch()
+        .await
+    }
+
+    /// The mesh's trust bundle, as agents hold it.
+    pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
+        let pem = std::fs::read_to_string(self.dir().join("clusters/east/agent/roots.pem"))?;
+        Ok(TrustBundle::from_pem(isthmus_api::DEFAULT_TRUST_DOMAIN, &pem)?)
+    }
+}
+
+/// The registry is written as YAML by the runner; JSON is YAML too, so
+/// tests read it with the YAML parser and write it back as JSON.
+fn serde_saphyr_json(text: &str) -> anyhow::Result<serde_json::Value> {
+    serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("registry: {e}"))
+}
+
+pub fn counter_value(text: &str, metric: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(metric) && !l.starts_with('#'))
+        .filter(|l| labels.iter().all(|lab| l.contains(lab)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `f` until it yields `Some`, or fails after `patience`.
+pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + patience;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {patience:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a mesh mTLS client saw.
+pub struct MeshExchange {
+    /// SPIFFE ID of the server that completed the handshake.
+    pub server_id: Option<SpiffeId>,
+    /// DER of the server's chain.
+    pub server_chain: Vec<Vec<u8>>,
+    /// The raw HTTP response, if any came back.
+    pub response: Result<String, String>,
+}
+
+/// Opens mesh mTLS to `addr` (from inside `ns`) with SNI `sni`, presenting
+/// `chain`/`key`, and sends one HTTP GET. The server must present an SVID
+/// from `bundle`.
+pub async fn mesh_request(
+    ns: Option<&str>,
+    addr: SocketAddr,
+    sni: &str,
+    bundle: &TrustBundle,
+    identity: isthmus_transport::Identity,
+) -> anyhow::Result<MeshExchange> {
+    let provider = isthmus_ca::crypto_provider();
+    let verifier = Arc::new(isthmus_ca::SpiffeServerVerifier::new(bundle.clone(), &provider, vec![]));
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.chain, identity.key)?;
+    let tcp = netns::connect(ns, addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let (_, conn) = tls.get_ref();
+    let server_chain: Vec<Vec<u8>> = conn
+        .peer_certificates()
+        .map(|c| c.iter().map(|d| d.to_vec()).collect())
+        .unwrap_or_default();
+    let server_id = isthmus_ca::verifier::peer_id(conn.peer_certificates());
+    let request = "GET / HTTP/1.1\r\nhost: echo.demo.svc.cluster.local:8080\r\nconnection: close\r\n\r\n";
+    let response = async {
+        tls.write_all(request.as_bytes()).await?;
+        let mut buf = Vec::new();
+        tls.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(String::from_utf8_lossy(&buf).to_string())
+    };
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .map_err(|_| "timed out".to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()));
+    Ok(MeshExchange {
+        server_id,
+        server_chain,
+        response,
+    })
+}

@@ -5,6 +5,7 @@
 //! and small HTTP probes that work from inside a namespace ([`probe`]).
 
 pub mod client;
+pub mod component;
 pub mod netns;
 pub mod probe;
 pub mod runner;
