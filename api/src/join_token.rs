@@ -22,7 +22,13 @@ mod tests {
         let fp = "ab".repeat(32);
         let t = super::format("s3cr.et", &fp);
         assert_eq!(super::parse(&t), Some(("s3cr.et", fp.as_str())));
-        for bad in ["", "ist1.", "ist1.x.y", "ist2.x.".repeat(2).as_str(), "ist1..abc"] {
+        for bad in [
+            "",
+            "ist1.",
+            "ist1.x.y",
+            "ist2.x.".repeat(2).as_str(),
+            "ist1..abc",
+        ] {
             assert_eq!(super::parse(bad), None, "{bad}");
         }
     }

@@ -172,14 +172,20 @@ mod tests {
         let key = ServiceKey::new("echo.demo.svc.cluster.local", 8080);
         assert_eq!(key.sni(), "outbound_.8080_._.echo.demo.svc.cluster.local");
         assert_eq!(ServiceKey::parse_sni(&key.sni()), Ok(key.clone()));
-        assert_eq!(key.cluster_name(), "outbound|8080||echo.demo.svc.cluster.local");
+        assert_eq!(
+            key.cluster_name(),
+            "outbound|8080||echo.demo.svc.cluster.local"
+        );
         assert_eq!(ServiceKey::parse_cluster_name(&key.cluster_name()), Ok(key));
 
         let v1 = ServiceKey {
             subset: "v1".into(),
             ..ServiceKey::new("reviews.default.svc.cluster.local", 9080)
         };
-        assert_eq!(v1.sni(), "outbound_.9080_.v1_.reviews.default.svc.cluster.local");
+        assert_eq!(
+            v1.sni(),
+            "outbound_.9080_.v1_.reviews.default.svc.cluster.local"
+        );
         assert_eq!(ServiceKey::parse_sni(&v1.sni()), Ok(v1));
     }
 

@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
-    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
@@ -91,7 +91,8 @@ impl Authority {
             .map_err(|e| CaError::BadKeyMaterial(e.to_string()))?
             .remove(0);
         svid::validate(&cert, SvidKind::Signing)?;
-        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::BadKeyMaterial(format!("root key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CaError::BadKeyMaterial(format!("root key: {e}")))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)?;
         Ok(Self {
             cert,
@@ -160,8 +161,8 @@ pub struct Signer {
 impl Signer {
     /// Loads an intermediate from its certificate PEM (chain allowed) and key.
     pub fn from_pem(chain_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let chain =
-            pem::certs(chain_pem, "intermediate certificate").map_err(|e| CaError::BadKeyMaterial(e.to_string()))?;
+        let chain = pem::certs(chain_pem, "intermediate certificate")
+            .map_err(|e| CaError::BadKeyMaterial(e.to_string()))?;
         svid::validate(&chain[0], SvidKind::Signing)?;
         let info = svid::inspect(&chain[0])?;
         let trust_domain = info
@@ -191,7 +192,12 @@ impl Signer {
 
     /// Issues a leaf for `identity` from a CSR, whatever SANs the CSR asks for.
     /// A TTL of zero means the default; one above the maximum is refused.
-    pub fn sign_workload_csr(&self, csr: &str, identity: &SpiffeId, ttl: Duration) -> Result<IssuedCert, CaError> {
+    pub fn sign_workload_csr(
+        &self,
+        csr: &str,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
         let ttl = effective_ttl(ttl)?;
         let csr = parse_csr(csr)?;
         self.sign_leaf(&csr.public_key, identity, ttl)
@@ -199,7 +205,11 @@ impl Signer {
 
     /// Issues a leaf and a fresh key for `identity`; for the agent's own
     /// identity. Returns the certificate and the key PEM.
-    pub fn issue_workload(&self, identity: &SpiffeId, ttl: Duration) -> Result<(IssuedCert, String), CaError> {
+    pub fn issue_workload(
+        &self,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(IssuedCert, String), CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let cert = self.sign_leaf(&key, identity, effective_ttl(ttl)?)?;
         Ok((cert, key.serialize_pem()))
@@ -220,8 +230,14 @@ impl Signer {
         }
         params.subject_alt_names = vec![uri_san(identity.as_str())?];
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
         params.use_authority_key_identifier_extension = true;
         params.serial_number = Some(random_serial());
         let cert = params.signed_by(key, &self.issuer)?;
@@ -310,7 +326,11 @@ fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-fn finish(cert: rcgen::Certificate, params: &CertificateParams, kind: SvidKind) -> Result<IssuedCert, CaError> {
+fn finish(
+    cert: rcgen::Certificate,
+    params: &CertificateParams,
+    kind: SvidKind,
+) -> Result<IssuedCert, CaError> {
     let der = cert.der().clone();
     svid::validate(&der, kind)?;
     Ok(IssuedCert {
@@ -342,10 +362,13 @@ mod tests {
         // A CSR asking for someone else's identity.
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![]).unwrap();
-        params.subject_alt_names = vec![uri_san("spiffe://cluster.local/ns/kube-system/sa/admin").unwrap()];
+        params.subject_alt_names =
+            vec![uri_san("spiffe://cluster.local/ns/kube-system/sa/admin").unwrap()];
         let csr = params.serialize_request(&key).unwrap().pem().unwrap();
         let caller = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
-        let leaf = signer.sign_workload_csr(&csr, &caller, Duration::ZERO).unwrap();
+        let leaf = signer
+            .sign_workload_csr(&csr, &caller, Duration::ZERO)
+            .unwrap();
         let info = svid::inspect(&leaf.der).unwrap();
         assert_eq!(info.spiffe_id, Some(caller));
         let lifetime = info.not_after_unix - OffsetDateTime::now_utc().unix_timestamp();
@@ -356,7 +379,11 @@ mod tests {
     fn bad_csrs_are_refused_and_nothing_is_issued() {
         let (_root, signer) = mesh();
         let who = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
-        let garbage = signer.sign_workload_csr("-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n", &who, Duration::ZERO);
+        let garbage = signer.sign_workload_csr(
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            &who,
+            Duration::ZERO,
+        );
         assert!(matches!(garbage, Err(CaError::CsrMalformed)), "{garbage:?}");
         let not_pem = signer.sign_workload_csr("hello", &who, Duration::ZERO);
         assert!(matches!(not_pem, Err(CaError::CsrMalformed)), "{not_pem:?}");
@@ -368,10 +395,20 @@ mod tests {
         der[n - 3] ^= 0x55;
         let tampered = pem::encode("CERTIFICATE REQUEST", &der);
         let bad_sig = signer.sign_workload_csr(&tampered, &who, Duration::ZERO);
-        assert!(matches!(bad_sig, Err(CaError::CsrBadSignature | CaError::CsrMalformed)), "{bad_sig:?}");
+        assert!(
+            matches!(
+                bad_sig,
+                Err(CaError::CsrBadSignature | CaError::CsrMalformed)
+            ),
+            "{bad_sig:?}"
+        );
 
         let (csr, _) = generate_csr("x").unwrap();
-        let too_long = signer.sign_workload_csr(&csr, &who, MAX_WORKLOAD_TTL + Duration::from_secs(1));
-        assert!(matches!(too_long, Err(CaError::TtlTooLong { .. })), "{too_long:?}");
+        let too_long =
+            signer.sign_workload_csr(&csr, &who, MAX_WORKLOAD_TTL + Duration::from_secs(1));
+        assert!(
+            matches!(too_long, Err(CaError::TtlTooLong { .. })),
+            "{too_long:?}"
+        );
     }
 }

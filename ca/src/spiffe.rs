@@ -33,7 +33,9 @@ pub enum SpiffeError {
     EmptySegment,
     #[error("SPIFFE ID path has a '.' or '..' segment")]
     DotSegment,
-    #[error("SPIFFE ID path may hold only letters, digits, '.', '-' and '_' (no percent-encoding): {0:?}")]
+    #[error(
+        "SPIFFE ID path may hold only letters, digits, '.', '-' and '_' (no percent-encoding): {0:?}"
+    )]
     BadPathChar(char),
     #[error("SPIFFE ID {0:?} names a trust domain, not a workload")]
     NoPath(String),
@@ -57,7 +59,9 @@ impl SpiffeId {
         if s.len() > MAX_ID_LEN {
             return Err(SpiffeError::TooLong(s.len()));
         }
-        let rest = s.strip_prefix("spiffe://").ok_or(SpiffeError::WrongScheme)?;
+        let rest = s
+            .strip_prefix("spiffe://")
+            .ok_or(SpiffeError::WrongScheme)?;
         if rest.contains(['?', '#']) {
             return Err(SpiffeError::QueryOrFragment);
         }
@@ -71,10 +75,9 @@ impl SpiffeId {
         if td.len() > MAX_TRUST_DOMAIN_LEN {
             return Err(SpiffeError::TrustDomainTooLong(td.len()));
         }
-        if !td
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_'))
-        {
+        if !td.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'-' | b'_')
+        }) {
             return Err(SpiffeError::BadTrustDomain(td.chars().take(64).collect()));
         }
         if !path.is_empty() {
@@ -108,8 +111,14 @@ impl SpiffeId {
     }
 
     /// `spiffe://<td>/ns/<ns>/sa/<sa>`, Istio's workload identity.
-    pub fn workload(trust_domain: &str, namespace: &str, service_account: &str) -> Result<Self, SpiffeError> {
-        Self::parse_workload(&format!("spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"))
+    pub fn workload(
+        trust_domain: &str,
+        namespace: &str,
+        service_account: &str,
+    ) -> Result<Self, SpiffeError> {
+        Self::parse_workload(&format!(
+            "spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
+        ))
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -128,7 +137,13 @@ impl SpiffeId {
     /// The namespace and service account of an Istio-style identity.
     pub fn namespace_and_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path().strip_prefix('/')?.split('/');
-        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),
             _ => None,
         }
@@ -167,9 +182,18 @@ mod tests {
             ("http://td/ns/a", SpiffeError::WrongScheme),
             ("SPIFFE://td/a", SpiffeError::WrongScheme),
             ("spiffe:///a", SpiffeError::MissingTrustDomain),
-            ("spiffe://Example.org/a", SpiffeError::BadTrustDomain("Example.org".into())),
-            ("spiffe://td:8080/a", SpiffeError::BadTrustDomain("td:8080".into())),
-            ("spiffe://user@td/a", SpiffeError::BadTrustDomain("user@td".into())),
+            (
+                "spiffe://Example.org/a",
+                SpiffeError::BadTrustDomain("Example.org".into()),
+            ),
+            (
+                "spiffe://td:8080/a",
+                SpiffeError::BadTrustDomain("td:8080".into()),
+            ),
+            (
+                "spiffe://user@td/a",
+                SpiffeError::BadTrustDomain("user@td".into()),
+            ),
             ("spiffe://td/a?x=1", SpiffeError::QueryOrFragment),
             ("spiffe://td/a#f", SpiffeError::QueryOrFragment),
             ("spiffe://td/a//b", SpiffeError::EmptySegment),

@@ -124,8 +124,10 @@ pub fn validate(der: &[u8], kind: SvidKind) -> Result<Option<SpiffeId>, SvidErro
 
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
-        Ok((rest, cert)) if rest.is_empty() => Ok(cert),
-        Ok(_) => Err(SvidError::Malformed("trailing bytes after the certificate".into())),
+        Ok(([], cert)) => Ok(cert),
+        Ok(_) => Err(SvidError::Malformed(
+            "trailing bytes after the certificate".into(),
+        )),
         Err(e) => Err(SvidError::Malformed(e.to_string())),
     }
 }
@@ -156,7 +158,9 @@ mod tests {
     fn cert(f: impl FnOnce(&mut CertificateParams)) -> Vec<u8> {
         let key = KeyPair::generate().unwrap();
         let mut p = CertificateParams::default();
-        p.subject_alt_names = vec![SanType::URI("spiffe://cluster.local/ns/a/sa/b".try_into().unwrap())];
+        p.subject_alt_names = vec![SanType::URI(
+            "spiffe://cluster.local/ns/a/sa/b".try_into().unwrap(),
+        )];
         p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         p.is_ca = IsCa::ExplicitNoCa;
         f(&mut p);
@@ -172,38 +176,70 @@ mod tests {
     #[test]
     fn nonconformant_svids_get_typed_errors() {
         let two = cert(|p| {
-            p.subject_alt_names
-                .push(SanType::URI("spiffe://cluster.local/ns/a/sa/c".try_into().unwrap()))
+            p.subject_alt_names.push(SanType::URI(
+                "spiffe://cluster.local/ns/a/sa/c".try_into().unwrap(),
+            ))
         });
-        assert_eq!(validate(&two, SvidKind::Leaf), Err(SvidError::UriSanCount(2)));
-        let none = cert(|p| p.subject_alt_names = vec![SanType::DnsName("a.b".try_into().unwrap())]);
-        assert_eq!(validate(&none, SvidKind::Leaf), Err(SvidError::UriSanCount(0)));
+        assert_eq!(
+            validate(&two, SvidKind::Leaf),
+            Err(SvidError::UriSanCount(2))
+        );
+        let none =
+            cert(|p| p.subject_alt_names = vec![SanType::DnsName("a.b".try_into().unwrap())]);
+        assert_eq!(
+            validate(&none, SvidKind::Leaf),
+            Err(SvidError::UriSanCount(0))
+        );
         let ca = cert(|p| p.is_ca = IsCa::Ca(rcgen::BasicConstraints::Unconstrained));
         assert_eq!(validate(&ca, SvidKind::Leaf), Err(SvidError::LeafIsCa));
         let no_ku = cert(|p| p.key_usages.clear());
-        assert_eq!(validate(&no_ku, SvidKind::Leaf), Err(SvidError::MissingKeyUsage));
+        assert_eq!(
+            validate(&no_ku, SvidKind::Leaf),
+            Err(SvidError::MissingKeyUsage)
+        );
         let no_ds = cert(|p| p.key_usages = vec![KeyUsagePurpose::KeyEncipherment]);
-        assert_eq!(validate(&no_ds, SvidKind::Leaf), Err(SvidError::MissingDigitalSignature));
-        let root_path = cert(|p| p.subject_alt_names = vec![SanType::URI("spiffe://cluster.local".try_into().unwrap())]);
+        assert_eq!(
+            validate(&no_ds, SvidKind::Leaf),
+            Err(SvidError::MissingDigitalSignature)
+        );
+        let root_path = cert(|p| {
+            p.subject_alt_names = vec![SanType::URI("spiffe://cluster.local".try_into().unwrap())]
+        });
         assert!(matches!(
             validate(&root_path, SvidKind::Leaf),
             Err(SvidError::BadSpiffeId(SpiffeError::NoPath(_)))
         ));
-        let scheme = cert(|p| p.subject_alt_names = vec![SanType::URI("https://cluster.local/ns/a".try_into().unwrap())]);
+        let scheme = cert(|p| {
+            p.subject_alt_names = vec![SanType::URI(
+                "https://cluster.local/ns/a".try_into().unwrap(),
+            )]
+        });
         assert_eq!(
             validate(&scheme, SvidKind::Leaf),
             Err(SvidError::BadSpiffeId(SpiffeError::WrongScheme))
         );
-        for bad in ["spiffe://Cluster.local/ns/a", "spiffe://td/%2e/a", "spiffe://td/a/../b", "spiffe://td/a/"] {
+        for bad in [
+            "spiffe://Cluster.local/ns/a",
+            "spiffe://td/%2e/a",
+            "spiffe://td/a/../b",
+            "spiffe://td/a/",
+        ] {
             let c = cert(|p| p.subject_alt_names = vec![SanType::URI(bad.try_into().unwrap())]);
-            assert!(matches!(validate(&c, SvidKind::Leaf), Err(SvidError::BadSpiffeId(_))), "{bad}");
+            assert!(
+                matches!(validate(&c, SvidKind::Leaf), Err(SvidError::BadSpiffeId(_))),
+                "{bad}"
+            );
         }
         let long = format!("spiffe://td/{}", "a".repeat(2040));
-        let c = cert(|p| p.subject_alt_names = vec![SanType::URI(long.as_str().try_into().unwrap())]);
+        let c =
+            cert(|p| p.subject_alt_names = vec![SanType::URI(long.as_str().try_into().unwrap())]);
         assert_eq!(
             validate(&c, SvidKind::Leaf),
             Err(SvidError::BadSpiffeId(SpiffeError::TooLong(long.len())))
         );
-        assert!(matches!(validate(b"garbage", SvidKind::Leaf), Err(SvidError::Malformed(_))));
+        assert!(matches!(
+            validate(b"garbage", SvidKind::Leaf),
+            Err(SvidError::Malformed(_))
+        ));
     }
 }

@@ -13,7 +13,9 @@ use std::sync::Arc;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
 use rustls_pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
 
 use crate::pem::{self, PemError};
@@ -50,7 +52,10 @@ impl TrustBundle {
         Self::from_der(trust_domain, pem::certs(pem_text, "trust bundle")?)
     }
 
-    pub fn from_der(trust_domain: &str, roots: Vec<CertificateDer<'static>>) -> Result<Self, BundleError> {
+    pub fn from_der(
+        trust_domain: &str,
+        roots: Vec<CertificateDer<'static>>,
+    ) -> Result<Self, BundleError> {
         let anchors = roots
             .iter()
             .enumerate()
@@ -92,8 +97,16 @@ impl TrustBundle {
         algs: &WebPkiSupportedAlgorithms,
     ) -> Result<SpiffeId, rustls::Error> {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        ee.verify_for_usage(algs.all, &self.anchors, intermediates, now, usage, None, None)
-            .map_err(webpki_error)?;
+        ee.verify_for_usage(
+            algs.all,
+            &self.anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map_err(webpki_error)?;
         let id = svid::validate(end_entity, SvidKind::Leaf)
             .map_err(|e| other(format!("peer certificate is not a valid SVID: {e}")))?
             .ok_or_else(|| other("peer certificate has no SPIFFE ID".to_string()))?;
@@ -108,9 +121,9 @@ impl TrustBundle {
 }
 
 fn other(msg: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(
-        VerifyError(msg),
-    ))))
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(VerifyError(
+        msg,
+    )))))
 }
 
 #[derive(Debug)]
@@ -175,8 +188,13 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.bundle
-            .verify(end_entity, intermediates, now, webpki::KeyUsage::client_auth(), &self.algs)?;
+        self.bundle.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::client_auth(),
+            &self.algs,
+        )?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -232,9 +250,13 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         // The SNI names the service, not the peer; identity is the SPIFFE ID.
-        let id = self
-            .bundle
-            .verify(end_entity, intermediates, now, webpki::KeyUsage::server_auth(), &self.algs)?;
+        let id = self.bundle.verify(
+            end_entity,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            &self.algs,
+        )?;
         if !self.allowed.is_empty() && !self.allowed.contains(&id) {
             return Err(other(format!(
                 "server identity {id} is not one of the {} identities allowed for this service",

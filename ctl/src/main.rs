@@ -10,14 +10,18 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use isthmus_api::rest::RegisterCluster;
 use isthmus_topology::client::PrimaryClient;
 use isthmus_topology::runner::{self, MeshState, NetMode, UpOptions};
 
 #[derive(Parser)]
-#[command(name = "isthmusctl", version, about = "Operate an Isthmus service mesh")]
+#[command(
+    name = "isthmusctl",
+    version,
+    about = "Operate an Isthmus service mesh"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -54,13 +58,16 @@ impl Conn {
             return MeshState::load(dir)?.client();
         }
         let (Some(primary), Some(token)) = (&self.primary, &self.token) else {
-            bail!("say which primary to use: --state-dir DIR, or --primary URL --token T --ca-file F");
+            bail!(
+                "say which primary to use: --state-dir DIR, or --primary URL --token T --ca-file F"
+            );
         };
         let ca_file = self
             .ca_file
             .as_ref()
             .context("--ca-file (or ISTHMUS_CA_FILE) is needed to verify the primary")?;
-        let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        let ca = std::fs::read_to_string(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?;
         PrimaryClient::new(primary, token, &ca)
     }
 }
@@ -152,7 +159,11 @@ enum ClusterCmd {
     },
 }
 
-fn print(output: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> anyhow::Result<()> {
+fn print(
+    output: Output,
+    value: &impl serde::Serialize,
+    table: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
     let text = match output {
         Output::Json => serde_json::to_string_pretty(value)? + "\n",
         Output::Yaml => serde_saphyr::to_string(value)?,
@@ -208,8 +219,13 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             .await?;
             let dir = state.state_dir.display().to_string();
             match &state.layout {
-                Some(l) => println!("mesh {template} is up, one network namespace per network ({}-*)", l.prefix),
-                None => println!("mesh {template} is up on loopback (networks are not isolated; run as root for namespaces)"),
+                Some(l) => println!(
+                    "mesh {template} is up, one network namespace per network ({}-*)",
+                    l.prefix
+                ),
+                None => println!(
+                    "mesh {template} is up on loopback (networks are not isolated; run as root for namespaces)"
+                ),
             }
             println!("  primary API   {}", state.primary_api);
             println!("  components    isthmusctl status --state-dir {dir}");
@@ -223,7 +239,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("Send one request from east's client through the mesh:");
             println!("{}", state.client_command);
             println!("Press Ctrl-C to stop.");
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {},
                 _ = term.recv() => {},
@@ -252,23 +269,38 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
-            print(output, &serde_json::json!({ "components": components }), || {
-                let mut s = format!("{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} LISTENERS\n", "NAME", "KIND", "CLUSTER", "NETWORK", "PID", "STATE");
-                for c in &state.components {
-                    let listeners: Vec<String> = c.listeners.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                    s += &format!(
-                        "{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} {}\n",
-                        c.name,
-                        c.kind,
-                        c.cluster.as_deref().unwrap_or("-"),
-                        c.network.as_deref().unwrap_or("-"),
-                        c.pid,
-                        if runner::alive(c.pid) { "running" } else { "exited" },
-                        listeners.join(" ")
+            print(
+                output,
+                &serde_json::json!({ "components": components }),
+                || {
+                    let mut s = format!(
+                        "{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} LISTENERS\n",
+                        "NAME", "KIND", "CLUSTER", "NETWORK", "PID", "STATE"
                     );
-                }
-                s
-            })
+                    for c in &state.components {
+                        let listeners: Vec<String> = c
+                            .listeners
+                            .iter()
+                            .map(|(k, v)| format!("{k}={v}"))
+                            .collect();
+                        s += &format!(
+                            "{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} {}\n",
+                            c.name,
+                            c.kind,
+                            c.cluster.as_deref().unwrap_or("-"),
+                            c.network.as_deref().unwrap_or("-"),
+                            c.pid,
+                            if runner::alive(c.pid) {
+                                "running"
+                            } else {
+                                "exited"
+                            },
+                            listeners.join(" ")
+                        );
+                    }
+                    s
+                },
+            )
         }
         Cmd::Cluster { command } => match command {
             ClusterCmd::Register {
@@ -297,7 +329,9 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                         "cluster {} registered on network {}.\nJoin token (shown once, valid for {}s):\n{}\n",
                         registered.cluster.name,
                         registered.cluster.network,
-                        registered.join_token_expires_unix.saturating_sub(now_unix()),
+                        registered
+                            .join_token_expires_unix
+                            .saturating_sub(now_unix()),
                         registered.join_token
                     )
                 })
@@ -334,7 +368,10 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
         Cmd::ProxyStatus { conn, output } => {
             let proxies = conn.client()?.proxies().await?;
             print(output, &proxies, || {
-                let mut s = format!("{:<36} {:<8} {:<9} {:<22} {}\n", "NODE", "CLUSTER", "ROLE", "CLUSTERS (CDS)", "ENDPOINTS (EDS)");
+                let mut s = format!(
+                    "{:<36} {:<8} {:<9} {:<22} {}\n",
+                    "NODE", "CLUSTER", "ROLE", "CLUSTERS (CDS)", "ENDPOINTS (EDS)"
+                );
                 for p in proxies.as_array().into_iter().flatten() {
                     let state = |t: &str| {
                         let ty = &p["types"][t];

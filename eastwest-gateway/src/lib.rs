@@ -12,8 +12,8 @@ pub mod sni;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -69,7 +69,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
     let token = std::fs::read_to_string(&config.token_file)
         .with_context(|| format!("reading gateway credential {}", config.token_file.display()))?;
-    let roots = std::fs::read_to_string(&config.roots).with_context(|| format!("reading {}", config.roots.display()))?;
+    let roots = std::fs::read_to_string(&config.roots)
+        .with_context(|| format!("reading {}", config.roots.display()))?;
     let tls = isthmus_transport::primary_client_config(&roots, None)?;
     let xds = isthmus_xds::start(
         XdsConfig {
@@ -83,7 +84,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     );
     let connections = Family::<ConnLabels, Counter>::default();
     let mut registry = Registry::with_prefix("isthmus_gateway");
-    registry.register("connections", "Connections by SNI and outcome", connections.clone());
+    registry.register(
+        "connections",
+        "Connections by SNI and outcome",
+        connections.clone(),
+    );
     let gw = Arc::new(Gateway {
         xds,
         connections,
@@ -121,21 +126,23 @@ impl Gateway {
 
     async fn handle(&self, mut conn: TcpStream, peer: SocketAddr) {
         let _ = conn.set_nodelay(true);
-        let (hello, sni) = match tokio::time::timeout(HELLO_TIMEOUT, sni::read_client_hello(&mut conn)).await {
-            Ok(Ok(x)) => x,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, error = %e, "closing connection: bad ClientHello");
-                self.count("", "bad_client_hello");
-                return;
-            }
-            Err(_) => {
-                self.count("", "hello_timeout");
-                return;
-            }
-        };
+        let (hello, sni) =
+            match tokio::time::timeout(HELLO_TIMEOUT, sni::read_client_hello(&mut conn)).await {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "closing connection: bad ClientHello");
+                    self.count("", "bad_client_hello");
+                    return;
+                }
+                Err(_) => {
+                    self.count("", "hello_timeout");
+                    return;
+                }
+            };
         // Only names that parse as mesh SNIs are even looked up; the label
         // then stays bounded to known services.
-        let known = ServiceKey::parse_sni(&sni).is_ok() && self.xds.snapshot.load().clusters.contains_key(&sni);
+        let known = ServiceKey::parse_sni(&sni).is_ok()
+            && self.xds.snapshot.load().clusters.contains_key(&sni);
         if !known {
             tracing::info!(%peer, sni = %sni.chars().take(80).collect::<String>(), "closing connection: SNI names no exported service");
             self.count("", "unknown_sni");
@@ -178,7 +185,12 @@ impl Gateway {
     }
 }
 
-async fn serve_admin(admin: SocketAddr, metrics: SocketAddr, gw: Arc<Gateway>, registry: Arc<Registry>) -> anyhow::Result<()> {
+async fn serve_admin(
+    admin: SocketAddr,
+    metrics: SocketAddr,
+    gw: Arc<Gateway>,
+    registry: Arc<Registry>,
+) -> anyhow::Result<()> {
     let ready = gw.xds.ready.clone();
     let dump_gw = gw.clone();
     let admin_router = axum::Router::new()
@@ -190,7 +202,10 @@ async fn serve_admin(admin: SocketAddr, metrics: SocketAddr, gw: Arc<Gateway>, r
                     if ok {
                         (axum::http::StatusCode::OK, "ready\n")
                     } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "waiting for config from the primary\n")
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for config from the primary\n",
+                        )
                     }
                 }
             }),
@@ -213,8 +228,12 @@ async fn serve_admin(admin: SocketAddr, metrics: SocketAddr, gw: Arc<Gateway>, r
             }
         }),
     );
-    let a = TcpListener::bind(admin).await.with_context(|| format!("binding admin {admin}"))?;
-    let m = TcpListener::bind(metrics).await.with_context(|| format!("binding metrics {metrics}"))?;
+    let a = TcpListener::bind(admin)
+        .await
+        .with_context(|| format!("binding admin {admin}"))?;
+    let m = TcpListener::bind(metrics)
+        .await
+        .with_context(|| format!("binding metrics {metrics}"))?;
     tokio::spawn(async move { axum::serve(a, admin_router).await });
     tokio::spawn(async move { axum::serve(m, metrics_router).await });
     Ok(())

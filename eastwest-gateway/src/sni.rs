@@ -6,7 +6,8 @@
 //! sidecars and the gateway sees nothing beyond the ClientHello.
 
 use tls_parser::{
-    parse_tls_extensions, parse_tls_plaintext, SNIType, TlsExtension, TlsMessage, TlsMessageHandshake,
+    SNIType, TlsExtension, TlsMessage, TlsMessageHandshake, parse_tls_extensions,
+    parse_tls_plaintext,
 };
 use tokio::io::{AsyncRead, AsyncReadExt};
 
@@ -34,12 +35,16 @@ pub enum HelloError {
 }
 
 /// Reads the first record, returning it (to replay) and the SNI it names.
-pub async fn read_client_hello<R: AsyncRead + Unpin>(conn: &mut R) -> Result<(Vec<u8>, String), HelloError> {
+pub async fn read_client_hello<R: AsyncRead + Unpin>(
+    conn: &mut R,
+) -> Result<(Vec<u8>, String), HelloError> {
     let mut buf = vec![0u8; HEADER];
-    conn.read_exact(&mut buf).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => HelloError::Closed,
-        _ => HelloError::Io(e.to_string()),
-    })?;
+    conn.read_exact(&mut buf)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => HelloError::Closed,
+            _ => HelloError::Io(e.to_string()),
+        })?;
     if buf[0] != 0x16 {
         return Err(HelloError::NotHandshake(buf[0]));
     }
@@ -48,22 +53,28 @@ pub async fn read_client_hello<R: AsyncRead + Unpin>(conn: &mut R) -> Result<(Ve
         return Err(HelloError::TooLarge(len));
     }
     buf.resize(HEADER + len, 0);
-    conn.read_exact(&mut buf[HEADER..]).await.map_err(|e| match e.kind() {
-        std::io::ErrorKind::UnexpectedEof => HelloError::Closed,
-        _ => HelloError::Io(e.to_string()),
-    })?;
+    conn.read_exact(&mut buf[HEADER..])
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::UnexpectedEof => HelloError::Closed,
+            _ => HelloError::Io(e.to_string()),
+        })?;
     let sni = sni_of(&buf)?;
     Ok((buf, sni))
 }
 
 /// The SNI host name in a complete ClientHello record.
 pub fn sni_of(record: &[u8]) -> Result<String, HelloError> {
-    let (_, plaintext) = parse_tls_plaintext(record).map_err(|e| HelloError::Malformed(format!("{e:?}")))?;
-    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) = plaintext.msg.first() else {
+    let (_, plaintext) =
+        parse_tls_plaintext(record).map_err(|e| HelloError::Malformed(format!("{e:?}")))?;
+    let Some(TlsMessage::Handshake(TlsMessageHandshake::ClientHello(hello))) =
+        plaintext.msg.first()
+    else {
         return Err(HelloError::NotClientHello);
     };
     let ext = hello.ext.ok_or(HelloError::NoSni)?;
-    let (_, extensions) = parse_tls_extensions(ext).map_err(|e| HelloError::Malformed(format!("{e:?}")))?;
+    let (_, extensions) =
+        parse_tls_extensions(ext).map_err(|e| HelloError::Malformed(format!("{e:?}")))?;
     for e in extensions {
         if let TlsExtension::SNI(names) = e {
             for (kind, name) in names {
@@ -86,12 +97,17 @@ mod tests {
     async fn garbage_gets_a_reason_not_a_panic() {
         let cases: Vec<(Vec<u8>, HelloError)> = vec![
             (vec![], HelloError::Closed),
-            (b"GET / HTTP/1.1\r\n\r\n".to_vec(), HelloError::NotHandshake(b'G')),
+            (
+                b"GET / HTTP/1.1\r\n\r\n".to_vec(),
+                HelloError::NotHandshake(b'G'),
+            ),
             (vec![0x16, 3, 1, 0xff, 0xff], HelloError::TooLarge(0xffff)),
             (vec![0x16, 3, 1, 0, 4, 1, 2, 3], HelloError::Closed),
         ];
         for (input, want) in cases {
-            let got = read_client_hello(&mut input.as_slice()).await.expect_err("must fail");
+            let got = read_client_hello(&mut input.as_slice())
+                .await
+                .expect_err("must fail");
             assert_eq!(got, want);
         }
         let junk = [0x16, 3, 1, 0, 4, 0xde, 0xad, 0xbe, 0xef];

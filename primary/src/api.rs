@@ -11,9 +11,9 @@ use axum::{Json, Router};
 use isthmus_api::names::check_label;
 use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
 
-use crate::records::{now_unix, ClusterRecord};
-use crate::store::{keys, Compare, Op};
-use crate::{tokens, Shared};
+use crate::records::{ClusterRecord, now_unix};
+use crate::store::{Compare, Op, keys};
+use crate::{Shared, tokens};
 
 /// Join tokens live this long unless the request says otherwise.
 const DEFAULT_TOKEN_TTL: u64 = 3600;
@@ -22,8 +22,14 @@ const STALE_AFTER: u64 = 30;
 
 pub fn router(shared: Arc<Shared>) -> Router {
     Router::new()
-        .route("/api/v1/clusters", get(list_clusters).post(register_cluster))
-        .route("/api/v1/clusters/{name}", get(get_cluster).delete(deregister_cluster))
+        .route(
+            "/api/v1/clusters",
+            get(list_clusters).post(register_cluster),
+        )
+        .route(
+            "/api/v1/clusters/{name}",
+            get(get_cluster).delete(deregister_cluster),
+        )
         .route("/api/v1/proxies", get(list_proxies))
         .route("/api/v1/ca/roots", get(roots))
         .route("/healthz", get(|| async { "ok\n" }))
@@ -56,7 +62,10 @@ fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(t) if tokens::matches(t, &shared.admin_token_sha256) => Ok(()),
-        Some(_) => Err(ApiError(StatusCode::UNAUTHORIZED, "admin token is not valid".into())),
+        Some(_) => Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "admin token is not valid".into(),
+        )),
         None => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "missing 'Authorization: Bearer <admin token>' header".into(),
@@ -72,7 +81,8 @@ async fn register_cluster(
     authorize(&shared, &headers)?;
     let Json(req) = body.map_err(|e| bad(format!("request body: {}", e.body_text())))?;
     check_label(&req.name).map_err(|_| bad(format!("name: {:?} is not a DNS label", req.name)))?;
-    check_label(&req.network).map_err(|_| bad(format!("network: {:?} is not a DNS label", req.network)))?;
+    check_label(&req.network)
+        .map_err(|_| bad(format!("network: {:?} is not a DNS label", req.network)))?;
     for (i, g) in req.gateways.iter().enumerate() {
         g.parse::<std::net::IpAddr>()
             .map_err(|_| bad(format!("gateways[{i}]: {g:?} is not an IP address")))?;
@@ -105,15 +115,25 @@ async fn register_cluster(
         gateway_token_sha256: None,
     };
     let key = keys::cluster(&req.name);
-    let value = serde_json::to_vec(&record).map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let value = serde_json::to_vec(&record)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let (created, _) = shared
         .store
-        .txn(vec![Compare { key: key.clone(), mod_revision: 0 }], vec![Op::Put { key, value }])
+        .txn(
+            vec![Compare {
+                key: key.clone(),
+                mod_revision: 0,
+            }],
+            vec![Op::Put { key, value }],
+        )
         .await?;
     if !created {
         return Err(ApiError(
             StatusCode::CONFLICT,
-            format!("cluster {:?} is already registered; deregister it first", req.name),
+            format!(
+                "cluster {:?} is already registered; deregister it first",
+                req.name
+            ),
         ));
     }
     tracing::info!(cluster = %record.name, network = %record.network, "registered cluster");
@@ -151,10 +171,15 @@ fn view(shared: &Shared, c: &ClusterRecord) -> ClusterView {
     }
 }
 
-async fn list_clusters(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Result<Json<Vec<ClusterView>>, ApiError> {
+async fn list_clusters(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<ClusterView>>, ApiError> {
     authorize(&shared, &headers)?;
     let model = shared.model.borrow().clone();
-    Ok(Json(model.clusters.values().map(|c| view(&shared, c)).collect()))
+    Ok(Json(
+        model.clusters.values().map(|c| view(&shared, c)).collect(),
+    ))
 }
 
 async fn get_cluster(
@@ -181,17 +206,30 @@ async fn deregister_cluster(
     authorize(&shared, &headers)?;
     let (eps, _) = shared.store.list(&keys::cluster_endpoints(&name)).await?;
     if shared.store.get(&keys::cluster(&name)).await?.is_none() {
-        return Err(ApiError(StatusCode::NOT_FOUND, format!("no cluster named {name:?}")));
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no cluster named {name:?}"),
+        ));
     }
-    let mut ops: Vec<Op> = eps.into_iter().map(|kv| Op::Delete { key: kv.key }).collect();
-    ops.push(Op::Delete { key: keys::heartbeat(&name) });
-    ops.push(Op::Delete { key: keys::cluster(&name) });
+    let mut ops: Vec<Op> = eps
+        .into_iter()
+        .map(|kv| Op::Delete { key: kv.key })
+        .collect();
+    ops.push(Op::Delete {
+        key: keys::heartbeat(&name),
+    });
+    ops.push(Op::Delete {
+        key: keys::cluster(&name),
+    });
     shared.store.txn(vec![], ops).await?;
     tracing::info!(cluster = %name, "deregistered cluster");
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn list_proxies(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Result<impl IntoResponse, ApiError> {
+async fn list_proxies(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<impl IntoResponse, ApiError> {
     authorize(&shared, &headers)?;
     Ok(Json(shared.proxies.snapshot()))
 }
@@ -204,7 +242,10 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &shared.metrics.registry) {
         Ok(()) => (
-            [("content-type", "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+            [(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
             out,
         )
             .into_response(),

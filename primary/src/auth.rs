@@ -12,10 +12,10 @@
 
 use isthmus_ca::SpiffeId;
 use rustls::pki_types::{CertificateDer, UnixTime};
-use tonic::metadata::MetadataMap;
 use tonic::Status;
+use tonic::metadata::MetadataMap;
 
-use crate::{tokens, Shared};
+use crate::{Shared, tokens};
 
 /// The identity of every cluster's agent.
 pub const AGENT_NAMESPACE: &str = "isthmus-system";
@@ -28,8 +28,12 @@ pub struct Peer {
 }
 
 /// Authenticates a workload (or agent) by its certificate chain.
-pub fn workload(shared: &Shared, certs: Option<&[CertificateDer<'static>]>) -> Result<Peer, Status> {
-    let certs = certs.ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
+pub fn workload(
+    shared: &Shared,
+    certs: Option<&[CertificateDer<'static>]>,
+) -> Result<Peer, Status> {
+    let certs =
+        certs.ok_or_else(|| Status::unauthenticated("no client certificate was presented"))?;
     let [leaf, intermediate, ..] = certs else {
         return Err(Status::unauthenticated(
             "client certificate chain must be [leaf, cluster intermediate]",
@@ -45,7 +49,11 @@ pub fn workload(shared: &Shared, certs: Option<&[CertificateDer<'static>]>) -> R
             webpki::KeyUsage::client_auth(),
             &shared.crypto.signature_verification_algorithms,
         )
-        .map_err(|e| Status::unauthenticated(format!("client certificate was not issued by the intermediate it presented: {e}")))?;
+        .map_err(|e| {
+            Status::unauthenticated(format!(
+                "client certificate was not issued by the intermediate it presented: {e}"
+            ))
+        })?;
     let fp = isthmus_ca::pem::fingerprint(intermediate);
     let model = shared.model.borrow().clone();
     let cluster = model.cluster_of_intermediate(&fp).ok_or_else(|| {
@@ -76,7 +84,9 @@ pub fn gateway(shared: &Shared, metadata: &MetadataMap) -> Result<String, Status
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| Status::unauthenticated("present a workload certificate or a gateway bearer token"))?;
+        .ok_or_else(|| {
+            Status::unauthenticated("present a workload certificate or a gateway bearer token")
+        })?;
     let digest = tokens::sha256_hex(token);
     let model = shared.model.borrow().clone();
     model
@@ -84,5 +94,7 @@ pub fn gateway(shared: &Shared, metadata: &MetadataMap) -> Result<String, Status
         .values()
         .find(|c| c.gateway_token_sha256.as_deref() == Some(digest.as_str()))
         .map(|c| c.name.clone())
-        .ok_or_else(|| Status::unauthenticated("gateway token is not valid for any registered cluster"))
+        .ok_or_else(|| {
+            Status::unauthenticated("gateway token is not valid for any registered cluster")
+        })
 }

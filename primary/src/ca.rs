@@ -6,7 +6,7 @@ use std::sync::Arc;
 use isthmus_ca::{Authority, TrustBundle};
 
 use crate::records::RootRecord;
-use crate::store::{keys, Compare, Op, Store};
+use crate::store::{Compare, Op, Store, keys};
 
 pub struct CaState {
     pub authority: Authority,
@@ -17,13 +17,19 @@ impl CaState {
     /// Loads the root from the store, creating it if this is the first
     /// primary. A create race between replicas is settled by a compare on the
     /// key's absence: the loser loads the winner's root.
-    pub async fn load_or_create(store: &Arc<dyn Store>, trust_domain: &str) -> anyhow::Result<Self> {
+    pub async fn load_or_create(
+        store: &Arc<dyn Store>,
+        trust_domain: &str,
+    ) -> anyhow::Result<Self> {
         for _ in 0..3 {
             if let Some(kv) = store.get(keys::CA_ROOT).await? {
-                let rec: RootRecord = serde_json::from_slice(&kv.value)
-                    .map_err(|e| anyhow::anyhow!("stored root at {} is corrupt: {e}", keys::CA_ROOT))?;
-                let authority = Authority::from_pem(&rec.cert_pem, &rec.key_pem, &rec.trust_domain)?;
-                let bundle = TrustBundle::from_der(&rec.trust_domain, vec![authority.cert().clone()])?;
+                let rec: RootRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+                    anyhow::anyhow!("stored root at {} is corrupt: {e}", keys::CA_ROOT)
+                })?;
+                let authority =
+                    Authority::from_pem(&rec.cert_pem, &rec.key_pem, &rec.trust_domain)?;
+                let bundle =
+                    TrustBundle::from_der(&rec.trust_domain, vec![authority.cert().clone()])?;
                 return Ok(Self { authority, bundle });
             }
             let authority = Authority::generate(trust_domain)?;

@@ -91,10 +91,26 @@ impl Metrics {
             registry: Registry::default(),
         };
         registry.register("joins", "Cluster join attempts by result", m.joins.clone());
-        registry.register("sync_refusals", "Agent-reported entries refused, by cluster", m.sync_refusals.clone());
-        registry.register("xds_pushes", "xDS responses sent, by type", m.xds_pushes.clone());
-        registry.register("xds_nacks", "xDS NACKs received, by type", m.xds_nacks.clone());
-        registry.register("xds_connections", "Connected xDS streams", m.xds_connections.clone());
+        registry.register(
+            "sync_refusals",
+            "Agent-reported entries refused, by cluster",
+            m.sync_refusals.clone(),
+        );
+        registry.register(
+            "xds_pushes",
+            "xDS responses sent, by type",
+            m.xds_pushes.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "xDS NACKs received, by type",
+            m.xds_nacks.clone(),
+        );
+        registry.register(
+            "xds_connections",
+            "Connected xDS streams",
+            m.xds_connections.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
@@ -117,7 +133,8 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
         Ok(_) => anyhow::bail!("admin token file {} is empty", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let token = tokens::generate();
-            isthmus_transport::write_private(path, &token).with_context(|| format!("writing {}", path.display()))?;
+            isthmus_transport::write_private(path, &token)
+                .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!(path = %path.display(), "created admin token");
             Ok(token)
         }
@@ -125,10 +142,13 @@ fn admin_token(path: &Path) -> anyhow::Result<String> {
     }
 }
 
-
 /// Serves the REST router on every TLS stream that arrives.
-async fn serve_http<IO>(mut incoming: tokio_stream::wrappers::ReceiverStream<Result<tokio_rustls::server::TlsStream<IO>, std::io::Error>>, router: axum::Router)
-where
+async fn serve_http<IO>(
+    mut incoming: tokio_stream::wrappers::ReceiverStream<
+        Result<tokio_rustls::server::TlsStream<IO>, std::io::Error>,
+    >,
+    router: axum::Router,
+) where
     IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     use tokio_stream::StreamExt;
@@ -146,9 +166,11 @@ where
 /// Runs the primary until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = Arc::new(
-        store::embedded::EmbeddedStore::open(&config.data_dir.join("store.redb")).context("opening the embedded store")?,
+        store::embedded::EmbeddedStore::open(&config.data_dir.join("store.redb"))
+            .context("opening the embedded store")?,
     );
     let ca = CaState::load_or_create(&store, &config.trust_domain).await?;
     std::fs::write(config.data_dir.join("root-cert.pem"), ca.bundle_pem())?;
@@ -159,7 +181,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let admin = admin_token(&token_path)?;
 
     // The serving certificate names every address clients may dial.
-    let mut names: Vec<String> = vec!["localhost".into(), "127.0.0.1".into(), "isthmus-primary".into()];
+    let mut names: Vec<String> = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "isthmus-primary".into(),
+    ];
     for addr in [config.grpc_listen, config.http_listen] {
         if !addr.ip().is_unspecified() {
             names.push(addr.ip().to_string());
@@ -177,7 +203,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     tokio::spawn(model::run(store.clone(), model_tx));
 
-    let client_verifier = Arc::new(isthmus_ca::SpiffeClientVerifier::new(ca.bundle.clone(), &crypto).optional());
+    let client_verifier =
+        Arc::new(isthmus_ca::SpiffeClientVerifier::new(ca.bundle.clone(), &crypto).optional());
     let grpc_tls = isthmus_transport::server_config(identity.clone(), Some(client_verifier))?;
     let http_tls = isthmus_transport::server_config(identity, None)?;
 
@@ -201,18 +228,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (_grpc_cfg_tx, grpc_cfg) = watch::channel(Arc::new(grpc_tls));
     let grpc = tonic::transport::Server::builder()
-        .add_service(SyncServer::new(sync::SyncService { shared: shared.clone() }))
-        .add_service(AggregatedDiscoveryServiceServer::new(xds::ads::AdsService { shared: shared.clone() }))
+        .add_service(SyncServer::new(sync::SyncService {
+            shared: shared.clone(),
+        }))
+        .add_service(AggregatedDiscoveryServiceServer::new(
+            xds::ads::AdsService {
+                shared: shared.clone(),
+            },
+        ))
         .serve_with_incoming(isthmus_transport::tls_incoming(grpc_listener, grpc_cfg));
 
     let (_http_cfg_tx, http_cfg) = watch::channel(Arc::new(http_tls));
     let router = api::router(shared.clone());
     if let Some(path) = &config.api_socket {
         let _ = std::fs::remove_file(path);
-        let unix = tokio::net::UnixListener::bind(path).with_context(|| format!("binding API socket {}", path.display()))?;
-        tokio::spawn(serve_http(isthmus_transport::tls_incoming(unix, http_cfg.clone()), router.clone()));
+        let unix = tokio::net::UnixListener::bind(path)
+            .with_context(|| format!("binding API socket {}", path.display()))?;
+        tokio::spawn(serve_http(
+            isthmus_transport::tls_incoming(unix, http_cfg.clone()),
+            router.clone(),
+        ));
     }
-    let http = serve_http(isthmus_transport::tls_incoming(http_listener, http_cfg), router);
+    let http = serve_http(
+        isthmus_transport::tls_incoming(http_listener, http_cfg),
+        router,
+    );
     tokio::select! {
         r = grpc => r.context("gRPC server failed")?,
         () = http => {},

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::records::{ClusterRecord, HeartbeatRecord, ServiceRecord};
-use crate::store::{keys, Event, Store, StoreError};
+use crate::store::{Event, Store, StoreError, keys};
 
 /// An immutable view of the mesh at one store revision.
 #[derive(Debug, Default)]
@@ -76,7 +76,9 @@ impl Model {
     }
 
     pub fn cluster_of_intermediate(&self, fingerprint: &str) -> Option<&ClusterRecord> {
-        self.intermediates.get(fingerprint).and_then(|c| self.clusters.get(c))
+        self.intermediates
+            .get(fingerprint)
+            .and_then(|c| self.clusters.get(c))
     }
 
     pub fn endpoint_count(&self, cluster: &str) -> usize {

@@ -11,14 +11,18 @@ use std::sync::Arc;
 use futures::Stream;
 use isthmus_api::names::check_label;
 use isthmus_api::pb::sync::sync_server::Sync;
-use isthmus_api::pb::sync::{agent_message, AgentMessage, JoinRequest, JoinResponse, PrimaryMessage, Service};
+use isthmus_api::pb::sync::{
+    AgentMessage, JoinRequest, JoinResponse, PrimaryMessage, Service, agent_message,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::records::{now_unix, ClusterRecord, EndpointRecord, HeartbeatRecord, PortRecord, ServiceRecord};
-use crate::store::{keys, Compare, Op};
-use crate::{auth, tokens, Shared};
+use crate::records::{
+    ClusterRecord, EndpointRecord, HeartbeatRecord, PortRecord, ServiceRecord, now_unix,
+};
+use crate::store::{Compare, Op, keys};
+use crate::{Shared, auth, tokens};
 
 /// Upper bounds on what one agent may report.
 const MAX_SERVICES: usize = 10_000;
@@ -34,7 +38,11 @@ impl Sync for SyncService {
         let req = request.into_inner();
         let result = self.join_inner(&req).await;
         let outcome = if result.is_ok() { "ok" } else { "refused" };
-        self.shared.metrics.joins.get_or_create(&vec![("result".into(), outcome.into())]).inc();
+        self.shared
+            .metrics
+            .joins
+            .get_or_create(&vec![("result".into(), outcome.into())])
+            .inc();
         if let Err(status) = &result {
             tracing::warn!(cluster = %req.cluster, reason = %status.message(), "join refused");
         }
@@ -43,8 +51,14 @@ impl Sync for SyncService {
 
     type StreamStream = Pin<Box<dyn Stream<Item = Result<PrimaryMessage, Status>> + Send>>;
 
-    async fn stream(&self, request: Request<Streaming<AgentMessage>>) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = auth::agent(&self.shared, request.peer_certs().as_deref().map(|v| v.as_slice()))?;
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = auth::agent(
+            &self.shared,
+            request.peer_certs().as_deref().map(|v| v.as_slice()),
+        )?;
         let cluster = peer.cluster;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
@@ -69,13 +83,19 @@ impl Sync for SyncService {
                 // A deregistered cluster's agent is cut off mid-stream too.
                 if !shared.model.borrow().clusters.contains_key(&cluster) {
                     let _ = tx
-                        .send(Err(Status::permission_denied(format!("cluster {cluster:?} is no longer registered"))))
+                        .send(Err(Status::permission_denied(format!(
+                            "cluster {cluster:?} is no longer registered"
+                        ))))
                         .await;
                     break;
                 }
                 let reply = match msg.kind {
-                    Some(agent_message::Kind::Snapshot(snap)) => apply_snapshot(&shared, &cluster, snap.services).await,
-                    Some(agent_message::Kind::Heartbeat(hb)) => heartbeat(&shared, &cluster, hb.agent_version, false).await,
+                    Some(agent_message::Kind::Snapshot(snap)) => {
+                        apply_snapshot(&shared, &cluster, snap.services).await
+                    }
+                    Some(agent_message::Kind::Heartbeat(hb)) => {
+                        heartbeat(&shared, &cluster, hb.agent_version, false).await
+                    }
                     None => Err(Status::invalid_argument("agent message has no kind")),
                 };
                 let reply = match reply {
@@ -100,9 +120,14 @@ impl Sync for SyncService {
 
 impl SyncService {
     async fn join_inner(&self, req: &JoinRequest) -> Result<JoinResponse, Status> {
-        check_label(&req.cluster).map_err(|_| Status::invalid_argument(format!("cluster {:?} is not a DNS label", req.cluster)))?;
-        let (secret, _) = isthmus_api::join_token::parse(&req.token)
-            .ok_or_else(|| Status::invalid_argument("join token is malformed; expected ist1.<secret>.<root sha256>"))?;
+        check_label(&req.cluster).map_err(|_| {
+            Status::invalid_argument(format!("cluster {:?} is not a DNS label", req.cluster))
+        })?;
+        let (secret, _) = isthmus_api::join_token::parse(&req.token).ok_or_else(|| {
+            Status::invalid_argument(
+                "join token is malformed; expected ist1.<secret>.<root sha256>",
+            )
+        })?;
         let key = keys::cluster(&req.cluster);
         let store = &self.shared.store;
         for _ in 0..5 {
@@ -110,9 +135,14 @@ impl SyncService {
                 .get(&key)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?
-                .ok_or_else(|| Status::permission_denied(format!("no cluster named {:?} is registered", req.cluster)))?;
-            let mut rec: ClusterRecord =
-                serde_json::from_slice(&kv.value).map_err(|e| Status::internal(format!("cluster record is corrupt: {e}")))?;
+                .ok_or_else(|| {
+                    Status::permission_denied(format!(
+                        "no cluster named {:?} is registered",
+                        req.cluster
+                    ))
+                })?;
+            let mut rec: ClusterRecord = serde_json::from_slice(&kv.value)
+                .map_err(|e| Status::internal(format!("cluster record is corrupt: {e}")))?;
             let stored = rec.join_token_sha256.as_deref().ok_or_else(|| {
                 Status::permission_denied(format!(
                     "the join token of cluster {:?} was already used; deregister and register the cluster again",
@@ -120,7 +150,10 @@ impl SyncService {
                 ))
             })?;
             if !tokens::matches(secret, stored) {
-                return Err(Status::permission_denied(format!("join token is not valid for cluster {:?}", req.cluster)));
+                return Err(Status::permission_denied(format!(
+                    "join token is not valid for cluster {:?}",
+                    req.cluster
+                )));
             }
             let now = now_unix();
             if now > rec.join_token_expires_unix {
@@ -139,7 +172,8 @@ impl SyncService {
             let gateway_secret = tokens::generate();
             rec.join_token_sha256 = None;
             rec.joined_unix = Some(now);
-            rec.intermediates.push(isthmus_ca::pem::fingerprint(&issued.der));
+            rec.intermediates
+                .push(isthmus_ca::pem::fingerprint(&issued.der));
             rec.gateway_token_sha256 = Some(tokens::sha256_hex(&gateway_secret));
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
             let (ok, _) = store
@@ -148,7 +182,10 @@ impl SyncService {
                         key: key.clone(),
                         mod_revision: kv.mod_revision,
                     }],
-                    vec![Op::Put { key: key.clone(), value }],
+                    vec![Op::Put {
+                        key: key.clone(),
+                        value,
+                    }],
                 )
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
@@ -163,25 +200,43 @@ impl SyncService {
                 gateway_token: gateway_secret,
             });
         }
-        Err(Status::aborted("cluster record kept changing during join; retry"))
+        Err(Status::aborted(
+            "cluster record kept changing during join; retry",
+        ))
     }
 }
 
-async fn heartbeat(shared: &Shared, cluster: &str, agent_version: String, synced: bool) -> Result<PrimaryMessage, Status> {
+async fn heartbeat(
+    shared: &Shared,
+    cluster: &str,
+    agent_version: String,
+    synced: bool,
+) -> Result<PrimaryMessage, Status> {
     let key = keys::heartbeat(cluster);
     let previous = shared.model.borrow().heartbeats.get(cluster).cloned();
     let now = now_unix();
     let rec = HeartbeatRecord {
         agent_version: if agent_version.is_empty() {
-            previous.as_ref().map(|p| p.agent_version.clone()).unwrap_or_default()
+            previous
+                .as_ref()
+                .map(|p| p.agent_version.clone())
+                .unwrap_or_default()
         } else {
             agent_version
         },
         last_heartbeat_unix: now,
-        last_sync_unix: if synced { Some(now) } else { previous.and_then(|p| p.last_sync_unix) },
+        last_sync_unix: if synced {
+            Some(now)
+        } else {
+            previous.and_then(|p| p.last_sync_unix)
+        },
     };
     let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
-    let revision = shared.store.put(&key, value).await.map_err(|e| Status::unavailable(e.to_string()))?;
+    let revision = shared
+        .store
+        .put(&key, value)
+        .await
+        .map_err(|e| Status::unavailable(e.to_string()))?;
     Ok(PrimaryMessage {
         applied_revision: revision,
         ..Default::default()
@@ -190,7 +245,11 @@ async fn heartbeat(shared: &Shared, cluster: &str, agent_version: String, synced
 
 /// Replaces the cluster's services with the snapshot, in one transaction.
 /// Invalid services are refused by name and the rest still apply.
-async fn apply_snapshot(shared: &Shared, cluster: &str, services: Vec<Service>) -> Result<PrimaryMessage, Status> {
+async fn apply_snapshot(
+    shared: &Shared,
+    cluster: &str,
+    services: Vec<Service>,
+) -> Result<PrimaryMessage, Status> {
     if services.len() > MAX_SERVICES {
         return Err(Status::invalid_argument(format!(
             "snapshot has {} services; at most {MAX_SERVICES} are accepted",
@@ -204,10 +263,14 @@ async fn apply_snapshot(shared: &Shared, cluster: &str, services: Vec<Service>) 
             Ok(rec) => {
                 let key = keys::endpoints(cluster, &rec.namespace, &rec.name);
                 if desired.contains_key(&key) {
-                    errors.push(format!("services[{i}]: {}/{} is listed twice", rec.namespace, rec.name));
+                    errors.push(format!(
+                        "services[{i}]: {}/{} is listed twice",
+                        rec.namespace, rec.name
+                    ));
                     continue;
                 }
-                let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
+                let value =
+                    serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
                 desired.insert(key, value);
             }
             Err(e) => errors.push(format!("services[{i}].{e}")),
@@ -218,7 +281,8 @@ async fn apply_snapshot(shared: &Shared, cluster: &str, services: Vec<Service>) 
         .list(&keys::cluster_endpoints(cluster))
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let existing: HashMap<String, Vec<u8>> = existing.into_iter().map(|kv| (kv.key, kv.value)).collect();
+    let existing: HashMap<String, Vec<u8>> =
+        existing.into_iter().map(|kv| (kv.key, kv.value)).collect();
     let mut ops: Vec<Op> = existing
         .keys()
         .filter(|k| !desired.contains_key(*k))
@@ -231,7 +295,11 @@ async fn apply_snapshot(shared: &Shared, cluster: &str, services: Vec<Service>) 
     }
     let changed = ops.len();
     if !ops.is_empty() {
-        shared.store.txn(vec![], ops).await.map_err(|e| Status::unavailable(e.to_string()))?;
+        shared
+            .store
+            .txn(vec![], ops)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
     }
     let mut reply = heartbeat(shared, cluster, String::new(), true).await?;
     if !errors.is_empty() {
@@ -248,10 +316,14 @@ async fn apply_snapshot(shared: &Shared, cluster: &str, services: Vec<Service>) 
 }
 
 fn validate_service(svc: Service) -> Result<ServiceRecord, String> {
-    check_label(&svc.namespace).map_err(|_| format!("namespace: {:?} is not a DNS label", svc.namespace))?;
+    check_label(&svc.namespace)
+        .map_err(|_| format!("namespace: {:?} is not a DNS label", svc.namespace))?;
     check_label(&svc.name).map_err(|_| format!("name: {:?} is not a DNS label", svc.name))?;
     if svc.endpoints.len() > MAX_ENDPOINTS_PER_SERVICE {
-        return Err(format!("endpoints: {} is more than {MAX_ENDPOINTS_PER_SERVICE}", svc.endpoints.len()));
+        return Err(format!(
+            "endpoints: {} is more than {MAX_ENDPOINTS_PER_SERVICE}",
+            svc.endpoints.len()
+        ));
     }
     let mut ports = Vec::new();
     for (i, p) in svc.ports.iter().enumerate() {
@@ -270,15 +342,27 @@ fn validate_service(svc: Service) -> Result<ServiceRecord, String> {
     }
     let mut endpoints = Vec::new();
     for (i, e) in svc.endpoints.iter().enumerate() {
-        e.address
-            .parse::<IpAddr>()
-            .map_err(|_| format!("endpoints[{i}].address: {:?} is not an IP address", e.address))?;
+        e.address.parse::<IpAddr>().map_err(|_| {
+            format!(
+                "endpoints[{i}].address: {:?} is not an IP address",
+                e.address
+            )
+        })?;
         let inbound_port = u16::try_from(e.inbound_port)
             .ok()
             .filter(|p| *p > 0)
-            .ok_or_else(|| format!("endpoints[{i}].inboundPort: {} is not from 1 to 65535", e.inbound_port))?;
-        check_label(&e.service_account)
-            .map_err(|_| format!("endpoints[{i}].serviceAccount: {:?} is not a DNS label", e.service_account))?;
+            .ok_or_else(|| {
+                format!(
+                    "endpoints[{i}].inboundPort: {} is not from 1 to 65535",
+                    e.inbound_port
+                )
+            })?;
+        check_label(&e.service_account).map_err(|_| {
+            format!(
+                "endpoints[{i}].serviceAccount: {:?} is not a DNS label",
+                e.service_account
+            )
+        })?;
         endpoints.push(EndpointRecord {
             workload: e.workload.clone(),
             address: e.address.clone(),

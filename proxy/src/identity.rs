@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Context};
-use isthmus_api::pb::ca::certificate_service_client::CertificateServiceClient;
+use anyhow::{Context, bail};
 use isthmus_api::pb::ca::CreateCertificateRequest;
+use isthmus_api::pb::ca::certificate_service_client::CertificateServiceClient;
 use isthmus_ca::{SpiffeId, TrustBundle};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::watch;
@@ -53,7 +53,8 @@ impl AgentClient {
     /// Asks the agent for a certificate and checks what comes back.
     pub async fn fetch(&self) -> anyhow::Result<Svid> {
         let (csr, key_pem) = isthmus_ca::issue::generate_csr("isthmus-proxy")?;
-        let mut client = CertificateServiceClient::new(isthmus_transport::uds_channel(self.socket.clone()));
+        let mut client =
+            CertificateServiceClient::new(isthmus_transport::uds_channel(self.socket.clone()));
         let mut request = tonic::Request::new(CreateCertificateRequest {
             csr,
             validity_duration: self.ttl.as_secs() as i64,
@@ -69,7 +70,10 @@ impl AgentClient {
         let chain_pem: String = resp.cert_chain.concat();
         let chain = isthmus_ca::pem::certs(&chain_pem, "issued chain")?;
         let leaf = isthmus_ca::svid::inspect(&chain[0])?;
-        let id = leaf.spiffe_id.clone().context("issued certificate has no SPIFFE ID")?;
+        let id = leaf
+            .spiffe_id
+            .clone()
+            .context("issued certificate has no SPIFFE ID")?;
         let bundle = TrustBundle::from_pem(id.trust_domain(), &resp.trust_bundle.concat())?;
         // Check the certificate with the same verifier peers will use.
         let provider = isthmus_ca::crypto_provider();
@@ -81,7 +85,9 @@ impl AgentClient {
                 webpki::KeyUsage::client_auth(),
                 &provider.signature_verification_algorithms,
             )
-            .map_err(|e| anyhow::anyhow!("issued certificate does not verify against the trust bundle: {e}"))?;
+            .map_err(|e| {
+                anyhow::anyhow!("issued certificate does not verify against the trust bundle: {e}")
+            })?;
         if verified != id {
             bail!("issued certificate names {verified}, expected {id}");
         }

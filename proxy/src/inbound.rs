@@ -12,8 +12,8 @@ use std::time::Duration;
 use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_api::names::ServiceKey;
 use rustls::ServerConfig;
@@ -23,7 +23,7 @@ use tokio::sync::watch;
 
 use crate::identity::Svid;
 use crate::metrics::Metrics;
-use crate::outbound::{text, Body};
+use crate::outbound::{Body, text};
 
 type AppClient = Client<HttpConnector, Incoming>;
 
@@ -46,7 +46,12 @@ pub async fn serve(
         let (app_client, apps, metrics) = (app_client.clone(), apps.clone(), metrics.clone());
         let me = svid.borrow().id.to_string();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(isthmus_transport::HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            let tls = match tokio::time::timeout(
+                isthmus_transport::HANDSHAKE_TIMEOUT,
+                acceptor.accept(tcp),
+            )
+            .await
+            {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     tracing::info!(%peer, error = %e, "inbound mTLS refused");
@@ -58,7 +63,10 @@ pub async fn serve(
             let (_, conn) = tls.get_ref();
             let peer_cert = conn.peer_certificates().and_then(|c| c.first()).cloned();
             let peer_id = isthmus_ca::verifier::peer_id(conn.peer_certificates());
-            let port = conn.server_name().and_then(|s| ServiceKey::parse_sni(s).ok()).map(|k| k.port);
+            let port = conn
+                .server_name()
+                .and_then(|s| ServiceKey::parse_sni(s).ok())
+                .map(|k| k.port);
             let (Some(peer_id), Some(peer_cert)) = (peer_id, peer_cert) else {
                 return; // the verifier already refused anything else
             };
@@ -70,7 +78,9 @@ pub async fn serve(
                 "By={me};Hash={};URI={peer_id}",
                 hex::encode(Sha256::digest(peer_cert.as_ref()))
             );
-            let Ok(xfcc) = HeaderValue::from_str(&xfcc) else { return };
+            let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
+                return;
+            };
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 forward(app_client.clone(), app, xfcc.clone(), metrics.clone(), req)
             });
@@ -88,9 +98,17 @@ async fn forward(
     metrics: Arc<Metrics>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, hyper::Error> {
-    let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    let path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
     let Ok(uri) = format!("http://{app}{path}").parse::<Uri>() else {
-        return Ok(text(StatusCode::BAD_REQUEST, "request target is not a valid URI\n".into()));
+        return Ok(text(
+            StatusCode::BAD_REQUEST,
+            "request target is not a valid URI\n".into(),
+        ));
     };
     *req.uri_mut() = uri;
     req.headers_mut().insert("x-forwarded-client-cert", xfcc);
@@ -101,7 +119,10 @@ async fn forward(
         }
         Err(e) => {
             metrics.request("inbound", 503);
-            Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("isthmus-proxy: local app at {app}: {e}\n")))
+            Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("isthmus-proxy: local app at {app}: {e}\n"),
+            ))
         }
     }
 }

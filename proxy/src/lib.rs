@@ -64,15 +64,23 @@ pub struct Config {
 
 fn parse_app(s: &str) -> Result<(u16, SocketAddr), String> {
     let (port, addr) = s.split_once('=').ok_or("expected PORT=IP:PORT")?;
-    let port = port.parse::<u16>().map_err(|_| format!("{port:?} is not a port"))?;
-    let addr = addr.parse::<SocketAddr>().map_err(|_| format!("{addr:?} is not IP:PORT"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    let addr = addr
+        .parse::<SocketAddr>()
+        .map_err(|_| format!("{addr:?} is not IP:PORT"))?;
     Ok((port, addr))
 }
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
-    let token = std::fs::read_to_string(&config.token_file)
-        .with_context(|| format!("reading workload credential {}", config.token_file.display()))?;
+    let token = std::fs::read_to_string(&config.token_file).with_context(|| {
+        format!(
+            "reading workload credential {}",
+            config.token_file.display()
+        )
+    })?;
     let svid = identity::start(identity::AgentClient {
         socket: config.agent_socket.clone(),
         token: token.trim().to_string(),
@@ -95,7 +103,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     server_tx.send_replace(Arc::new(s));
                     xds_tls_tx.send_replace(Arc::new(x));
                 }
-                Err(e) => tracing::error!(error = %e, "renewed certificate unusable; keeping the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "renewed certificate unusable; keeping the previous one")
+                }
             }
         }
     });
@@ -123,10 +133,20 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let inbound = TcpListener::bind(config.inbound)
         .await
         .with_context(|| format!("binding inbound {}", config.inbound))?;
-    let router = Arc::new(outbound::Outbound::new(xds.snapshot.clone(), svid.clone(), metrics.clone()));
+    let router = Arc::new(outbound::Outbound::new(
+        xds.snapshot.clone(),
+        svid.clone(),
+        metrics.clone(),
+    ));
     tokio::spawn(outbound::serve(outbound, router));
     let apps: HashMap<u16, SocketAddr> = config.apps.iter().copied().collect();
-    tokio::spawn(inbound::serve(inbound, server_rx, svid.clone(), Arc::new(apps), metrics.clone()));
+    tokio::spawn(inbound::serve(
+        inbound,
+        server_rx,
+        svid.clone(),
+        Arc::new(apps),
+        metrics.clone(),
+    ));
     serve_admin(&config, xds, svid, metrics).await?;
     tracing::info!(outbound = %config.outbound, inbound = %config.inbound, "proxy serving");
     std::future::pending::<()>().await;
@@ -158,7 +178,10 @@ async fn serve_admin(
                     if ok {
                         (axum::http::StatusCode::OK, "ready\n")
                     } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "waiting for config from the primary\n")
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for config from the primary\n",
+                        )
                     }
                 }
             }),

@@ -24,9 +24,21 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let tls_refused = Counter::default();
         let inbound_connections = Counter::default();
-        registry.register("requests", "HTTP requests by direction and status", requests.clone());
-        registry.register("inbound_tls_refused", "Inbound mTLS handshakes refused", tls_refused.clone());
-        registry.register("inbound_connections", "Inbound TCP connections accepted", inbound_connections.clone());
+        registry.register(
+            "requests",
+            "HTTP requests by direction and status",
+            requests.clone(),
+        );
+        registry.register(
+            "inbound_tls_refused",
+            "Inbound mTLS handshakes refused",
+            tls_refused.clone(),
+        );
+        registry.register(
+            "inbound_connections",
+            "Inbound TCP connections accepted",
+            inbound_connections.clone(),
+        );
         Self {
             registry,
             requests,
@@ -36,7 +48,9 @@ impl Metrics {
     }
 
     pub fn request(&self, direction: &'static str, code: u16) {
-        self.requests.get_or_create(&RequestLabels { direction, code }).inc();
+        self.requests
+            .get_or_create(&RequestLabels { direction, code })
+            .inc();
     }
 
     pub fn encode(&self) -> String {

@@ -10,8 +10,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -21,8 +21,8 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_api::names::ServiceKey;
 use isthmus_xds::Snapshot;
@@ -38,9 +38,16 @@ pub type Body = BoxBody<Bytes, hyper::Error>;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn text(status: StatusCode, msg: String) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(msg)).map_err(|never| match never {}).boxed());
+    let mut r = Response::new(
+        Full::new(Bytes::from(msg))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
     *r.status_mut() = status;
-    r.headers_mut().insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(
+        "content-type",
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     r
 }
 
@@ -57,13 +64,21 @@ pub struct MeshConnector {
 pub struct MeshConn(TokioIo<tokio_rustls::client::TlsStream<TcpStream>>);
 
 impl hyper::rt::Read for MeshConn {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: hyper::rt::ReadBufCursor<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_read(cx, buf)
     }
 }
 
 impl hyper::rt::Write for MeshConn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -111,13 +126,16 @@ impl MeshConnector {
             .get(&cluster_name)
             .ok_or_else(|| OutboundError::NoCluster(cluster_name.clone()))?
             .clone();
-        let sni = cluster.sni.clone().ok_or_else(|| OutboundError::NoTls(cluster_name.clone()))?;
+        let sni = cluster
+            .sni
+            .clone()
+            .ok_or_else(|| OutboundError::NoTls(cluster_name.clone()))?;
         let svid = self.svid.borrow().clone();
         let config = crate::tls::client_config(&svid, &cluster.allowed_sans)
             .map_err(|e| OutboundError::Tls(cluster_name.clone(), e.to_string()))?;
         let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-        let server_name =
-            ServerName::try_from(sni).map_err(|e| OutboundError::Tls(cluster_name.clone(), e.to_string()))?;
+        let server_name = ServerName::try_from(sni)
+            .map_err(|e| OutboundError::Tls(cluster_name.clone(), e.to_string()))?;
         let attempt = async {
             let tcp = TcpStream::connect(addr).await?;
             tcp.set_nodelay(true)?;
@@ -166,7 +184,11 @@ pub struct Outbound {
 }
 
 impl Outbound {
-    pub fn new(xds: Arc<ArcSwap<Snapshot>>, svid: watch::Receiver<Arc<Svid>>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        xds: Arc<ArcSwap<Snapshot>>,
+        svid: watch::Receiver<Arc<Svid>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             xds,
             svid,
@@ -189,16 +211,23 @@ impl Outbound {
             });
         self.clients.rcu(|m| {
             let mut m = HashMap::clone(m);
-            m.entry(cluster.to_string()).or_insert_with(|| client.clone());
+            m.entry(cluster.to_string())
+                .or_insert_with(|| client.clone());
             m
         });
         client
     }
 
-    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Result<Response<Body>, hyper::Error> {
+    async fn handle(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<Body>, hyper::Error> {
         let Some((host, port)) = authority(&req) else {
             self.metrics.request("outbound", 400);
-            return Ok(text(StatusCode::BAD_REQUEST, "request names no host (absolute URI or Host header)\n".into()));
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "request names no host (absolute URI or Host header)\n".into(),
+            ));
         };
         let key = ServiceKey::new(host.clone(), port);
         let cluster = key.cluster_name();
@@ -208,26 +237,43 @@ impl Outbound {
                 self.metrics.request("outbound", 404);
                 return Ok(text(
                     StatusCode::NOT_FOUND,
-                    format!("isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"),
+                    format!(
+                        "isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"
+                    ),
                 ));
             }
-            let best = snap.endpoints.get(&cluster).map(|e| e.best().to_vec()).unwrap_or_default();
+            let best = snap
+                .endpoints
+                .get(&cluster)
+                .map(|e| e.best().to_vec())
+                .unwrap_or_default();
             if best.is_empty() {
                 self.metrics.request("outbound", 503);
-                return Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("isthmus-proxy: {host}:{port} has no endpoints\n")));
+                return Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("isthmus-proxy: {host}:{port} has no endpoints\n"),
+                ));
             }
             pick(&best, self.next.fetch_add(1, Ordering::Relaxed))
         };
-        let path = req.uri().path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.as_str())
+            .unwrap_or("/")
+            .to_string();
         let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
             self.metrics.request("outbound", 400);
-            return Ok(text(StatusCode::BAD_REQUEST, "request target is not a valid URI\n".into()));
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                "request target is not a valid URI\n".into(),
+            ));
         };
         // The app's Host header (the service) travels on unchanged.
-        if !req.headers().contains_key("host") {
-            if let Ok(h) = HeaderValue::from_str(&format!("{host}:{port}")) {
-                req.headers_mut().insert("host", h);
-            }
+        if !req.headers().contains_key("host")
+            && let Ok(h) = HeaderValue::from_str(&format!("{host}:{port}"))
+        {
+            req.headers_mut().insert("host", h);
         }
         *req.uri_mut() = uri;
         req.headers_mut().remove("proxy-connection");
@@ -238,10 +284,15 @@ impl Outbound {
                 Ok(resp.map(|b| b.boxed()))
             }
             Err(e) => {
-                let reason = std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_else(|| e.to_string());
+                let reason = std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.to_string());
                 self.metrics.request("outbound", 503);
                 tracing::info!(%host, port, %endpoint, %reason, "outbound request failed");
-                Ok(text(StatusCode::SERVICE_UNAVAILABLE, format!("isthmus-proxy: {reason}\n")))
+                Ok(text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("isthmus-proxy: {reason}\n"),
+                ))
             }
         }
     }
@@ -249,7 +300,11 @@ impl Outbound {
 
 /// Weighted round robin over one priority's endpoints.
 fn pick(endpoints: &[isthmus_xds::WeightedEndpoint], n: usize) -> SocketAddr {
-    let total: usize = endpoints.iter().map(|e| e.weight as usize).sum::<usize>().max(1);
+    let total: usize = endpoints
+        .iter()
+        .map(|e| e.weight as usize)
+        .sum::<usize>()
+        .max(1);
     let mut slot = n % total;
     for e in endpoints {
         if slot < e.weight as usize {
@@ -266,9 +321,17 @@ fn authority(req: &Request<Incoming>) -> Option<(String, u16)> {
         .uri()
         .authority()
         .map(|a| a.as_str().to_string())
-        .or_else(|| req.headers().get("host").and_then(|h| h.to_str().ok()).map(str::to_string))?;
+        .or_else(|| {
+            req.headers()
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })?;
     let uri: Uri = format!("http://{auth}/").parse().ok()?;
-    Some((uri.host()?.to_ascii_lowercase(), uri.port_u16().unwrap_or(80)))
+    Some((
+        uri.host()?.to_ascii_lowercase(),
+        uri.port_u16().unwrap_or(80),
+    ))
 }
 
 pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {

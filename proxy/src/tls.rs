@@ -22,8 +22,15 @@ pub fn server_config(svid: &Svid) -> Result<ServerConfig, rustls::Error> {
 /// Outbound: present our SVID, require the server to be one of `allowed`.
 pub fn client_config(svid: &Svid, allowed: &[String]) -> Result<ClientConfig, rustls::Error> {
     let provider = isthmus_ca::crypto_provider();
-    let allowed: Vec<SpiffeId> = allowed.iter().filter_map(|s| SpiffeId::parse(s).ok()).collect();
-    let verifier = Arc::new(SpiffeServerVerifier::new(svid.bundle.clone(), &provider, allowed));
+    let allowed: Vec<SpiffeId> = allowed
+        .iter()
+        .filter_map(|s| SpiffeId::parse(s).ok())
+        .collect();
+    let verifier = Arc::new(SpiffeServerVerifier::new(
+        svid.bundle.clone(),
+        &provider,
+        allowed,
+    ));
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_api::pb::ca::certificate_service_server::{CertificateService, CertificateServiceServer};
+use isthmus_api::pb::ca::certificate_service_server::{
+    CertificateService, CertificateServiceServer,
+};
 use isthmus_api::pb::ca::{CreateCertificateRequest, CreateCertificateResponse};
 use isthmus_ca::{CaError, SpiffeId};
 use sha2::{Digest, Sha256};
@@ -26,7 +28,8 @@ pub fn serve(
 ) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&socket);
-    let listener = UnixListener::bind(&socket).map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
+    let listener = UnixListener::bind(&socket)
+        .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "workload CA listening");
     Ok(tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(CaService { creds, registry }))
@@ -49,27 +52,41 @@ impl CertificateService for CaService {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| Status::unauthenticated("present the workload credential as 'authorization: Bearer <token>'"))?;
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "present the workload credential as 'authorization: Bearer <token>'",
+                )
+            })?;
         let digest = hex::encode(Sha256::digest(token.as_bytes()));
         let (namespace, account, workload) = {
             let reg = self.registry.borrow();
-            let w = reg
-                .workload_by_token(&digest)
-                .ok_or_else(|| Status::unauthenticated("workload credential is not known to this cluster's registry"))?;
-            (w.namespace.clone(), w.service_account.clone(), w.name.clone())
+            let w = reg.workload_by_token(&digest).ok_or_else(|| {
+                Status::unauthenticated(
+                    "workload credential is not known to this cluster's registry",
+                )
+            })?;
+            (
+                w.namespace.clone(),
+                w.service_account.clone(),
+                w.name.clone(),
+            )
         };
         let id = SpiffeId::workload(self.creds.signer.trust_domain(), &namespace, &account)
             .map_err(|e| Status::internal(e.to_string()))?;
         let req = request.into_inner();
         let ttl = Duration::from_secs(u64::try_from(req.validity_duration).unwrap_or(0));
-        let issued = self.creds.signer.sign_workload_csr(&req.csr, &id, ttl).map_err(|e| match e {
-            CaError::CsrTooLarge(_)
-            | CaError::CsrMalformed
-            | CaError::CsrBadSignature
-            | CaError::CsrUnusable(_)
-            | CaError::TtlTooLong { .. } => Status::invalid_argument(e.to_string()),
-            other => Status::internal(other.to_string()),
-        })?;
+        let issued = self
+            .creds
+            .signer
+            .sign_workload_csr(&req.csr, &id, ttl)
+            .map_err(|e| match e {
+                CaError::CsrTooLarge(_)
+                | CaError::CsrMalformed
+                | CaError::CsrBadSignature
+                | CaError::CsrUnusable(_)
+                | CaError::TtlTooLong { .. } => Status::invalid_argument(e.to_string()),
+                other => Status::internal(other.to_string()),
+            })?;
         tracing::info!(%workload, identity = %id, serial = %issued.serial_hex, not_after = issued.not_after_unix, "signed workload certificate");
         Ok(Response::new(CreateCertificateResponse {
             cert_chain: vec![issued.pem, self.creds.intermediate_pem.clone()],

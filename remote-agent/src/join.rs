@@ -3,9 +3,9 @@
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
-use isthmus_api::pb::sync::sync_client::SyncClient;
+use anyhow::{Context, bail};
 use isthmus_api::pb::sync::JoinRequest;
+use isthmus_api::pb::sync::sync_client::SyncClient;
 use isthmus_ca::issue::generate_csr;
 use isthmus_ca::{Signer, SpiffeId, TrustBundle};
 
@@ -30,10 +30,9 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
     if dir.join(INTERMEDIATE_KEY).exists() {
         return load(dir).context("loading the agent's saved credentials");
     }
-    let token = config
-        .join_token
-        .as_deref()
-        .context("this agent has not joined yet: pass --join-token from `isthmusctl cluster register`")?;
+    let token = config.join_token.as_deref().context(
+        "this agent has not joined yet: pass --join-token from `isthmusctl cluster register`",
+    )?;
     let (_, root_fp) = isthmus_api::join_token::parse(token)
         .context("join token is malformed; expected ist1.<secret>.<root sha256>")?;
     let (csr, key) = generate_csr(&format!("isthmus-agent {}", config.cluster))?;
@@ -60,7 +59,11 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
         }
     };
     let bundle = TrustBundle::from_pem(&response.trust_domain, &response.trust_bundle_pem)?;
-    if !bundle.roots().iter().any(|r| isthmus_ca::pem::fingerprint(r) == root_fp) {
+    if !bundle
+        .roots()
+        .iter()
+        .any(|r| isthmus_ca::pem::fingerprint(r) == root_fp)
+    {
         bail!("the primary's trust bundle does not hold the root named by the join token");
     }
     isthmus_transport::write_private(&dir.join(INTERMEDIATE_KEY), &key)?;
@@ -71,7 +74,10 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
 }
 
 fn load(dir: &Path) -> anyhow::Result<Credentials> {
-    let read = |name: &str| std::fs::read_to_string(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()));
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.join(name))
+            .with_context(|| format!("reading {}", dir.join(name).display()))
+    };
     let intermediate_pem = read(INTERMEDIATE)?;
     let signer = Signer::from_pem(&intermediate_pem, &read(INTERMEDIATE_KEY)?)?;
     let bundle = TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?;
@@ -85,8 +91,14 @@ fn load(dir: &Path) -> anyhow::Result<Credentials> {
 impl Credentials {
     /// A fresh certificate for the agent itself, `[leaf, intermediate]`.
     pub fn agent_identity(&self) -> anyhow::Result<isthmus_transport::Identity> {
-        let id = SpiffeId::workload(self.signer.trust_domain(), "isthmus-system", "isthmus-agent")?;
-        let (cert, key) = self.signer.issue_workload(&id, Duration::from_secs(24 * 3600))?;
+        let id = SpiffeId::workload(
+            self.signer.trust_domain(),
+            "isthmus-system",
+            "isthmus-agent",
+        )?;
+        let (cert, key) = self
+            .signer
+            .issue_workload(&id, Duration::from_secs(24 * 3600))?;
         Ok(isthmus_transport::Identity::from_pem(
             &format!("{}{}", cert.pem, self.intermediate_pem),
             &key,

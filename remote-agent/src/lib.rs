@@ -84,7 +84,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     if ready {
                         (axum::http::StatusCode::OK, "ready\n")
                     } else {
-                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, "not synced with the primary yet\n")
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not synced with the primary yet\n",
+                        )
                     }
                 }
             }),
@@ -115,7 +118,9 @@ async fn watch_registry(path: PathBuf, tx: watch::Sender<Arc<registry::Registry>
                 tracing::info!(path = %path.display(), services = reg.services.len(), workloads = reg.workloads.len(), "registry reloaded");
                 tx.send_replace(Arc::new(reg));
             }
-            Err(e) => tracing::error!(error = %e, "registry not reloaded; keeping the last good one"),
+            Err(e) => {
+                tracing::error!(error = %e, "registry not reloaded; keeping the last good one")
+            }
         }
         if tx.is_closed() {
             return;

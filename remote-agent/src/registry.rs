@@ -87,7 +87,10 @@ pub struct WorkloadEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     #[error("reading {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path}: {message}")]
     Invalid { path: String, message: String },
 }
@@ -112,22 +115,39 @@ impl Registry {
             serde_saphyr::from_str(text).map_err(|e| e.to_string())?
         };
         for (i, s) in reg.services.iter().enumerate() {
-            check_label(&s.name).map_err(|_| format!("services[{i}].name: {:?} is not a DNS label", s.name))?;
-            check_label(&s.namespace).map_err(|_| format!("services[{i}].namespace: {:?} is not a DNS label", s.namespace))?;
+            check_label(&s.name)
+                .map_err(|_| format!("services[{i}].name: {:?} is not a DNS label", s.name))?;
+            check_label(&s.namespace).map_err(|_| {
+                format!(
+                    "services[{i}].namespace: {:?} is not a DNS label",
+                    s.namespace
+                )
+            })?;
             for (j, p) in s.ports.iter().enumerate() {
                 if p.port == 0 {
-                    return Err(format!("services[{i}].ports[{j}].port: must be from 1 to 65535"));
+                    return Err(format!(
+                        "services[{i}].ports[{j}].port: must be from 1 to 65535"
+                    ));
                 }
             }
         }
         for (i, w) in reg.workloads.iter().enumerate() {
-            check_label(&w.namespace).map_err(|_| format!("workloads[{i}].namespace: {:?} is not a DNS label", w.namespace))?;
-            check_label(&w.service_account)
-                .map_err(|_| format!("workloads[{i}].serviceAccount: {:?} is not a DNS label", w.service_account))?;
-            if let Some(h) = &w.token_sha256 {
-                if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
-                    return Err(format!("workloads[{i}].tokenSha256: must be 64 hex digits"));
-                }
+            check_label(&w.namespace).map_err(|_| {
+                format!(
+                    "workloads[{i}].namespace: {:?} is not a DNS label",
+                    w.namespace
+                )
+            })?;
+            check_label(&w.service_account).map_err(|_| {
+                format!(
+                    "workloads[{i}].serviceAccount: {:?} is not a DNS label",
+                    w.service_account
+                )
+            })?;
+            if let Some(h) = &w.token_sha256
+                && (h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()))
+            {
+                return Err(format!("workloads[{i}].tokenSha256: must be 64 hex digits"));
             }
         }
         Ok(reg)
@@ -204,10 +224,22 @@ workloads:
     #[test]
     fn bad_registries_name_the_field() {
         for (text, want) in [
-            ("services: [{name: Echo, namespace: demo, ports: []}]", "services[0].name"),
-            ("workloads: [{name: a, namespace: demo, serviceAccount: x, address: nope}]", "address"),
-            ("workloads: [{name: a, namespace: demo, serviceAccount: x, address: 192.0.2.9, tokenSha256: zz}]", "tokenSha256"),
-            ("services: [{name: a, namespace: demo, ports: [{port: 0}]}]", "ports[0].port"),
+            (
+                "services: [{name: Echo, namespace: demo, ports: []}]",
+                "services[0].name",
+            ),
+            (
+                "workloads: [{name: a, namespace: demo, serviceAccount: x, address: nope}]",
+                "address",
+            ),
+            (
+                "workloads: [{name: a, namespace: demo, serviceAccount: x, address: 192.0.2.9, tokenSha256: zz}]",
+                "tokenSha256",
+            ),
+            (
+                "services: [{name: a, namespace: demo, ports: [{port: 0}]}]",
+                "ports[0].port",
+            ),
             ("servics: []", "servics"),
             ("services: [", ""),
         ] {

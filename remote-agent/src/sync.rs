@@ -7,18 +7,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
-use isthmus_api::pb::sync::{agent_message, AgentMessage, Heartbeat, Snapshot};
+use isthmus_api::pb::sync::{AgentMessage, Heartbeat, Snapshot, agent_message};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::Config;
 use crate::join::Credentials;
 use crate::registry::Registry;
-use crate::Config;
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-pub async fn run(config: Config, creds: Arc<Credentials>, registry: watch::Receiver<Arc<Registry>>, ready: watch::Sender<bool>) {
+pub async fn run(
+    config: Config,
+    creds: Arc<Credentials>,
+    registry: watch::Receiver<Arc<Registry>>,
+    ready: watch::Sender<bool>,
+) {
     let mut backoff = Duration::from_millis(200);
     loop {
         match session(&config, &creds, registry.clone(), &ready).await {
@@ -26,7 +31,9 @@ pub async fn run(config: Config, creds: Arc<Credentials>, registry: watch::Recei
                 tracing::info!("primary closed the sync stream; reconnecting");
                 backoff = Duration::from_millis(200);
             }
-            Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "sync with the primary failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "sync with the primary failed")
+            }
         }
         let jitter = backoff.mul_f64(rand::random::<f64>() * 0.5);
         tokio::time::sleep(backoff + jitter).await;
@@ -36,7 +43,9 @@ pub async fn run(config: Config, creds: Arc<Credentials>, registry: watch::Recei
 
 fn snapshot(reg: &Registry) -> AgentMessage {
     AgentMessage {
-        kind: Some(agent_message::Kind::Snapshot(Snapshot { services: reg.snapshot() })),
+        kind: Some(agent_message::Kind::Snapshot(Snapshot {
+            services: reg.snapshot(),
+        })),
     }
 }
 
@@ -56,7 +65,10 @@ async fn session(
 ) -> anyhow::Result<()> {
     let identity = creds.agent_identity()?;
     let tls = isthmus_transport::primary_client_config(&creds.bundle.to_pem(), Some(identity))?;
-    let mut client = SyncClient::new(isthmus_transport::tls_channel(&config.primary, Arc::new(tls))?);
+    let mut client = SyncClient::new(isthmus_transport::tls_channel(
+        &config.primary,
+        Arc::new(tls),
+    )?);
     let (tx, rx) = mpsc::channel(4);
     tx.send(snapshot(&registry.borrow_and_update())).await?;
     tx.send(heartbeat()).await?;

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use isthmus_ca::{SpiffeId, TrustBundle};
 use isthmus_topology::netns;
 use isthmus_topology::probe;
@@ -85,8 +85,18 @@ impl Mesh {
     }
 
     /// Rewrites one workload's label in its cluster's file registry.
-    pub fn relabel(&self, cluster: &str, workload: &str, key: &str, value: &str) -> anyhow::Result<()> {
-        let path = self.dir().join("clusters").join(cluster).join("registry.yaml");
+    pub fn relabel(
+        &self,
+        cluster: &str,
+        workload: &str,
+        key: &str,
+        value: &str,
+    ) -> anyhow::Result<()> {
+        let path = self
+            .dir()
+            .join("clusters")
+            .join(cluster)
+            .join("registry.yaml");
         let text = std::fs::read_to_string(&path)?;
         let mut doc: serde_json::Value = serde_saphyr_json(&text)?;
         let w = doc["workloads"]
@@ -99,7 +109,11 @@ impl Mesh {
     }
 
     /// Fetches a real certificate for `workload` from its cluster's agent.
-    pub async fn workload_svid(&self, cluster: &str, workload: &str) -> anyhow::Result<isthmus_proxy::identity::Svid> {
+    pub async fn workload_svid(
+        &self,
+        cluster: &str,
+        workload: &str,
+    ) -> anyhow::Result<isthmus_proxy::identity::Svid> {
         let cdir = self.dir().join("clusters").join(cluster);
         let token = std::fs::read_to_string(cdir.join(format!("{workload}.token")))?;
         isthmus_proxy::identity::AgentClient {
@@ -114,7 +128,10 @@ impl Mesh {
     /// The mesh's trust bundle, as agents hold it.
     pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
         let pem = std::fs::read_to_string(self.dir().join("clusters/east/agent/roots.pem"))?;
-        Ok(TrustBundle::from_pem(isthmus_api::DEFAULT_TRUST_DOMAIN, &pem)?)
+        Ok(TrustBundle::from_pem(
+            isthmus_api::DEFAULT_TRUST_DOMAIN,
+            &pem,
+        )?)
     }
 }
 
@@ -143,7 +160,10 @@ where
         if let Some(v) = f().await {
             return v;
         }
-        assert!(Instant::now() < deadline, "timed out after {patience:?} waiting for: {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {patience:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -169,7 +189,11 @@ pub async fn mesh_request(
     identity: isthmus_transport::Identity,
 ) -> anyhow::Result<MeshExchange> {
     let provider = isthmus_ca::crypto_provider();
-    let verifier = Arc::new(isthmus_ca::SpiffeServerVerifier::new(bundle.clone(), &provider, vec![]));
+    let verifier = Arc::new(isthmus_ca::SpiffeServerVerifier::new(
+        bundle.clone(),
+        &provider,
+        vec![],
+    ));
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -177,14 +201,17 @@ pub async fn mesh_request(
         .with_client_auth_cert(identity.chain, identity.key)?;
     let tcp = netns::connect(ns, addr).await?;
     let name = rustls::pki_types::ServerName::try_from(sni.to_string())?;
-    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+    let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await?;
     let (_, conn) = tls.get_ref();
     let server_chain: Vec<Vec<u8>> = conn
         .peer_certificates()
         .map(|c| c.iter().map(|d| d.to_vec()).collect())
         .unwrap_or_default();
     let server_id = isthmus_ca::verifier::peer_id(conn.peer_certificates());
-    let request = "GET / HTTP/1.1\r\nhost: echo.demo.svc.cluster.local:8080\r\nconnection: close\r\n\r\n";
+    let request =
+        "GET / HTTP/1.1\r\nhost: echo.demo.svc.cluster.local:8080\r\nconnection: close\r\n\r\n";
     let response = async {
         tls.write_all(request.as_bytes()).await?;
         let mut buf = Vec::new();

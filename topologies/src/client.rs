@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -49,14 +49,24 @@ impl PrimaryClient {
 
     /// A local primary: its API socket, admin token file and root file.
     pub fn from_files(socket: &Path, token_file: &Path, ca_file: &Path) -> anyhow::Result<Self> {
-        let token = std::fs::read_to_string(token_file).with_context(|| format!("reading {}", token_file.display()))?;
-        let ca = std::fs::read_to_string(ca_file).with_context(|| format!("reading {}", ca_file.display()))?;
+        let token = std::fs::read_to_string(token_file)
+            .with_context(|| format!("reading {}", token_file.display()))?;
+        let ca = std::fs::read_to_string(ca_file)
+            .with_context(|| format!("reading {}", ca_file.display()))?;
         Self::over_socket(socket, &token, &ca)
     }
 
-    async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<serde_json::Value>) -> anyhow::Result<T> {
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method.clone(), &url).bearer_auth(&self.token);
+        let mut req = self
+            .http
+            .request(method.clone(), &url)
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -75,7 +85,8 @@ impl PrimaryClient {
         if status == StatusCode::NO_CONTENT || bytes.is_empty() {
             return Ok(serde_json::from_value(serde_json::Value::Null)?);
         }
-        Ok(serde_json::from_slice(&bytes).with_context(|| format!("{method} {path}: unexpected answer"))?)
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{method} {path}: unexpected answer"))
     }
 
     pub async fn healthz(&self) -> anyhow::Result<()> {
@@ -88,7 +99,12 @@ impl PrimaryClient {
     }
 
     pub async fn register_cluster(&self, req: &RegisterCluster) -> anyhow::Result<Registered> {
-        self.call(Method::POST, "/api/v1/clusters", Some(serde_json::to_value(req)?)).await
+        self.call(
+            Method::POST,
+            "/api/v1/clusters",
+            Some(serde_json::to_value(req)?),
+        )
+        .await
     }
 
     pub async fn list_clusters(&self) -> anyhow::Result<Vec<ClusterView>> {
@@ -96,7 +112,9 @@ impl PrimaryClient {
     }
 
     pub async fn deregister_cluster(&self, name: &str) -> anyhow::Result<()> {
-        let _: Option<serde_json::Value> = self.call(Method::DELETE, &format!("/api/v1/clusters/{name}"), None).await?;
+        let _: Option<serde_json::Value> = self
+            .call(Method::DELETE, &format!("/api/v1/clusters/{name}"), None)
+            .await?;
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsFd;
 use std::process::Command;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 
 /// Runs `ip` with `args`, failing with its stderr.
 pub fn ip(args: &[&str]) -> anyhow::Result<()> {
@@ -25,14 +25,22 @@ pub fn ip(args: &[&str]) -> anyhow::Result<()> {
         .output()
         .context("running `ip` (install iproute2)")?;
     if !out.status.success() {
-        bail!("ip {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
 
 /// True when this process may create network namespaces.
 pub fn available() -> bool {
-    nix::unistd::geteuid().is_root() && Command::new("ip").arg("-V").output().is_ok_and(|o| o.status.success())
+    nix::unistd::geteuid().is_root()
+        && Command::new("ip")
+            .arg("-V")
+            .output()
+            .is_ok_and(|o| o.status.success())
 }
 
 pub const PRIMARY_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
@@ -60,18 +68,26 @@ pub struct Layout {
 
 impl Layout {
     pub fn namespace_of(&self, network: &str) -> Option<&str> {
-        self.networks.iter().find(|(n, _)| n == network).map(|(_, ns)| ns.as_str())
+        self.networks
+            .iter()
+            .find(|(n, _)| n == network)
+            .map(|(_, ns)| ns.as_str())
     }
 
     /// Builds the namespaces, the wan bridge and the links.
     pub fn create(prefix: &str, networks: &[String]) -> anyhow::Result<Self> {
         if networks.len() > 2 {
-            bail!("the namespace layout supports at most 2 networks (documentation address ranges)");
+            bail!(
+                "the namespace layout supports at most 2 networks (documentation address ranges)"
+            );
         }
         let layout = Layout {
             prefix: prefix.to_string(),
             wan: format!("{prefix}-wan"),
-            networks: networks.iter().map(|n| (n.clone(), format!("{prefix}-{n}"))).collect(),
+            networks: networks
+                .iter()
+                .map(|n| (n.clone(), format!("{prefix}-{n}")))
+                .collect(),
         };
         if let Err(e) = layout.build() {
             layout.destroy();
@@ -85,16 +101,35 @@ impl Layout {
         ip(&["netns", "add", wan])?;
         ip(&["-n", wan, "link", "set", "lo", "up"])?;
         ip(&["-n", wan, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", wan, "addr", "add", &format!("{PRIMARY_ADDR}/24"), "dev", "br0"])?;
+        ip(&[
+            "-n",
+            wan,
+            "addr",
+            "add",
+            &format!("{PRIMARY_ADDR}/24"),
+            "dev",
+            "br0",
+        ])?;
         ip(&["-n", wan, "link", "set", "br0", "up"])?;
         for (i, (_, ns)) in self.networks.iter().enumerate() {
             let port = format!("n{i}");
             ip(&["netns", "add", ns])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            ip(&["-n", wan, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns", ns])?;
+            ip(&[
+                "-n", wan, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                ns,
+            ])?;
             ip(&["-n", wan, "link", "set", &port, "master", "br0"])?;
             ip(&["-n", wan, "link", "set", &port, "up"])?;
-            ip(&["-n", ns, "addr", "add", &format!("{}/24", gateway_addr(i)), "dev", "eth0"])?;
+            ip(&[
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{}/24", gateway_addr(i)),
+                "dev",
+                "eth0",
+            ])?;
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
@@ -130,7 +165,10 @@ pub fn list_with_prefix(prefix: &str) -> Vec<String> {
 /// Connects a TCP socket from inside namespace `ns` (or here, if None).
 /// The socket stays in the namespace it was created in, so the caller can
 /// use it from any thread.
-pub async fn connect(ns: Option<&str>, addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpStream> {
+pub async fn connect(
+    ns: Option<&str>,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<tokio::net::TcpStream> {
     let Some(ns) = ns else {
         return Ok(tokio::net::TcpStream::connect(addr).await?);
     };

@@ -11,8 +11,14 @@ use hyper_util::rt::TokioIo;
 
 /// GETs `target` from `addr`. With `proxy_form`, `target` is an absolute
 /// URL sent in proxy form (as `curl -x` does); otherwise it is a path.
-pub async fn get(ns: Option<&str>, addr: SocketAddr, target: &str) -> anyhow::Result<(u16, String)> {
-    let stream = crate::netns::connect(ns, addr).await.with_context(|| format!("connecting to {addr}"))?;
+pub async fn get(
+    ns: Option<&str>,
+    addr: SocketAddr,
+    target: &str,
+) -> anyhow::Result<(u16, String)> {
+    let stream = crate::netns::connect(ns, addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
     let host = if target.starts_with("http://") {

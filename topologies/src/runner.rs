@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use isthmus_api::ports;
 use isthmus_api::rest::RegisterCluster;
 use serde::{Deserialize, Serialize};
@@ -76,14 +76,19 @@ pub struct MeshState {
 impl MeshState {
     pub fn load(state_dir: &Path) -> anyhow::Result<Self> {
         let path = state_dir.join(STATE_FILE);
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("no mesh is recorded in {} (run `isthmusctl up` first)", state_dir.display()))?;
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "no mesh is recorded in {} (run `isthmusctl up` first)",
+                state_dir.display()
+            )
+        })?;
         serde_json::from_str(&text).with_context(|| format!("{} is corrupt", path.display()))
     }
 
     fn save(&self) -> anyhow::Result<()> {
         let path = self.state_dir.join(STATE_FILE);
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", path.display()))
+        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+            .with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn client(&self) -> anyhow::Result<PrimaryClient> {
@@ -118,7 +123,10 @@ fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
             primary: netns::PRIMARY_ADDR,
             gateway: (0..networks).map(netns::gateway_addr).collect(),
             pod: (0..networks)
-                .map(|i| Box::new(move |h| netns::pod_addr(i, h)) as Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>)
+                .map(|i| {
+                    Box::new(move |h| netns::pod_addr(i, h))
+                        as Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>
+                })
                 .collect(),
         }),
         _ => {
@@ -129,7 +137,9 @@ fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
                 if std::net::TcpListener::bind((primary, ports::PRIMARY_HTTP)).is_ok() {
                     return Ok(Plan {
                         primary,
-                        gateway: (0..networks).map(|i| Ipv4Addr::new(127, x, 10 + i as u8, 1)).collect(),
+                        gateway: (0..networks)
+                            .map(|i| Ipv4Addr::new(127, x, 10 + i as u8, 1))
+                            .collect(),
                         pod: (0..networks)
                             .map(|i| {
                                 Box::new(move |h| Ipv4Addr::new(127, x, 100 + i as u8, h))
@@ -148,7 +158,9 @@ fn resolve_mode(mode: NetMode) -> anyhow::Result<NetMode> {
     match mode {
         NetMode::Auto if netns::available() => Ok(NetMode::Netns),
         NetMode::Auto => Ok(NetMode::Loopback),
-        NetMode::Netns if !netns::available() => bail!("--net netns needs root and iproute2 (`ip`)"),
+        NetMode::Netns if !netns::available() => {
+            bail!("--net netns needs root and iproute2 (`ip`)")
+        }
         m => Ok(m),
     }
 }
@@ -156,16 +168,17 @@ fn resolve_mode(mode: NetMode) -> anyhow::Result<NetMode> {
 /// Starts the mesh and returns once a request has crossed it.
 pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
     let tpl = template::load(&opts.template)?;
-    std::fs::create_dir_all(&opts.state_dir).with_context(|| format!("creating {}", opts.state_dir.display()))?;
+    std::fs::create_dir_all(&opts.state_dir)
+        .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let state_dir = opts.state_dir.canonicalize()?;
-    if let Ok(existing) = MeshState::load(&state_dir) {
-        if existing.components.iter().any(|c| alive(c.pid)) {
-            bail!(
-                "a mesh is already running from {}; stop it with `isthmusctl down --state-dir {}`",
-                state_dir.display(),
-                state_dir.display()
-            );
-        }
+    if let Ok(existing) = MeshState::load(&state_dir)
+        && existing.components.iter().any(|c| alive(c.pid))
+    {
+        bail!(
+            "a mesh is already running from {}; stop it with `isthmusctl down --state-dir {}`",
+            state_dir.display(),
+            state_dir.display()
+        );
     }
     let mode = resolve_mode(opts.mode)?;
     let networks: Vec<String> = {
@@ -202,7 +215,10 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
         Err(e) => {
             let _ = state.save();
             down(&state_dir);
-            Err(e.context(format!("starting the mesh failed; logs are in {}", state_dir.join("logs").display())))
+            Err(e.context(format!(
+                "starting the mesh failed; logs are in {}",
+                state_dir.join("logs").display()
+            )))
         }
     }
 }
@@ -211,7 +227,13 @@ fn random_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[String], state: &mut MeshState) -> anyhow::Result<()> {
+async fn start(
+    opts: &UpOptions,
+    tpl: &Template,
+    addrs: &Plan,
+    networks: &[String],
+    state: &mut MeshState,
+) -> anyhow::Result<()> {
     let dir = state.state_dir.clone();
     std::fs::create_dir_all(dir.join("logs"))?;
     isthmus_transport::write_private(&state.admin_token_file, &random_token())?;
@@ -257,8 +279,15 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
 
     // 2. Clusters: register, write registries, start agents and gateways.
     for cluster in &tpl.clusters {
-        let net_index = networks.iter().position(|n| *n == cluster.network).unwrap_or(0);
-        let ns = state.layout.as_ref().and_then(|l| l.namespace_of(&cluster.network)).map(str::to_string);
+        let net_index = networks
+            .iter()
+            .position(|n| *n == cluster.network)
+            .unwrap_or(0);
+        let ns = state
+            .layout
+            .as_ref()
+            .and_then(|l| l.namespace_of(&cluster.network))
+            .map(str::to_string);
         let pod = &addrs.pod[net_index];
         let gw = addrs.gateway[net_index];
         let registered = client
@@ -302,7 +331,10 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
             })).collect::<Vec<_>>(),
             "workloads": reg_workloads,
         });
-        std::fs::write(cdir.join("registry.yaml"), serde_saphyr::to_string(&registry)?)?;
+        std::fs::write(
+            cdir.join("registry.yaml"),
+            serde_saphyr::to_string(&registry)?,
+        )?;
 
         let agent_dir = cdir.join("agent");
         let agent_admin = SocketAddr::new(IpAddr::V4(pod(2)), ports::ADMIN);
@@ -460,7 +492,13 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
                 log: spawner.log(&name),
             });
             state.save()?;
-            wait_ready(ns.as_deref(), listen(ports::ADMIN), pid, &spawner.log(&name)).await?;
+            wait_ready(
+                ns.as_deref(),
+                listen(ports::ADMIN),
+                pid,
+                &spawner.log(&name),
+            )
+            .await?;
         }
     }
 
@@ -470,7 +508,10 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
         .context("template names a client workload that has no sidecar")?
         .clone();
     let outbound = client_proxy.listeners["outbound"].clone();
-    let curl = format!("curl -sS --max-time 10 -x http://{outbound} {}", tpl.client.url);
+    let curl = format!(
+        "curl -sS --max-time 10 -x http://{outbound} {}",
+        tpl.client.url
+    );
     state.client_command = match &client_proxy.netns {
         Some(ns) => format!("ip netns exec {ns} {curl}"),
         None => curl,
@@ -480,7 +521,9 @@ async fn start(opts: &UpOptions, tpl: &Template, addrs: &Plan, networks: &[Strin
     loop {
         match probe::get(client_proxy.netns.as_deref(), out, &tpl.client.url).await {
             Ok((200, _)) => break,
-            other if Instant::now() > deadline => bail!("the first request through the mesh never succeeded: {other:?}"),
+            other if Instant::now() > deadline => {
+                bail!("the first request through the mesh never succeeded: {other:?}")
+            }
             _ => tokio::time::sleep(Duration::from_millis(200)).await,
         }
     }
@@ -491,24 +534,35 @@ async fn wait_for_primary(state: &MeshState, pid: u32) -> anyhow::Result<Primary
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if !alive(pid) {
-            bail!("the primary exited:\n{}", tail(&state.state_dir.join("logs/primary.log")));
+            bail!(
+                "the primary exited:\n{}",
+                tail(&state.state_dir.join("logs/primary.log"))
+            );
         }
-        if state.ca_file.exists() && state.api_socket.exists() {
-            if let Ok(client) = state.client() {
-                if client.healthz().await.is_ok() {
-                    return Ok(client);
-                }
-            }
+        if state.ca_file.exists()
+            && state.api_socket.exists()
+            && let Ok(client) = state.client()
+            && client.healthz().await.is_ok()
+        {
+            return Ok(client);
         }
         if Instant::now() > deadline {
-            bail!("the primary did not become healthy:\n{}", tail(&state.state_dir.join("logs/primary.log")));
+            bail!(
+                "the primary did not become healthy:\n{}",
+                tail(&state.state_dir.join("logs/primary.log"))
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
 /// Waits for `GET /ready` on a component's admin port to answer 200.
-async fn wait_ready(ns: Option<&str>, admin: SocketAddr, pid: u32, log: &Path) -> anyhow::Result<()> {
+async fn wait_ready(
+    ns: Option<&str>,
+    admin: SocketAddr,
+    pid: u32,
+    log: &Path,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if !alive(pid) {
@@ -518,7 +572,10 @@ async fn wait_ready(ns: Option<&str>, admin: SocketAddr, pid: u32, log: &Path) -
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("component at {admin} was not ready within {READY_TIMEOUT:?}:\n{}", tail(log));
+            bail!(
+                "component at {admin} was not ready within {READY_TIMEOUT:?}:\n{}",
+                tail(log)
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -556,7 +613,10 @@ impl Spawner {
         cmd.arg("component")
             .args(args)
             .env("ISTHMUS_STATE_DIR", &self.dir)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -595,7 +655,7 @@ pub fn down(state_dir: &Path) -> Vec<String> {
         report.push(format!("no mesh recorded in {}", state_dir.display()));
         return report;
     };
-    use nix::sys::signal::{kill, Signal};
+    use nix::sys::signal::{Signal, kill};
     use nix::unistd::Pid;
     let live: Vec<&Component> = state
         .components
@@ -618,7 +678,10 @@ pub fn down(state_dir: &Path) -> Vec<String> {
     }
     for c in &live {
         // Reap our own children (foreground mode); others are reaped by init.
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(c.pid as i32), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        let _ = nix::sys::wait::waitpid(
+            Pid::from_raw(c.pid as i32),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
     }
     report.push(format!("stopped {} processes", live.len()));
     if let Some(layout) = &state.layout {

@@ -55,7 +55,10 @@ pub struct ClientSpec {
     pub url: String,
 }
 
-const BUILTIN: &[(&str, &str)] = &[("multi-network", include_str!("../templates/multi-network.yaml"))];
+const BUILTIN: &[(&str, &str)] = &[(
+    "multi-network",
+    include_str!("../templates/multi-network.yaml"),
+)];
 
 /// Names of the templates this build ships.
 pub fn names() -> Vec<&'static str> {
@@ -64,9 +67,13 @@ pub fn names() -> Vec<&'static str> {
 
 pub fn load(name: &str) -> anyhow::Result<Template> {
     let (_, text) = BUILTIN.iter().find(|(n, _)| *n == name).ok_or_else(|| {
-        anyhow::anyhow!("no topology template named {name:?}; available: {}", names().join(", "))
+        anyhow::anyhow!(
+            "no topology template named {name:?}; available: {}",
+            names().join(", ")
+        )
     })?;
-    let t: Template = serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("template {name}: {e}"))?;
+    let t: Template =
+        serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("template {name}: {e}"))?;
     Ok(t)
 }
 

@@ -62,7 +62,10 @@ impl Identity {
 
 /// A client config that verifies the primary's server certificate (DNS/IP
 /// SANs) against the mesh roots, optionally presenting a client identity.
-pub fn primary_client_config(roots_pem: &str, identity: Option<Identity>) -> Result<ClientConfig, TransportError> {
+pub fn primary_client_config(
+    roots_pem: &str,
+    identity: Option<Identity>,
+) -> Result<ClientConfig, TransportError> {
     let mut roots = RootCertStore::empty();
     for cert in isthmus_ca::pem::certs(roots_pem, "primary trust roots")? {
         roots
@@ -84,7 +87,10 @@ pub fn primary_client_config(roots_pem: &str, identity: Option<Identity>) -> Res
 /// The TLS server name is the URL's host.
 pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TransportError> {
     let Some(rest) = url.strip_prefix("https://") else {
-        return Err(TransportError::BadAddress(url.to_string(), "must start with https://".into()));
+        return Err(TransportError::BadAddress(
+            url.to_string(),
+            "must start with https://".into(),
+        ));
     };
     // The connector below does the TLS; tonic must not try to.
     let endpoint = endpoint(&format!("http://{rest}"))?;
@@ -102,7 +108,9 @@ pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, Tran
             tcp.set_nodelay(true)?;
             let name = ServerName::try_from(host)
                 .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(config).connect(name, tcp).await?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await?;
             Ok::<_, io::Error>(TokioIo::new(tls))
         }
     });
@@ -133,7 +141,9 @@ fn endpoint(url: &str) -> Result<Endpoint, TransportError> {
 /// Something that accepts byte streams: a TCP or a Unix listener.
 pub trait Listener: Send + 'static {
     type Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static;
-    fn accept(&mut self) -> impl std::future::Future<Output = io::Result<(Self::Io, String)>> + Send;
+    fn accept(
+        &mut self,
+    ) -> impl std::future::Future<Output = io::Result<(Self::Io, String)>> + Send;
 }
 
 impl Listener for TcpListener {
@@ -248,14 +258,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
             .find(|c| isthmus_ca::pem::fingerprint(c) == self.fingerprint)
             .ok_or_else(|| {
                 rustls::Error::General(
-                    "the primary did not present the root CA named by the join token's fingerprint".into(),
+                    "the primary did not present the root CA named by the join token's fingerprint"
+                        .into(),
                 )
             })?;
         let mut roots = RootCertStore::empty();
         roots.add(root.clone().into_owned())?;
-        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-            .build()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            self.provider.clone(),
+        )
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?;
         inner.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
@@ -265,7 +279,12 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn verify_tls13_signature(
@@ -274,11 +293,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
         cert: &CertificateDer<'_>,
         dss: &rustls::DigitallySignedStruct,
     ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -17,13 +17,15 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{address, socket_address, transport_socket, Node};
-use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{common_tls_context, UpstreamTlsContext};
-use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address, transport_socket};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    UpstreamTlsContext, common_tls_context,
+};
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use isthmus_api::type_urls;
 use prost::Message;
@@ -76,7 +78,11 @@ pub struct Snapshot {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error("resource {index} of {type_url}: {reason}")]
-    Resource { type_url: String, index: usize, reason: String },
+    Resource {
+        type_url: String,
+        index: usize,
+        reason: String,
+    },
 }
 
 /// How to reach the primary and who we are.
@@ -99,7 +105,10 @@ pub struct XdsHandle {
 }
 
 /// Starts the client in the background.
-pub fn start(config: XdsConfig, tls_updates: Option<watch::Receiver<Arc<rustls::ClientConfig>>>) -> XdsHandle {
+pub fn start(
+    config: XdsConfig,
+    tls_updates: Option<watch::Receiver<Arc<rustls::ClientConfig>>>,
+) -> XdsHandle {
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let (ready_tx, ready) = watch::channel(false);
     let shared = snapshot.clone();
@@ -112,7 +121,9 @@ pub fn start(config: XdsConfig, tls_updates: Option<watch::Receiver<Arc<rustls::
             }
             match session(&config, &shared, &ready_tx).await {
                 Ok(()) => backoff = Duration::from_millis(100),
-                Err(e) => tracing::warn!(primary = %config.primary, error = %e, "xDS stream failed; keeping the last good config"),
+                Err(e) => {
+                    tracing::warn!(primary = %config.primary, error = %e, "xDS stream failed; keeping the last good config")
+                }
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -137,7 +148,11 @@ fn node(config: &XdsConfig) -> Node {
     }
 }
 
-async fn session(config: &XdsConfig, shared: &ArcSwap<Snapshot>, ready: &watch::Sender<bool>) -> anyhow_lite::Result<()> {
+async fn session(
+    config: &XdsConfig,
+    shared: &ArcSwap<Snapshot>,
+    ready: &watch::Sender<bool>,
+) -> anyhow_lite::Result<()> {
     let channel = isthmus_transport::tls_channel(&config.primary, config.tls.clone())?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(8);
@@ -153,7 +168,10 @@ async fn session(config: &XdsConfig, shared: &ArcSwap<Snapshot>, ready: &watch::
             .metadata_mut()
             .insert("authorization", format!("Bearer {token}").parse()?);
     }
-    let mut inbound = client.stream_aggregated_resources(request).await?.into_inner();
+    let mut inbound = client
+        .stream_aggregated_resources(request)
+        .await?
+        .into_inner();
     let mut eds_names: Option<BTreeSet<String>> = None;
     let mut acked: BTreeSet<String> = BTreeSet::new();
     while let Some(resp) = inbound.message().await? {
@@ -204,10 +222,10 @@ async fn session(config: &XdsConfig, shared: &ArcSwap<Snapshot>, ready: &watch::
                 } else {
                     current.endpoint_version.clone()
                 };
-                if resp.type_url == type_urls::ENDPOINT {
-                    if let Some(names) = &eds_names {
-                        ack.resource_names = names.iter().cloned().collect();
-                    }
+                if resp.type_url == type_urls::ENDPOINT
+                    && let Some(names) = &eds_names
+                {
+                    ack.resource_names = names.iter().cloned().collect();
                 }
                 ack.error_detail = Some(RpcStatus {
                     code: 3,
@@ -258,7 +276,8 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 if any.type_url != type_urls::ENDPOINT {
                     return Err(err(i, format!("unexpected type {}", any.type_url)));
                 }
-                let cla = ClusterLoadAssignment::decode(any.value.as_slice()).map_err(|e| err(i, e.to_string()))?;
+                let cla = ClusterLoadAssignment::decode(any.value.as_slice())
+                    .map_err(|e| err(i, e.to_string()))?;
                 let set = endpoint_set(&cla).map_err(|e| err(i, e))?;
                 endpoints.insert(cla.cluster_name.clone(), Arc::new(set));
             }
@@ -269,7 +288,10 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 endpoint_version: resp.version_info.clone(),
             })
         }
-        other => Err(err(0, format!("type {other} is not supported by this client"))),
+        other => Err(err(
+            0,
+            format!("type {other} is not supported by this client"),
+        )),
     }
 }
 
@@ -284,19 +306,36 @@ fn cluster_info(c: &Cluster) -> Result<ClusterInfo, String> {
     };
     if let Some(ts) = &c.transport_socket {
         let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {
-            return Err(format!("cluster {}: transport socket has no typed config", c.name));
+            return Err(format!(
+                "cluster {}: transport socket has no typed config",
+                c.name
+            ));
         };
         if any.type_url != type_urls::UPSTREAM_TLS {
-            return Err(format!("cluster {}: unsupported transport socket {}", c.name, any.type_url));
+            return Err(format!(
+                "cluster {}: unsupported transport socket {}",
+                c.name, any.type_url
+            ));
         }
-        let tls = UpstreamTlsContext::decode(any.value.as_slice()).map_err(|e| format!("cluster {}: {e}", c.name))?;
+        let tls = UpstreamTlsContext::decode(any.value.as_slice())
+            .map_err(|e| format!("cluster {}: {e}", c.name))?;
         info.sni = Some(tls.sni.clone());
-        if let Some(common) = &tls.common_tls_context {
-            if let Some(common_tls_context::ValidationContextType::CombinedValidationContext(v)) = &common.validation_context_type {
-                for m in v.default_validation_context.iter().flat_map(|d| d.match_typed_subject_alt_names.iter()) {
-                    match m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref()) {
-                        Some(MatchPattern::Exact(san)) => info.allowed_sans.push(san.clone()),
-                        _ => return Err(format!("cluster {}: only exact SAN matchers are supported", c.name)),
+        if let Some(common) = &tls.common_tls_context
+            && let Some(common_tls_context::ValidationContextType::CombinedValidationContext(v)) =
+                &common.validation_context_type
+        {
+            for m in v
+                .default_validation_context
+                .iter()
+                .flat_map(|d| d.match_typed_subject_alt_names.iter())
+            {
+                match m.matcher.as_ref().and_then(|s| s.match_pattern.as_ref()) {
+                    Some(MatchPattern::Exact(san)) => info.allowed_sans.push(san.clone()),
+                    _ => {
+                        return Err(format!(
+                            "cluster {}: only exact SAN matchers are supported",
+                            c.name
+                        ));
                     }
                 }
             }
@@ -319,15 +358,26 @@ fn endpoint_set(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String> {
             let Some(lb_endpoint::HostIdentifier::Endpoint(ep)) = &lb.host_identifier else {
                 return Err("endpoint without an address".into());
             };
-            let Some(address::Address::SocketAddress(sa)) = ep.address.as_ref().and_then(|a| a.address.as_ref()) else {
+            let Some(address::Address::SocketAddress(sa)) =
+                ep.address.as_ref().and_then(|a| a.address.as_ref())
+            else {
                 return Err("endpoint address is not a socket address".into());
             };
-            let ip: IpAddr = sa.address.parse().map_err(|_| format!("endpoint address {:?} is not an IP", sa.address))?;
+            let ip: IpAddr = sa
+                .address
+                .parse()
+                .map_err(|_| format!("endpoint address {:?} is not an IP", sa.address))?;
             let Some(socket_address::PortSpecifier::PortValue(port)) = sa.port_specifier else {
                 return Err("endpoint has no port value".into());
             };
-            let port = u16::try_from(port).map_err(|_| format!("endpoint port {port} is out of range"))?;
-            let weight = lb.load_balancing_weight.as_ref().map(|w| w.value).unwrap_or(1).max(1);
+            let port =
+                u16::try_from(port).map_err(|_| format!("endpoint port {port} is out of range"))?;
+            let weight = lb
+                .load_balancing_weight
+                .as_ref()
+                .map(|w| w.value)
+                .unwrap_or(1)
+                .max(1);
             set.priorities[p].push(WeightedEndpoint {
                 addr: SocketAddr::new(ip, port),
                 weight,

@@ -17,6 +17,8 @@ const REVISION: &str = "revision";
 /// Events kept for watchers that resume from an older revision.
 const DEFAULT_HISTORY: usize = 10_000;
 
+type WatchSender = mpsc::UnboundedSender<Result<Vec<Event>, StoreError>>;
+
 pub struct EmbeddedStore {
     db: Database,
     inner: Mutex<Inner>,
@@ -28,7 +30,8 @@ struct Inner {
     history_limit: usize,
     /// Revision of the oldest event still in history, or revision+1.
     oldest: i64,
-    watchers: Vec<(String, mpsc::UnboundedSender<Result<Vec<Event>, StoreError>>)>,
+    /// (prefix, sender) of every live watcher.
+    watchers: Vec<(String, WatchSender)>,
 }
 
 fn backend(e: impl std::fmt::Display) -> StoreError {
@@ -48,7 +51,10 @@ fn decode(key: &str, raw: &[u8]) -> Result<KeyValue, StoreError> {
     if raw.len() < 16 {
         return Err(StoreError::Corrupt {
             key: key.to_string(),
-            reason: format!("record is {} bytes, shorter than its 16-byte header", raw.len()),
+            reason: format!(
+                "record is {} bytes, shorter than its 16-byte header",
+                raw.len()
+            ),
         });
     }
     let (c, rest) = raw.split_at(8);
@@ -73,7 +79,8 @@ impl EmbeddedStore {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(backend)?;
         }
-        let db = Database::create(path).map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
+        let db = Database::create(path)
+            .map_err(|e| StoreError::Backend(format!("{}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(backend)?;
         {
             txn.open_table(KV).map_err(backend)?;
@@ -83,7 +90,10 @@ impl EmbeddedStore {
         let revision = {
             let read = db.begin_read().map_err(backend)?;
             let meta = read.open_table(META).map_err(backend)?;
-            meta.get(REVISION).map_err(backend)?.map(|v| v.value()).unwrap_or(0)
+            meta.get(REVISION)
+                .map_err(backend)?
+                .map(|v| v.value())
+                .unwrap_or(0)
         };
         Ok(Self {
             db,
@@ -113,7 +123,12 @@ impl EmbeddedStore {
     }
 
     /// Applies ops at `inner.revision + 1` when compares hold. Caller holds the lock.
-    fn apply(&self, inner: &mut Inner, compares: &[Compare], ops: &[Op]) -> Result<(bool, i64), StoreError> {
+    fn apply(
+        &self,
+        inner: &mut Inner,
+        compares: &[Compare],
+        ops: &[Op],
+    ) -> Result<(bool, i64), StoreError> {
         let txn = self.db.begin_write().map_err(backend)?;
         let mut events = Vec::new();
         {
@@ -169,7 +184,11 @@ impl EmbeddedStore {
 
     fn publish(&self, inner: &mut Inner, events: Vec<Event>) {
         inner.watchers.retain(|(prefix, tx)| {
-            let batch: Vec<Event> = events.iter().filter(|e| e.key().starts_with(prefix.as_str())).cloned().collect();
+            let batch: Vec<Event> = events
+                .iter()
+                .filter(|e| e.key().starts_with(prefix.as_str()))
+                .cloned()
+                .collect();
             batch.is_empty() || tx.send(Ok(batch)).is_ok()
         });
         for e in events {
@@ -178,16 +197,29 @@ impl EmbeddedStore {
         while inner.history.len() > inner.history_limit {
             inner.history.pop_front();
         }
-        inner.oldest = inner.history.front().map(Event::revision).unwrap_or(inner.revision + 1);
+        inner.oldest = inner
+            .history
+            .front()
+            .map(Event::revision)
+            .unwrap_or(inner.revision + 1);
     }
 
     /// Drops history older than `revision`, like etcd's compaction.
     pub fn compact(&self, revision: i64) {
         let mut inner = self.lock();
-        while inner.history.front().is_some_and(|e| e.revision() < revision) {
+        while inner
+            .history
+            .front()
+            .is_some_and(|e| e.revision() < revision)
+        {
             inner.history.pop_front();
         }
-        inner.oldest = inner.history.front().map(Event::revision).unwrap_or(inner.revision + 1).max(revision);
+        inner.oldest = inner
+            .history
+            .front()
+            .map(Event::revision)
+            .unwrap_or(inner.revision + 1)
+            .max(revision);
     }
 }
 
@@ -209,7 +241,13 @@ impl Store for EmbeddedStore {
     async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError> {
         let mut inner = self.lock();
         let before = inner.revision;
-        let (_, rev) = self.apply(&mut inner, &[], &[Op::Delete { key: key.to_string() }])?;
+        let (_, rev) = self.apply(
+            &mut inner,
+            &[],
+            &[Op::Delete {
+                key: key.to_string(),
+            }],
+        )?;
         Ok((rev != before).then_some(rev))
     }
 
@@ -280,7 +318,13 @@ mod tests {
 
         // txn: create-if-absent fails when present.
         let (ok, _) = store
-            .txn(vec![Compare { key: "/a/2".into(), mod_revision: 0 }], vec![Op::Delete { key: "/a/2".into() }])
+            .txn(
+                vec![Compare {
+                    key: "/a/2".into(),
+                    mod_revision: 0,
+                }],
+                vec![Op::Delete { key: "/a/2".into() }],
+            )
             .await
             .unwrap();
         assert!(!ok);
@@ -289,7 +333,10 @@ mod tests {
         for i in 0..10 {
             store.put(&format!("/b/{i}"), vec![]).await.unwrap();
         }
-        assert!(matches!(store.watch("/a/", r1).await, Err(StoreError::Compacted { .. })));
+        assert!(matches!(
+            store.watch("/a/", r1).await,
+            Err(StoreError::Compacted { .. })
+        ));
         drop(store);
         // Reopen: state and revision survive.
         let store = EmbeddedStore::open(&dir.path().join("db")).unwrap();

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("revision {requested} has been compacted; the oldest retained is {oldest}: list again and watch from the listed revision")]
+    #[error(
+        "revision {requested} has been compacted; the oldest retained is {oldest}: list again and watch from the listed revision"
+    )]
     Compacted { requested: i64, oldest: i64 },
     #[error("store backend failed: {0}")]
     Backend(String),

@@ -8,8 +8,8 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryService;
@@ -25,7 +25,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::generate::{self, Resources, Role};
 use super::status::ProxyStatus;
-use crate::{auth, Shared};
+use crate::{Shared, auth};
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
 
@@ -50,7 +50,11 @@ impl AggregatedDiscoveryService for AdsService {
                 let peer = auth::workload(&self.shared, Some(certs.as_slice()))?;
                 (peer.cluster, Role::Sidecar, Some(peer.identity))
             }
-            None => (auth::gateway(&self.shared, request.metadata())?, Role::Gateway, None),
+            None => (
+                auth::gateway(&self.shared, request.metadata())?,
+                Role::Gateway,
+                None,
+            ),
         };
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
@@ -147,8 +151,17 @@ impl Connection {
             self.accept_node(req.node.as_ref())?;
         }
         let type_url = req.type_url.clone();
-        if ![type_urls::CLUSTER, type_urls::ENDPOINT, type_urls::LISTENER, type_urls::ROUTE].contains(&type_url.as_str()) {
-            return Err(Status::invalid_argument(format!("unsupported type_url {type_url:?}")));
+        if ![
+            type_urls::CLUSTER,
+            type_urls::ENDPOINT,
+            type_urls::LISTENER,
+            type_urls::ROUTE,
+        ]
+        .contains(&type_url.as_str())
+        {
+            return Err(Status::invalid_argument(format!(
+                "unsupported type_url {type_url:?}"
+            )));
         }
         let state = self.types.entry(type_url.clone()).or_default();
         if !req.response_nonce.is_empty() && req.response_nonce != state.nonce {
@@ -160,9 +173,15 @@ impl Connection {
         state.names = names;
         if let Some(err) = &req.error_detail {
             tracing::warn!(node = %self.node_id, type_url, version = %req.version_info, error = %err.message, "proxy NACKed config");
-            self.shared.metrics.xds_nacks.get_or_create(&vec![("type".into(), short(&type_url))]).inc();
+            self.shared
+                .metrics
+                .xds_nacks
+                .get_or_create(&vec![("type".into(), short(&type_url))])
+                .inc();
             let message = err.message.clone();
-            self.shared.proxies.update(self.id, &type_url, |s| s.nack = Some(message));
+            self.shared
+                .proxies
+                .update(self.id, &type_url, |s| s.nack = Some(message));
             if names_changed {
                 self.push(&type_url, true).await?;
             }
@@ -175,7 +194,10 @@ impl Connection {
                 s.nack = None;
             });
         }
-        let first = self.types.get(&type_url).is_some_and(|s| s.sent_version.is_none());
+        let first = self
+            .types
+            .get(&type_url)
+            .is_some_and(|s| s.sent_version.is_none());
         if first || names_changed {
             self.push(&type_url, true).await?;
         }
@@ -183,7 +205,9 @@ impl Connection {
     }
 
     fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
-        let node = node.ok_or_else(|| Status::invalid_argument("the first DiscoveryRequest must carry a node"))?;
+        let node = node.ok_or_else(|| {
+            Status::invalid_argument("the first DiscoveryRequest must carry a node")
+        })?;
         if node.id.is_empty() || node.id.len() > 256 {
             return Err(Status::invalid_argument("node.id must be 1 to 256 bytes"));
         }
@@ -193,16 +217,17 @@ impl Connection {
             .as_ref()
             .and_then(|m| m.fields.get("CLUSTER_ID"))
             .and_then(|v| match &v.kind {
-                Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => Some(s.as_str()),
+                Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                    Some(s.as_str())
+                }
                 _ => None,
             })
+            && claimed != self.cluster
         {
-            if claimed != self.cluster {
-                return Err(Status::permission_denied(format!(
-                    "node metadata claims cluster {claimed:?} but its credentials belong to {:?}",
-                    self.cluster
-                )));
-            }
+            return Err(Status::permission_denied(format!(
+                "node metadata claims cluster {claimed:?} but its credentials belong to {:?}",
+                self.cluster
+            )));
         }
         self.node_id = node.id.clone();
         self.shared.proxies.connect(
@@ -227,7 +252,10 @@ impl Connection {
     async fn push(&mut self, type_url: &str, force: bool) -> Result<(), Status> {
         let model = self.shared.model.borrow().clone();
         let Some(me) = model.clusters.get(&self.cluster) else {
-            return Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster)));
+            return Err(Status::permission_denied(format!(
+                "cluster {:?} was deregistered",
+                self.cluster
+            )));
         };
         let mut resources: Resources = generate::generate(&model, self.role, me, type_url);
         let Some(state) = self.types.get_mut(type_url) else {
@@ -250,9 +278,18 @@ impl Connection {
             nonce: state.nonce.clone(),
             ..Default::default()
         };
-        self.shared.metrics.xds_pushes.get_or_create(&vec![("type".into(), short(type_url))]).inc();
-        self.shared.proxies.update(self.id, type_url, |s| s.sent_version = version);
-        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("proxy went away"))
+        self.shared
+            .metrics
+            .xds_pushes
+            .get_or_create(&vec![("type".into(), short(type_url))])
+            .inc();
+        self.shared
+            .proxies
+            .update(self.id, type_url, |s| s.sent_version = version);
+        self.tx
+            .send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("proxy went away"))
     }
 }
 

@@ -13,23 +13,28 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy};
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use envoy_types::pb::envoy::config::core::v3::{
-    address, api_config_source::ApiType, config_source::ConfigSourceSpecifier, grpc_service, socket_address,
-    transport_socket, Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
-    HealthStatus, Locality, SocketAddress, TransportSocket,
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::core::v3::{
+    Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
+    HealthStatus, Locality, SocketAddress, TransportSocket, address, api_config_source::ApiType,
+    config_source::ConfigSourceSpecifier, grpc_service, socket_address, transport_socket,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher,
+    UpstreamTlsContext,
     common_tls_context::{CombinedCertificateValidationContext, ValidationContextType},
     subject_alt_name_matcher::SanType,
-    CertificateValidationContext, CommonTlsContext, SdsSecretConfig, SubjectAltNameMatcher, UpstreamTlsContext,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
-use isthmus_api::names::{service_fqdn, ServiceKey};
-use isthmus_api::{type_urls, DEFAULT_CLUSTER_DOMAIN};
+use isthmus_api::names::{ServiceKey, service_fqdn};
+use isthmus_api::{DEFAULT_CLUSTER_DOMAIN, type_urls};
 use prost::Message;
 
 use crate::model::Model;
@@ -68,13 +73,22 @@ fn any<M: Message>(type_url: &str, m: &M) -> Any {
 }
 
 /// Each service port in the mesh, with everything reported for it.
-fn service_ports(model: &Model) -> impl Iterator<Item = (ServiceKey, &str, &BTreeMap<String, ServiceRecord>)> {
+fn service_ports(
+    model: &Model,
+) -> impl Iterator<Item = (ServiceKey, &str, &BTreeMap<String, ServiceRecord>)> {
     model.services.iter().flat_map(|((ns, name), per_cluster)| {
         let fqdn = service_fqdn(name, ns, DEFAULT_CLUSTER_DOMAIN);
-        let ports: BTreeSet<u16> = per_cluster.values().flat_map(|s| s.ports.iter().map(|p| p.port)).collect();
-        ports
-            .into_iter()
-            .map(move |port| (ServiceKey::new(fqdn.clone(), port), ns.as_str(), per_cluster))
+        let ports: BTreeSet<u16> = per_cluster
+            .values()
+            .flat_map(|s| s.ports.iter().map(|p| p.port))
+            .collect();
+        ports.into_iter().map(move |port| {
+            (
+                ServiceKey::new(fqdn.clone(), port),
+                ns.as_str(),
+                per_cluster,
+            )
+        })
     })
 }
 
@@ -90,18 +104,22 @@ fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
         sds_config: Some(ConfigSource {
-            config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(ApiConfigSource {
-                api_type: ApiType::Grpc as i32,
-                transport_api_version: ApiVersion::V3 as i32,
-                grpc_services: vec![GrpcService {
-                    target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(grpc_service::EnvoyGrpc {
-                        cluster_name: SDS_CLUSTER.to_string(),
+            config_source_specifier: Some(ConfigSourceSpecifier::ApiConfigSource(
+                ApiConfigSource {
+                    api_type: ApiType::Grpc as i32,
+                    transport_api_version: ApiVersion::V3 as i32,
+                    grpc_services: vec![GrpcService {
+                        target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                            grpc_service::EnvoyGrpc {
+                                cluster_name: SDS_CLUSTER.to_string(),
+                                ..Default::default()
+                            },
+                        )),
                         ..Default::default()
-                    })),
+                    }],
                     ..Default::default()
-                }],
-                ..Default::default()
-            })),
+                },
+            )),
             resource_api_version: ApiVersion::V3 as i32,
             ..Default::default()
         }),
@@ -116,7 +134,10 @@ fn eds_cluster(name: String, transport_socket: Option<TransportSocket>) -> Clust
         }),
         name,
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
-        connect_timeout: Some(Duration { seconds: 5, nanos: 0 }),
+        connect_timeout: Some(Duration {
+            seconds: 5,
+            nanos: 0,
+        }),
         lb_policy: LbPolicy::RoundRobin as i32,
         transport_socket,
         ..Default::default()
@@ -141,36 +162,44 @@ fn sidecar_clusters(model: &Model) -> Resources {
                 sni: key.sni(),
                 common_tls_context: Some(CommonTlsContext {
                     tls_certificate_sds_secret_configs: vec![sds(SDS_CERT)],
-                    validation_context_type: Some(ValidationContextType::CombinedValidationContext(
-                        CombinedCertificateValidationContext {
-                            default_validation_context: Some(CertificateValidationContext {
-                                match_typed_subject_alt_names: sans
-                                    .into_iter()
-                                    .map(|san| SubjectAltNameMatcher {
-                                        san_type: SanType::Uri as i32,
-                                        matcher: Some(StringMatcher {
-                                            match_pattern: Some(MatchPattern::Exact(san)),
+                    validation_context_type: Some(
+                        ValidationContextType::CombinedValidationContext(
+                            CombinedCertificateValidationContext {
+                                default_validation_context: Some(CertificateValidationContext {
+                                    match_typed_subject_alt_names: sans
+                                        .into_iter()
+                                        .map(|san| SubjectAltNameMatcher {
+                                            san_type: SanType::Uri as i32,
+                                            matcher: Some(StringMatcher {
+                                                match_pattern: Some(MatchPattern::Exact(san)),
+                                                ..Default::default()
+                                            }),
                                             ..Default::default()
-                                        }),
-                                        ..Default::default()
-                                    })
-                                    .collect(),
+                                        })
+                                        .collect(),
+                                    ..Default::default()
+                                }),
+                                validation_context_sds_secret_config: Some(sds(SDS_ROOT)),
                                 ..Default::default()
-                            }),
-                            validation_context_sds_secret_config: Some(sds(SDS_ROOT)),
-                            ..Default::default()
-                        },
-                    )),
+                            },
+                        ),
+                    ),
                     ..Default::default()
                 }),
                 ..Default::default()
             };
             let socket = TransportSocket {
                 name: "envoy.transport_sockets.tls".to_string(),
-                config_type: Some(transport_socket::ConfigType::TypedConfig(any(type_urls::UPSTREAM_TLS, &tls))),
+                config_type: Some(transport_socket::ConfigType::TypedConfig(any(
+                    type_urls::UPSTREAM_TLS,
+                    &tls,
+                ))),
             };
             let name = key.cluster_name();
-            (name.clone(), any(type_urls::CLUSTER, &eds_cluster(name, Some(socket))))
+            (
+                name.clone(),
+                any(type_urls::CLUSTER, &eds_cluster(name, Some(socket))),
+            )
         })
         .collect()
 }
@@ -192,7 +221,9 @@ fn lb_endpoint(ip: &str, port: u16, weight: u32) -> LbEndpoint {
             ..Default::default()
         })),
         health_status: HealthStatus::Healthy as i32,
-        load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+        load_balancing_weight: Some(UInt32Value {
+            value: weight.max(1),
+        }),
         ..Default::default()
     }
 }
@@ -295,16 +326,24 @@ fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
 }
 
 /// Service ports with ready endpoints on the gateway's network, by SNI.
-fn gateway_targets<'a>(model: &'a Model, me: &ClusterRecord) -> BTreeMap<String, Vec<(&'a str, u16)>> {
+fn gateway_targets<'a>(
+    model: &'a Model,
+    me: &ClusterRecord,
+) -> BTreeMap<String, Vec<(&'a str, u16)>> {
     let mut out: BTreeMap<String, Vec<(&str, u16)>> = BTreeMap::new();
     for (key, _, per_cluster) in service_ports(model) {
         for (cluster_name, svc) in per_cluster {
-            let on_my_network = model.clusters.get(cluster_name).is_some_and(|c| c.network == me.network);
+            let on_my_network = model
+                .clusters
+                .get(cluster_name)
+                .is_some_and(|c| c.network == me.network);
             if !on_my_network || !svc.ports.iter().any(|p| p.port == key.port) {
                 continue;
             }
             for e in svc.endpoints.iter().filter(|e| e.ready) {
-                out.entry(key.sni()).or_default().push((&e.address, e.inbound_port));
+                out.entry(key.sni())
+                    .or_default()
+                    .push((&e.address, e.inbound_port));
             }
         }
     }
@@ -314,7 +353,12 @@ fn gateway_targets<'a>(model: &'a Model, me: &ClusterRecord) -> BTreeMap<String,
 fn gateway_clusters(model: &Model, me: &ClusterRecord) -> Resources {
     gateway_targets(model, me)
         .into_keys()
-        .map(|sni| (sni.clone(), any(type_urls::CLUSTER, &eds_cluster(sni, None))))
+        .map(|sni| {
+            (
+                sni.clone(),
+                any(type_urls::CLUSTER, &eds_cluster(sni, None)),
+            )
+        })
         .collect()
 }
 
@@ -326,7 +370,10 @@ fn gateway_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
                 cluster_name: sni.clone(),
                 endpoints: vec![LocalityLbEndpoints {
                     locality: Some(locality(me)),
-                    lb_endpoints: eps.iter().map(|(ip, port)| lb_endpoint(ip, *port, 1)).collect(),
+                    lb_endpoints: eps
+                        .iter()
+                        .map(|(ip, port)| lb_endpoint(ip, *port, 1))
+                        .collect(),
                     ..Default::default()
                 }],
                 ..Default::default()

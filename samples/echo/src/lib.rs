@@ -29,7 +29,12 @@ pub fn answer(config: &Config, req: &Request<Incoming>) -> serde_json::Value {
     let headers: serde_json::Map<String, serde_json::Value> = req
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str().to_string(), String::from_utf8_lossy(v.as_bytes()).into()))
+        .map(|(k, v)| {
+            (
+                k.as_str().to_string(),
+                String::from_utf8_lossy(v.as_bytes()).into(),
+            )
+        })
         .collect();
     serde_json::json!({
         "cluster": config.cluster,
@@ -53,8 +58,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                     let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
                     text.push('\n');
                     let mut resp = Response::new(Full::new(Bytes::from(text)));
-                    resp.headers_mut()
-                        .insert("content-type", hyper::header::HeaderValue::from_static("application/json"));
+                    resp.headers_mut().insert(
+                        "content-type",
+                        hyper::header::HeaderValue::from_static("application/json"),
+                    );
                     Ok::<_, Infallible>(resp)
                 }
             });
