@@ -47,7 +47,8 @@ struct Conn {
     /// Admin bearer token.
     #[arg(long, env = "ISTHMUS_TOKEN", hide_env_values = true)]
     token: Option<String>,
-    /// PEM file with the mesh root, to verify the primary.
+    /// PEM file with the mesh root, to verify the primary. Not needed with a
+    /// token the primary minted, which pins the root itself.
     #[arg(long, env = "ISTHMUS_CA_FILE")]
     ca_file: Option<PathBuf>,
 }
@@ -58,17 +59,15 @@ impl Conn {
             return MeshState::load(dir)?.client();
         }
         let (Some(primary), Some(token)) = (&self.primary, &self.token) else {
-            bail!(
-                "say which primary to use: --state-dir DIR, or --primary URL --token T --ca-file F"
-            );
+            bail!("say which primary to use: --state-dir DIR, or --primary URL --token T");
         };
-        let ca_file = self
-            .ca_file
-            .as_ref()
-            .context("--ca-file (or ISTHMUS_CA_FILE) is needed to verify the primary")?;
-        let ca = std::fs::read_to_string(ca_file)
-            .with_context(|| format!("reading {}", ca_file.display()))?;
-        PrimaryClient::new(primary, token, &ca)
+        let ca = match &self.ca_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?,
+            ),
+            None => None,
+        };
+        PrimaryClient::new(primary, token, ca.as_deref())
     }
 }
 

@@ -191,51 +191,25 @@ async fn serve_admin(
     gw: Arc<Gateway>,
     registry: Arc<Registry>,
 ) -> anyhow::Result<()> {
-    let ready = gw.xds.ready.clone();
     let dump_gw = gw.clone();
-    let admin_router = axum::Router::new()
-        .route(
-            "/ready",
-            get(move || {
-                let ok = *ready.borrow();
-                async move {
-                    if ok {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for config from the primary\n",
-                        )
-                    }
-                }
-            }),
-        )
-        .route(
-            "/config_dump",
-            get(move || {
-                let snap = dump_gw.xds.snapshot.load_full();
-                async move { axum::Json(config_dump(&snap)) }
-            }),
-        );
-    let metrics_router = axum::Router::new().route(
-        "/metrics",
+    let admin_router = isthmus_transport::admin::router(
+        gw.xds.ready.clone(),
+        "waiting for config from the primary\n",
+    )
+    .route(
+        "/config_dump",
         get(move || {
-            let registry = registry.clone();
-            async move {
-                let mut out = String::new();
-                let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-                out
-            }
+            let snap = dump_gw.xds.snapshot.load_full();
+            async move { axum::Json(config_dump(&snap)) }
         }),
     );
-    let a = TcpListener::bind(admin)
-        .await
-        .with_context(|| format!("binding admin {admin}"))?;
-    let m = TcpListener::bind(metrics)
-        .await
-        .with_context(|| format!("binding metrics {metrics}"))?;
-    tokio::spawn(async move { axum::serve(a, admin_router).await });
-    tokio::spawn(async move { axum::serve(m, metrics_router).await });
+    let metrics_router = isthmus_transport::admin::metrics_router(move || {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    });
+    isthmus_transport::admin::serve(admin, admin_router).await?;
+    isthmus_transport::admin::serve(metrics, metrics_router).await?;
     Ok(())
 }
 

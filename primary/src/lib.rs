@@ -126,13 +126,16 @@ pub struct Shared {
     pub crypto: Arc<rustls::crypto::CryptoProvider>,
 }
 
-/// Reads the admin token, creating it (mode 0600) on first start.
-fn admin_token(path: &Path) -> anyhow::Result<String> {
+/// Reads the admin token, creating it (mode 0600) on first start. A token
+/// made here has the join-token form `ist1.<secret>.<root sha256>`, so a
+/// client given only the token can pin the primary's root.
+fn admin_token(path: &Path, ca: &CaState) -> anyhow::Result<String> {
     match std::fs::read_to_string(path) {
         Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_string()),
         Ok(_) => anyhow::bail!("admin token file {} is empty", path.display()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = tokens::generate();
+            let token =
+                isthmus_api::join_token::format(&tokens::generate(), &ca.root_fingerprint());
             isthmus_transport::write_private(path, &token)
                 .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!(path = %path.display(), "created admin token");
@@ -178,7 +181,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .admin_token_file
         .clone()
         .unwrap_or_else(|| config.data_dir.join("admin-token"));
-    let admin = admin_token(&token_path)?;
+    let admin = admin_token(&token_path, &ca)?;
 
     // The serving certificate names every address clients may dial.
     let mut names: Vec<String> = vec![

@@ -167,48 +167,25 @@ async fn serve_admin(
     svid: watch::Receiver<Arc<identity::Svid>>,
     metrics: Arc<metrics::Metrics>,
 ) -> anyhow::Result<()> {
-    let ready = xds.ready.clone();
     let snapshot = xds.snapshot.clone();
-    let admin = axum::Router::new()
-        .route(
-            "/ready",
-            get(move || {
-                let ok = *ready.borrow();
-                async move {
-                    if ok {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "waiting for config from the primary\n",
-                        )
-                    }
-                }
-            }),
-        )
-        .route(
-            "/config_dump",
-            get(move || {
-                let snap = snapshot.load_full();
-                let s = svid.borrow().clone();
-                async move { axum::Json(config_dump(&snap, &s)) }
-            }),
-        );
-    let metrics_router = axum::Router::new().route(
-        "/metrics",
+    let admin = isthmus_transport::admin::router(
+        xds.ready.clone(),
+        "waiting for config from the primary\n",
+    )
+    .route(
+        "/config_dump",
         get(move || {
-            let m = metrics.clone();
-            async move { m.encode() }
+            let snap = snapshot.load_full();
+            let s = svid.borrow().clone();
+            async move { axum::Json(config_dump(&snap, &s)) }
         }),
     );
-    let a = TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("binding admin {}", config.admin))?;
-    let m = TcpListener::bind(config.metrics)
-        .await
-        .with_context(|| format!("binding metrics {}", config.metrics))?;
-    tokio::spawn(async move { axum::serve(a, admin).await });
-    tokio::spawn(async move { axum::serve(m, metrics_router).await });
+    isthmus_transport::admin::serve(config.admin, admin).await?;
+    isthmus_transport::admin::serve(
+        config.metrics,
+        isthmus_transport::admin::metrics_router(move || metrics.encode()),
+    )
+    .await?;
     Ok(())
 }
 

@@ -71,28 +71,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ca = ca_server::serve(socket, creds.clone(), reg_rx.clone())?;
 
     let (ready_tx, ready_rx) = watch::channel(false);
-    let admin = tokio::net::TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("binding admin listener {}", config.admin))?;
-    let router = axum::Router::new()
-        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
-        .route(
-            "/ready",
-            axum::routing::get(move || {
-                let ready = *ready_rx.borrow();
-                async move {
-                    if ready {
-                        (axum::http::StatusCode::OK, "ready\n")
-                    } else {
-                        (
-                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
-                            "not synced with the primary yet\n",
-                        )
-                    }
-                }
-            }),
-        );
-    tokio::spawn(async move { axum::serve(admin, router).await });
+    isthmus_transport::admin::serve(
+        config.admin,
+        isthmus_transport::admin::router(ready_rx, "not synced with the primary yet\n"),
+    )
+    .await?;
 
     let sync = sync::run(config.clone(), creds, reg_rx, ready_tx);
     tokio::select! {

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};
+use isthmus_topology::client::PrimaryClient;
 use isthmus_topology::runner::NetMode;
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -61,6 +62,26 @@ async fn a_loopback_mesh_serves_requests_and_reports_its_clusters() {
     .await;
     assert_eq!(clusters[0].name, "east");
     assert_eq!(clusters[0].network, "net-east");
+
+    // Over TCP with only the URL and the admin token: the token pins the root.
+    let token = std::fs::read_to_string(&mesh.state.admin_token_file).unwrap();
+    let remote = PrimaryClient::new(&mesh.state.primary_api, &token, None).unwrap();
+    assert_eq!(remote.list_clusters().await.unwrap().len(), 2);
+    let wrong = PrimaryClient::new(
+        &mesh.state.primary_api,
+        &token.replace("ist1.", "ist1.x"),
+        None,
+    )
+    .unwrap();
+    let err = wrong
+        .list_clusters()
+        .await
+        .expect_err("a wrong token is refused")
+        .to_string();
+    assert!(
+        err.contains("401") && err.contains("admin token is not valid"),
+        "{err}"
+    );
 
     // Every component is recorded with the fields `status -o json` prints.
     let kinds: Vec<&str> = mesh

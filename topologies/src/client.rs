@@ -16,20 +16,35 @@ pub struct PrimaryClient {
 }
 
 impl PrimaryClient {
-    /// `base` is `https://HOST:15014`; `ca_pem` the mesh root(s).
-    pub fn new(base: &str, token: &str, ca_pem: &str) -> anyhow::Result<Self> {
-        Self::build(base, token, ca_pem, None)
+    /// `base` is `https://HOST:15014`. The primary is verified against
+    /// `ca_pem` (the mesh roots) when given, else against the root whose
+    /// fingerprint the token carries (`ist1.<secret>.<root sha256>`).
+    pub fn new(base: &str, token: &str, ca_pem: Option<&str>) -> anyhow::Result<Self> {
+        let tls = match ca_pem {
+            Some(pem) => isthmus_transport::primary_client_config(pem, None)?,
+            None => {
+                let (_, fp) = isthmus_api::join_token::parse(token.trim()).context(
+                    "this token carries no root fingerprint; pass --ca-file with the mesh root",
+                )?;
+                isthmus_transport::pinned_root_client_config(fp)?
+            }
+        };
+        Self::build(base, token, tls, None)
     }
 
     /// Talks to a local primary over its Unix API socket (still TLS).
     pub fn over_socket(socket: &Path, token: &str, ca_pem: &str) -> anyhow::Result<Self> {
-        Self::build("https://localhost", token, ca_pem, Some(socket))
+        let tls = isthmus_transport::primary_client_config(ca_pem, None)?;
+        Self::build("https://localhost", token, tls, Some(socket))
     }
 
-    fn build(base: &str, token: &str, ca_pem: &str, socket: Option<&Path>) -> anyhow::Result<Self> {
+    fn build(
+        base: &str,
+        token: &str,
+        mut tls: rustls::ClientConfig,
+        socket: Option<&Path>,
+    ) -> anyhow::Result<Self> {
         isthmus_ca::install_crypto_provider();
-        let tls = isthmus_transport::primary_client_config(ca_pem, None)?;
-        let mut tls = tls;
         tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let mut builder = reqwest::Client::builder();
         if let Some(socket) = socket {

@@ -236,7 +236,6 @@ async fn start(
 ) -> anyhow::Result<()> {
     let dir = state.state_dir.clone();
     std::fs::create_dir_all(dir.join("logs"))?;
-    isthmus_transport::write_private(&state.admin_token_file, &random_token())?;
     let spawner = Spawner {
         exe: opts.exe.clone(),
         dir: dir.clone(),
@@ -540,6 +539,7 @@ async fn wait_for_primary(state: &MeshState, pid: u32) -> anyhow::Result<Primary
             );
         }
         if state.ca_file.exists()
+            && state.admin_token_file.exists()
             && state.api_socket.exists()
             && let Ok(client) = state.client()
             && client.healthz().await.is_ok()

@@ -6,6 +6,8 @@
 //! up another, and a failed handshake is logged and dropped rather than ending
 //! the server.
 
+pub mod admin;
+
 use std::io;
 use std::path::PathBuf;
 use std::sync::Arc;
