@@ -68,6 +68,10 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     #[arg(long, default_value = isthmus_api::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// Use etcd at these endpoints (`http://HOST:2379`, comma-separated)
+    /// instead of the embedded store. Needed for more than one replica.
+    #[arg(long, value_delimiter = ',', env = "ISTHMUS_ETCD")]
+    pub etcd: Vec<String>,
 }
 
 pub struct Metrics {
@@ -171,10 +175,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let store: Arc<dyn Store> = Arc::new(
-        store::embedded::EmbeddedStore::open(&config.data_dir.join("store.redb"))
-            .context("opening the embedded store")?,
-    );
+    let store: Arc<dyn Store> = if config.etcd.is_empty() {
+        Arc::new(
+            store::embedded::EmbeddedStore::open(&config.data_dir.join("store.redb"))
+                .context("opening the embedded store")?,
+        )
+    } else {
+        Arc::new(
+            store::etcd::EtcdStore::connect(&config.etcd)
+                .await
+                .with_context(|| format!("connecting to etcd at {}", config.etcd.join(",")))?,
+        )
+    };
     let ca = CaState::load_or_create(&store, &config.trust_domain).await?;
     std::fs::write(config.data_dir.join("root-cert.pem"), ca.bundle_pem())?;
     let token_path = config

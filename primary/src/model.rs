@@ -1,10 +1,10 @@
 //! The primary's in-memory model of the mesh, rebuilt from store events.
 //!
-//! Data flows one way: the store is watched, every event updates a plain copy
-//! of the stored keys, and a fresh immutable [`Model`] is built from that copy
-//! and published. Readers (xDS, the REST API) hold an `Arc<Model>` and never
-//! lock. After a compaction the watcher lists everything again, so deletions
-//! made while it was away are not missed.
+//! Data flows one way: a [`Mirror`] follows the store, and after every change
+//! a fresh immutable [`Model`] is built from the mirrored keys and published.
+//! Readers (xDS, the REST API) hold an `Arc<Model>` and never lock. After a
+//! compaction the mirror lists everything again, so deletions made while it
+//! was away are not missed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -13,7 +13,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::records::{ClusterRecord, HeartbeatRecord, ServiceRecord};
-use crate::store::{Event, Store, StoreError, keys};
+use crate::store::mirror::Mirror;
+use crate::store::{Store, StoreError, keys};
 
 /// An immutable view of the mesh at one store revision.
 #[derive(Debug, Default)]
@@ -96,11 +97,8 @@ pub async fn run(store: Arc<dyn Store>, tx: watch::Sender<Arc<Model>>) {
     loop {
         match follow(&*store, &tx).await {
             Ok(()) => return,
-            Err(StoreError::Compacted { requested, oldest }) => {
-                tracing::warn!(requested, oldest, "model watch compacted; listing again");
-            }
             Err(e) => {
-                tracing::error!(error = %e, "model watch failed; retrying");
+                tracing::error!(error = %e, "model watch failed; listing again");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
@@ -108,33 +106,28 @@ pub async fn run(store: Arc<dyn Store>, tx: watch::Sender<Arc<Model>>) {
 }
 
 async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Model>>) -> Result<(), StoreError> {
-    let (items, revision) = store.list(keys::PREFIX).await?;
-    let mut kv: BTreeMap<String, Vec<u8>> = items.into_iter().map(|i| (i.key, i.value)).collect();
-    let mut revision = revision;
-    // A relist is a config change as far as xDS knows.
-    let mut config_revision = revision;
-    tx.send_replace(Arc::new(Model::build(revision, config_revision, &kv)));
-    let mut events = store.watch(keys::PREFIX, revision + 1).await?;
-    while let Some(batch) = events.recv().await {
-        let batch = batch?;
-        for event in batch {
-            revision = revision.max(event.revision());
-            if !event.key().starts_with(keys::HEARTBEATS) {
-                config_revision = config_revision.max(event.revision());
+    let mut mirror = Mirror::new(store, keys::PREFIX).await?;
+    // A fresh listing is a config change as far as xDS knows.
+    let mut config_revision = mirror.revision;
+    tx.send_replace(Arc::new(Model::build(
+        mirror.revision,
+        config_revision,
+        &mirror.items,
+    )));
+    mirror
+        .follow(store, |m, events| {
+            if events
+                .iter()
+                .any(|e| !e.key().starts_with(keys::HEARTBEATS))
+            {
+                config_revision = m.revision;
             }
-            match event {
-                Event::Put(item) => {
-                    kv.insert(item.key, item.value);
-                }
-                Event::Delete { key, .. } => {
-                    kv.remove(&key);
-                }
-            }
-        }
-        tx.send_replace(Arc::new(Model::build(revision, config_revision, &kv)));
-        if tx.is_closed() {
-            return Ok(());
-        }
-    }
-    Err(StoreError::Backend("store watch ended".into()))
+            tx.send_replace(Arc::new(Model::build(
+                m.revision,
+                config_revision,
+                &m.items,
+            )));
+            !tx.is_closed()
+        })
+        .await
 }

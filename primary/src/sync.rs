@@ -90,6 +90,9 @@ impl Sync for SyncService {
                     break;
                 }
                 let reply = match msg.kind {
+                    Some(agent_message::Kind::Snapshot(snap)) if snap.cluster != cluster => {
+                        refuse_foreign(&shared, &cluster, &snap.cluster)
+                    }
                     Some(agent_message::Kind::Snapshot(snap)) => {
                         apply_snapshot(&shared, &cluster, snap.services).await
                     }
@@ -204,6 +207,25 @@ impl SyncService {
             "cluster record kept changing during join; retry",
         ))
     }
+}
+
+/// An agent that reports for a cluster other than its own is refused; the
+/// attempt is logged and counted so operators see it.
+fn refuse_foreign(shared: &Shared, cluster: &str, claimed: &str) -> Result<PrimaryMessage, Status> {
+    shared
+        .metrics
+        .sync_refusals
+        .get_or_create(&vec![("cluster".into(), cluster.into())])
+        .inc();
+    tracing::warn!(
+        audit = true,
+        cluster,
+        claimed,
+        "refused a snapshot for another cluster: an agent may write only its own cluster's entries"
+    );
+    Err(Status::invalid_argument(format!(
+        "snapshot names cluster {claimed:?}, but this agent's certificate belongs to {cluster:?}; nothing was written"
+    )))
 }
 
 async fn heartbeat(

@@ -41,10 +41,11 @@ pub async fn run(
     }
 }
 
-fn snapshot(reg: &Registry) -> AgentMessage {
+fn snapshot(cluster: &str, reg: &Registry) -> AgentMessage {
     AgentMessage {
         kind: Some(agent_message::Kind::Snapshot(Snapshot {
             services: reg.snapshot(),
+            cluster: cluster.to_string(),
         })),
     }
 }
@@ -70,7 +71,8 @@ async fn session(
         Arc::new(tls),
     )?);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(snapshot(&registry.borrow_and_update())).await?;
+    tx.send(snapshot(&config.cluster, &registry.borrow_and_update()))
+        .await?;
     tx.send(heartbeat()).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(primary = %config.primary, "sync stream open");
@@ -80,7 +82,7 @@ async fn session(
         tokio::select! {
             changed = registry.changed() => {
                 if changed.is_err() { return Ok(()); }
-                let msg = snapshot(&registry.borrow_and_update());
+                let msg = snapshot(&config.cluster, &registry.borrow_and_update());
                 tx.send(msg).await?;
             }
             _ = beat.tick() => {

@@ -2,6 +2,9 @@
 //! runs anywhere. Checks the request path, the cluster registry's view and
 //! the `status` contract.
 
+// Test code: a panic is how an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};

@@ -2,6 +2,9 @@
 //! only gateway addresses cross networks. Needs root (CI runs as root);
 //! elsewhere each test prints why it skipped.
 
+// Test code: a panic is how an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually, mesh_request};

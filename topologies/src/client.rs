@@ -133,6 +133,19 @@ impl PrimaryClient {
         Ok(())
     }
 
+    /// The primary's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.base);
+        Ok(self
+            .http
+            .get(&url)
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
+    }
+
     pub async fn proxies(&self) -> anyhow::Result<serde_json::Value> {
         self.call(Method::GET, "/api/v1/proxies", None).await
     }

@@ -205,7 +205,7 @@ impl EmbeddedStore {
     }
 
     /// Drops history older than `revision`, like etcd's compaction.
-    pub fn compact(&self, revision: i64) {
+    fn compact_history(&self, revision: i64) {
         let mut inner = self.lock();
         while inner
             .history
@@ -295,6 +295,11 @@ impl Store for EmbeddedStore {
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
         let mut inner = self.lock();
         self.apply(&mut inner, &compares, &ops)
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        self.compact_history(revision);
+        Ok(())
     }
 }
 

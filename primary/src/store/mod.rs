@@ -3,10 +3,14 @@
 //! `/isthmus/v1/<kind>/...`; see [`keys`].
 //!
 //! The embedded backend ([`embedded::EmbeddedStore`]) keeps one primary's
-//! state in a redb file. A watcher that falls behind the retained history gets
-//! [`StoreError::Compacted`] and must list again, exactly as with etcd.
+//! state in a redb file; the etcd backend ([`etcd::EtcdStore`]) is for
+//! production and for several replicas. A watcher that falls behind the
+//! retained history gets [`StoreError::Compacted`] and must list again;
+//! [`mirror::Mirror`] does that and reports the difference.
 
 pub mod embedded;
+pub mod etcd;
+pub mod mirror;
 
 use async_trait::async_trait;
 use tokio::sync::mpsc;
@@ -84,6 +88,9 @@ pub trait Store: Send + Sync + 'static {
     /// Applies `ops` atomically if every compare holds. Returns whether it
     /// applied and the store revision after it.
     async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(bool, i64), StoreError>;
+    /// Forgets history older than `revision`; watches from before it fail
+    /// with [`StoreError::Compacted`].
+    async fn compact(&self, revision: i64) -> Result<(), StoreError>;
 }
 
 /// Key layout: `/isthmus/v1/<kind>/<namespace>/<name>`.

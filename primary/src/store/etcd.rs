@@ -1,0 +1,192 @@
+//! The etcd backend (etcd-client): for production and for more than one
+//! primary replica. Revisions, compare-and-swap and compaction are etcd's
+//! own.
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions,
+};
+use tokio::sync::mpsc;
+
+use super::{Compare, Event, KeyValue, Op, Store, StoreError, WatchReceiver};
+
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+}
+
+fn backend(e: etcd_client::Error) -> StoreError {
+    StoreError::Backend(format!("etcd: {e}"))
+}
+
+fn key_string(raw: &[u8]) -> Result<String, StoreError> {
+    String::from_utf8(raw.to_vec()).map_err(|_| StoreError::Corrupt {
+        key: String::from_utf8_lossy(raw).to_string(),
+        reason: "key is not UTF-8".into(),
+    })
+}
+
+fn convert(kv: &etcd_client::KeyValue) -> Result<KeyValue, StoreError> {
+    Ok(KeyValue {
+        key: key_string(kv.key())?,
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+fn revision(header: Option<&etcd_client::ResponseHeader>) -> i64 {
+    header.map(|h| h.revision()).unwrap_or(0)
+}
+
+impl EtcdStore {
+    /// Connects to etcd at `endpoints` (`http://HOST:2379`).
+    pub async fn connect(endpoints: &[String]) -> Result<Self, StoreError> {
+        let options = etcd_client::ConnectOptions::new()
+            .with_connect_timeout(std::time::Duration::from_secs(5))
+            .with_timeout(std::time::Duration::from_secs(10));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(backend)?;
+        Ok(Self { client })
+    }
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    async fn get(&self, key: &str) -> Result<Option<KeyValue>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(key, None)
+            .await
+            .map_err(backend)?;
+        resp.kvs().first().map(convert).transpose()
+    }
+
+    async fn put(&self, key: &str, value: Vec<u8>) -> Result<i64, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .put(key, value, None)
+            .await
+            .map_err(backend)?;
+        Ok(revision(resp.header()))
+    }
+
+    async fn delete(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .delete(key, None)
+            .await
+            .map_err(backend)?;
+        Ok((resp.deleted() > 0).then(|| revision(resp.header())))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<(Vec<KeyValue>, i64), StoreError> {
+        let resp = self
+            .client
+            .kv_client()
+            .get(prefix, Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(backend)?;
+        let items = resp
+            .kvs()
+            .iter()
+            .map(convert)
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((items, revision(resp.header())))
+    }
+
+    async fn watch(&self, prefix: &str, from_revision: i64) -> Result<WatchReceiver, StoreError> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(from_revision);
+        let mut stream = self
+            .client
+            .watch_client()
+            .watch(prefix, Some(options))
+            .await
+            .map_err(backend)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                let resp = match stream.message().await {
+                    Ok(Some(r)) => r,
+                    Ok(None) => {
+                        let _ = tx.send(Err(StoreError::Backend("etcd watch ended".into())));
+                        return;
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(backend(e)));
+                        return;
+                    }
+                };
+                if resp.compact_revision() > 0 {
+                    let _ = tx.send(Err(StoreError::Compacted {
+                        requested: from_revision,
+                        oldest: resp.compact_revision(),
+                    }));
+                    return;
+                }
+                if resp.canceled() {
+                    let _ = tx.send(Err(StoreError::Backend(format!(
+                        "etcd canceled the watch: {}",
+                        resp.cancel_reason()
+                    ))));
+                    return;
+                }
+                let mut batch = Vec::new();
+                for e in resp.events() {
+                    let Some(kv) = e.kv() else { continue };
+                    let event = match e.event_type() {
+                        EventType::Put => convert(kv).map(Event::Put),
+                        EventType::Delete => key_string(kv.key()).map(|key| Event::Delete {
+                            key,
+                            mod_revision: kv.mod_revision(),
+                        }),
+                    };
+                    match event {
+                        Ok(ev) => batch.push(ev),
+                        Err(err) => tracing::error!(error = %err, "skipping an etcd event"),
+                    }
+                }
+                if !batch.is_empty() && tx.send(Ok(batch)).is_err() {
+                    return; // the watcher went away
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn txn(&self, compares: Vec<Compare>, ops: Vec<Op>) -> Result<(bool, i64), StoreError> {
+        let when: Vec<EtcdCompare> = compares
+            .into_iter()
+            .map(|c| EtcdCompare::mod_revision(c.key, CompareOp::Equal, c.mod_revision))
+            .collect();
+        let then: Vec<TxnOp> = ops
+            .into_iter()
+            .map(|op| match op {
+                Op::Put { key, value } => TxnOp::put(key, value, None),
+                Op::Delete { key } => TxnOp::delete(key, None),
+            })
+            .collect();
+        let resp = self
+            .client
+            .kv_client()
+            .txn(Txn::new().when(when).and_then(then))
+            .await
+            .map_err(backend)?;
+        Ok((resp.succeeded(), revision(resp.header())))
+    }
+
+    async fn compact(&self, revision: i64) -> Result<(), StoreError> {
+        self.client
+            .kv_client()
+            .compact(revision, None)
+            .await
+            .map_err(backend)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! Cluster registration security against a primary running in-process on
+//! loopback: join tokens are single-use, expiring and bound to their
+//! cluster; an agent speaks only for its own cluster; a deregistered
+//! cluster's agent is refused.
+
+// Test code: a panic is how an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use isthmus_api::pb::sync::sync_client::SyncClient;
+use isthmus_api::pb::sync::{AgentMessage, JoinRequest, JoinResponse, Snapshot, agent_message};
+use isthmus_api::rest::RegisterCluster;
+use isthmus_ca::{Signer, SpiffeId};
+use isthmus_e2e::eventually;
+use isthmus_topology::client::PrimaryClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+const PATIENCE: Duration = Duration::from_secs(30);
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+struct Primary {
+    grpc: String,
+    api: PrimaryClient,
+    root_fp: String,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for Primary {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_primary() -> Primary {
+    isthmus_ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let (grpc, http) = (free_addr(), free_addr());
+    let config = isthmus_primary::Config {
+        data_dir: dir.path().to_path_buf(),
+        grpc_listen: grpc,
+        http_listen: http,
+        api_socket: None,
+        advertise: vec![],
+        admin_token_file: None,
+        trust_domain: "cluster.local".into(),
+        etcd: vec![],
+    };
+    let task = tokio::spawn(isthmus_primary::run(config));
+    let token_file = dir.path().join("admin-token");
+    let api = eventually("the primary to answer /healthz", PATIENCE, || async {
+        let token = std::fs::read_to_string(&token_file).ok()?;
+        let api = PrimaryClient::new(&format!("https://{http}"), &token, None).ok()?;
+        api.healthz().await.ok()?;
+        Some(api)
+    })
+    .await;
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    let (_, fp) = isthmus_api::join_token::parse(token.trim()).unwrap();
+    Primary {
+        grpc: format!("https://{grpc}"),
+        api,
+        root_fp: fp.to_string(),
+        _dir: dir,
+        task,
+    }
+}
+
+impl Primary {
+    async fn register(&self, name: &str, ttl: u64) -> (String, u64) {
+        let r = self
+            .api
+            .register_cluster(&RegisterCluster {
+                name: name.into(),
+                network: format!("net-{name}"),
+                region: "r".into(),
+                zone: "z".into(),
+                gateways: vec!["192.0.2.10".into()],
+                token_ttl_seconds: ttl,
+            })
+            .await
+            .unwrap();
+        (r.join_token, r.join_token_expires_unix)
+    }
+
+    /// Joins as `cluster`; returns the intermediate's key too.
+    async fn join(
+        &self,
+        cluster: &str,
+        token: &str,
+    ) -> Result<(JoinResponse, String), tonic::Status> {
+        let tls = isthmus_transport::pinned_root_client_config(&self.root_fp).unwrap();
+        let channel = isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).unwrap();
+        let (csr, key) = isthmus_ca::issue::generate_csr("test agent").unwrap();
+        let resp = SyncClient::new(channel)
+            .join(JoinRequest {
+                cluster: cluster.into(),
+                token: token.into(),
+                csr_pem: csr,
+                agent_version: "test".into(),
+            })
+            .await?;
+        Ok((resp.into_inner(), key))
+    }
+
+    /// Opens a sync stream presenting `[agent leaf, intermediate_pem]`.
+    async fn stream(
+        &self,
+        signer: &Signer,
+        intermediate_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<
+        (
+            mpsc::Sender<AgentMessage>,
+            tonic::Streaming<isthmus_api::pb::sync::PrimaryMessage>,
+        ),
+        tonic::Status,
+    > {
+        let id = SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent").unwrap();
+        let (leaf, key) = signer
+            .issue_workload(&id, Duration::from_secs(600))
+            .unwrap();
+        let identity =
+            isthmus_transport::Identity::from_pem(&format!("{}{intermediate_pem}", leaf.pem), &key)
+                .unwrap();
+        let tls = isthmus_transport::primary_client_config(bundle_pem, Some(identity)).unwrap();
+        let channel = isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).unwrap();
+        let (tx, rx) = mpsc::channel(4);
+        let inbound = SyncClient::new(channel)
+            .stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((tx, inbound))
+    }
+}
+
+fn snapshot(cluster: &str, service: &str) -> AgentMessage {
+    AgentMessage {
+        kind: Some(agent_message::Kind::Snapshot(Snapshot {
+            cluster: cluster.into(),
+            services: vec![isthmus_api::pb::sync::Service {
+                namespace: "demo".into(),
+                name: service.into(),
+                ports: vec![isthmus_api::pb::sync::Port {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: "http".into(),
+                }],
+                endpoints: vec![isthmus_api::pb::sync::Endpoint {
+                    workload: "w".into(),
+                    address: "198.51.100.20".into(),
+                    inbound_port: 15006,
+                    service_account: "echo".into(),
+                    ready: true,
+                }],
+            }],
+        })),
+    }
+}
+
+/// The next reply that is not the opening trust-bundle message.
+async fn reply(
+    inbound: &mut tonic::Streaming<isthmus_api::pb::sync::PrimaryMessage>,
+) -> Result<isthmus_api::pb::sync::PrimaryMessage, tonic::Status> {
+    loop {
+        let msg = tokio::time::timeout(PATIENCE, inbound.message())
+            .await
+            .expect("a reply")?
+            .expect("stream open");
+        if msg.trust_bundle_pem.is_empty() {
+            return Ok(msg);
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
+    let p = start_primary().await;
+    let (east_token, _) = p.register("east", 0).await;
+    let (west_token, _) = p.register("west", 0).await;
+
+    // A malformed token, a wrong secret, and another cluster's token.
+    let err = p.join("east", "hello").await.expect_err("malformed");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let wrong = format!("ist1.{}.{}", "A".repeat(43), p.root_fp);
+    let err = p.join("east", &wrong).await.expect_err("wrong secret");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(err.message().contains("not valid"), "{err}");
+    let err = p
+        .join("east", &west_token)
+        .await
+        .expect_err("west's token for east");
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = p
+        .join("nosuch", &east_token)
+        .await
+        .expect_err("unknown cluster");
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // The right token works once.
+    let (east, east_key) = p.join("east", &east_token).await.expect("east joins");
+    let err = p.join("east", &east_token).await.expect_err("token reuse");
+    assert!(err.message().contains("already used"), "{err}");
+    let (west, west_key) = p.join("west", &west_token).await.expect("west joins");
+
+    // An expired token is refused (wait for the wall clock to pass expiry).
+    let (late_token, expires) = p.register("late", 1).await;
+    eventually("the join token's expiry to pass", PATIENCE, || async {
+        (now_unix() > expires).then_some(())
+    })
+    .await;
+    let err = p
+        .join("late", &late_token)
+        .await
+        .expect_err("expired token");
+    assert!(err.message().contains("expired"), "{err}");
+
+    // East's agent reports its own services; they land under east only.
+    let east_signer = Signer::from_pem(&east.intermediate_pem, &east_key).unwrap();
+    let west_signer = Signer::from_pem(&west.intermediate_pem, &west_key).unwrap();
+    let (tx, mut inbound) = p
+        .stream(&east_signer, &east.intermediate_pem, &east.trust_bundle_pem)
+        .await
+        .expect("east streams");
+    tx.send(snapshot("east", "echo")).await.unwrap();
+    let ok = reply(&mut inbound).await.expect("reply");
+    assert!(ok.error.is_empty() && ok.applied_revision > 0, "{ok:?}");
+
+    // East's agent trying to write west's entries is refused and audited.
+    tx.send(snapshot("west", "evil")).await.unwrap();
+    let refused = reply(&mut inbound).await.expect("reply");
+    assert!(refused.error.contains("belongs to \"east\""), "{refused:?}");
+    let clusters = p.api.list_clusters().await.unwrap();
+    let count = |name: &str| {
+        clusters
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.endpoint_count)
+    };
+    assert_eq!((count("east"), count("west")), (Some(1), Some(0)));
+    let metrics = reqwest_metrics(&p).await;
+    assert!(
+        isthmus_e2e::counter_value(
+            &metrics,
+            "isthmus_primary_sync_refusals_total",
+            &["cluster=\"east\""]
+        ) >= 1.0,
+        "{metrics}"
+    );
+
+    // A chain that pairs east's leaf with west's intermediate fails the
+    // TLS handshake: there is no path to the root.
+    let err = p
+        .stream(&east_signer, &west.intermediate_pem, &east.trust_bundle_pem)
+        .await
+        .expect_err("forged chain");
+    assert!(
+        matches!(
+            err.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown
+        ),
+        "{err}"
+    );
+    // Appending east's real intermediate after west's lets TLS find a path,
+    // but the primary checks the leaf against the intermediate that names
+    // the cluster, and refuses.
+    let sneaky = format!("{}{}", west.intermediate_pem, east.intermediate_pem);
+    let err = p
+        .stream(&east_signer, &sneaky, &east.trust_bundle_pem)
+        .await
+        .expect_err("forged chain with the real intermediate appended");
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    // West's own agent is fine.
+    p.stream(&west_signer, &west.intermediate_pem, &west.trust_bundle_pem)
+        .await
+        .expect("west streams");
+
+    // Deregistering east removes its endpoints and refuses its agent.
+    p.api.deregister_cluster("east").await.unwrap();
+    let err = eventually("east's agent to be refused", PATIENCE, || async {
+        p.stream(&east_signer, &east.intermediate_pem, &east.trust_bundle_pem)
+            .await
+            .err()
+    })
+    .await;
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(
+        p.api
+            .list_clusters()
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| c.name != "east")
+    );
+}
+
+async fn reqwest_metrics(p: &Primary) -> String {
+    p.api.metrics().await.unwrap()
+}
