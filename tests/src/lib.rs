@@ -84,6 +84,26 @@ impl Mesh {
         Ok(counter_value(&text, metric, labels))
     }
 
+    /// Edits a cluster's file registry; the agent picks the change up.
+    pub fn edit_registry(
+        &self,
+        cluster: &str,
+        edit: impl FnOnce(&mut serde_json::Value) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
+        let path = self
+            .dir()
+            .join("clusters")
+            .join(cluster)
+            .join("registry.yaml");
+        let text = std::fs::read_to_string(&path)?;
+        let mut doc: serde_json::Value =
+            serde_saphyr::from_str(&text).map_err(|e| anyhow::anyhow!("registry: {e}"))?;
+        edit(&mut doc)?;
+        // JSON is YAML too.
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
+        Ok(())
+    }
+
     /// Rewrites one workload's label in its cluster's file registry.
     pub fn relabel(
         &self,
@@ -92,20 +112,42 @@ impl Mesh {
         key: &str,
         value: &str,
     ) -> anyhow::Result<()> {
-        let path = self
-            .dir()
-            .join("clusters")
-            .join(cluster)
-            .join("registry.yaml");
-        let text = std::fs::read_to_string(&path)?;
-        let mut doc: serde_json::Value = serde_saphyr_json(&text)?;
-        let w = doc["workloads"]
-            .as_array_mut()
-            .and_then(|ws| ws.iter_mut().find(|w| w["name"] == workload))
-            .with_context(|| format!("no workload {workload} in {}", path.display()))?;
-        w["labels"][key] = serde_json::Value::String(value.to_string());
-        std::fs::write(&path, serde_json::to_string_pretty(&doc)?)?;
-        Ok(())
+        self.edit_registry(cluster, |doc| {
+            let w = doc["workloads"]
+                .as_array_mut()
+                .and_then(|ws| ws.iter_mut().find(|w| w["name"] == workload))
+                .with_context(|| format!("no workload {workload}"))?;
+            w["labels"][key] = serde_json::Value::String(value.to_string());
+            Ok(())
+        })
+    }
+
+    /// Adds a workload (and a service selecting it) to a cluster's registry
+    /// and writes its credential where [`Mesh::workload_svid`] finds it.
+    pub fn add_workload(&self, cluster: &str, name: &str, address: &str) -> anyhow::Result<()> {
+        let token = format!("{name}-credential-{}", std::process::id());
+        std::fs::write(
+            self.dir()
+                .join("clusters")
+                .join(cluster)
+                .join(format!("{name}.token")),
+            &token,
+        )?;
+        self.edit_registry(cluster, |doc| {
+            let selector = serde_json::json!({ "app": name });
+            doc["services"]
+                .as_array_mut()
+                .context("registry has no services")?
+                .push(serde_json::json!({"name": name, "namespace": "demo", "ports": [{"name": "http", "port": 8080}], "selector": selector}));
+            doc["workloads"]
+                .as_array_mut()
+                .context("registry has no workloads")?
+                .push(serde_json::json!({
+                    "name": name, "namespace": "demo", "serviceAccount": name, "address": address,
+                    "labels": selector, "tokenSha256": isthmus_ca::pem::fingerprint(token.as_bytes()),
+                }));
+            Ok(())
+        })
     }
 
     /// Fetches a real certificate for `workload` from its cluster's agent.
@@ -133,12 +175,6 @@ impl Mesh {
             &pem,
         )?)
     }
-}
-
-/// The registry is written as YAML by the runner; JSON is YAML too, so
-/// tests read it with the YAML parser and write it back as JSON.
-fn serde_saphyr_json(text: &str) -> anyhow::Result<serde_json::Value> {
-    serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("registry: {e}"))
 }
 
 pub fn counter_value(text: &str, metric: &str, labels: &[&str]) -> f64 {

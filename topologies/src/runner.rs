@@ -51,6 +51,9 @@ pub struct Component {
     pub pid: u32,
     pub listeners: BTreeMap<String, String>,
     pub log: PathBuf,
+    /// What it was started with (after `component`), for restarts.
+    #[serde(default)]
+    pub args: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -247,33 +250,30 @@ async fn start(
     let mut listeners = BTreeMap::new();
     listeners.insert("grpc".to_string(), format!("{p}:{}", ports::PRIMARY_GRPC));
     listeners.insert("http".to_string(), format!("{p}:{}", ports::PRIMARY_HTTP));
-    let pid = spawner.spawn(
-        "primary",
-        wan.as_deref(),
-        &[
-            "primary".into(),
-            "--api-socket".into(),
-            state.api_socket.display().to_string(),
-            "--data-dir".into(),
-            dir.join("primary").display().to_string(),
-            "--grpc-listen".into(),
-            listeners["grpc"].clone(),
-            "--http-listen".into(),
-            listeners["http"].clone(),
-            "--admin-token-file".into(),
-            state.admin_token_file.display().to_string(),
-        ],
-    )?;
-    state.components.push(Component {
+    let args = vec![
+        "primary".into(),
+        "--api-socket".into(),
+        state.api_socket.display().to_string(),
+        "--data-dir".into(),
+        dir.join("primary").display().to_string(),
+        "--grpc-listen".into(),
+        listeners["grpc"].clone(),
+        "--http-listen".into(),
+        listeners["http"].clone(),
+        "--admin-token-file".into(),
+        state.admin_token_file.display().to_string(),
+    ];
+    let spec = Spec {
         name: "primary".into(),
-        kind: "primary".into(),
+        kind: "primary",
         cluster: None,
         network: None,
-        netns: wan.clone(),
-        pid,
+        ns: wan.clone(),
         listeners,
-        log: spawner.log("primary"),
-    });
+    };
+    let component = spawner.spawn(spec, args)?;
+    let pid = component.pid;
+    state.components.push(component);
     let client = wait_for_primary(state, pid).await?;
 
     // 2. Clusters: register, write registries, start agents and gateways.
@@ -338,35 +338,33 @@ async fn start(
         let agent_dir = cdir.join("agent");
         let agent_admin = SocketAddr::new(IpAddr::V4(pod(2)), ports::ADMIN);
         let name = format!("agent-{}", cluster.name);
-        let pid = spawner.spawn(
-            &name,
-            ns.as_deref(),
-            &[
-                "agent".into(),
-                "--primary".into(),
-                state.primary_grpc.clone(),
-                "--join-token".into(),
-                registered.join_token.clone(),
-                "--cluster".into(),
-                cluster.name.clone(),
-                "--state-dir".into(),
-                agent_dir.display().to_string(),
-                "--registry".into(),
-                cdir.join("registry.yaml").display().to_string(),
-                "--admin".into(),
-                agent_admin.to_string(),
-            ],
-        )?;
-        state.components.push(Component {
-            name: name.clone(),
-            kind: "agent".into(),
+        let spec = |name: &str, kind: &'static str, listeners: BTreeMap<String, String>| Spec {
+            name: name.to_string(),
+            kind,
             cluster: Some(cluster.name.clone()),
             network: Some(cluster.network.clone()),
-            netns: ns.clone(),
-            pid,
-            listeners: BTreeMap::from([("admin".into(), agent_admin.to_string())]),
-            log: spawner.log(&name),
-        });
+            ns: ns.clone(),
+            listeners,
+        };
+        let args = vec![
+            "agent".into(),
+            "--primary".into(),
+            state.primary_grpc.clone(),
+            "--join-token".into(),
+            registered.join_token.clone(),
+            "--cluster".into(),
+            cluster.name.clone(),
+            "--state-dir".into(),
+            agent_dir.display().to_string(),
+            "--registry".into(),
+            cdir.join("registry.yaml").display().to_string(),
+            "--admin".into(),
+            agent_admin.to_string(),
+        ];
+        let listeners = BTreeMap::from([("admin".into(), agent_admin.to_string())]);
+        let component = spawner.spawn(spec(&name, "agent", listeners), args)?;
+        let pid = component.pid;
+        state.components.push(component);
         state.save()?;
         wait_ready(ns.as_deref(), agent_admin, pid, &spawner.log(&name)).await?;
 
@@ -374,41 +372,31 @@ async fn start(
         let gw_listen = SocketAddr::new(IpAddr::V4(gw), ports::GATEWAY);
         let gw_admin = SocketAddr::new(IpAddr::V4(gw), ports::ADMIN);
         let gw_metrics = SocketAddr::new(IpAddr::V4(gw), ports::METRICS);
-        let pid = spawner.spawn(
-            &name,
-            ns.as_deref(),
-            &[
-                "gateway".into(),
-                "--primary".into(),
-                state.primary_grpc.clone(),
-                "--cluster".into(),
-                cluster.name.clone(),
-                "--token-file".into(),
-                agent_dir.join("gateway-token").display().to_string(),
-                "--roots".into(),
-                agent_dir.join("roots.pem").display().to_string(),
-                "--listen".into(),
-                gw_listen.to_string(),
-                "--admin".into(),
-                gw_admin.to_string(),
-                "--metrics".into(),
-                gw_metrics.to_string(),
-            ],
-        )?;
-        state.components.push(Component {
-            name: name.clone(),
-            kind: "gateway".into(),
-            cluster: Some(cluster.name.clone()),
-            network: Some(cluster.network.clone()),
-            netns: ns.clone(),
-            pid,
-            listeners: BTreeMap::from([
-                ("gateway".into(), gw_listen.to_string()),
-                ("admin".into(), gw_admin.to_string()),
-                ("metrics".into(), gw_metrics.to_string()),
-            ]),
-            log: spawner.log(&name),
-        });
+        let args = vec![
+            "gateway".into(),
+            "--primary".into(),
+            state.primary_grpc.clone(),
+            "--cluster".into(),
+            cluster.name.clone(),
+            "--token-file".into(),
+            agent_dir.join("gateway-token").display().to_string(),
+            "--roots".into(),
+            agent_dir.join("roots.pem").display().to_string(),
+            "--listen".into(),
+            gw_listen.to_string(),
+            "--admin".into(),
+            gw_admin.to_string(),
+            "--metrics".into(),
+            gw_metrics.to_string(),
+        ];
+        let listeners = BTreeMap::from([
+            ("gateway".into(), gw_listen.to_string()),
+            ("admin".into(), gw_admin.to_string()),
+            ("metrics".into(), gw_metrics.to_string()),
+        ]);
+        let component = spawner.spawn(spec(&name, "gateway", listeners), args)?;
+        let pid = component.pid;
+        state.components.push(component);
         state.save()?;
         wait_ready(ns.as_deref(), gw_admin, pid, &spawner.log(&name)).await?;
 
@@ -449,47 +437,30 @@ async fn start(
                 proxy_args.push("--app".into());
                 proxy_args.push(format!("{port}={app_addr}"));
                 let name = format!("{app}-{}", cluster.name);
-                let pid = spawner.spawn(
-                    &name,
-                    ns.as_deref(),
-                    &[
-                        "echo".into(),
-                        "--listen".into(),
-                        app_addr.to_string(),
-                        "--cluster".into(),
-                        cluster.name.clone(),
-                        "--workload".into(),
-                        w.name.clone(),
-                    ],
-                )?;
-                state.components.push(Component {
-                    name,
-                    kind: "app".into(),
-                    cluster: Some(cluster.name.clone()),
-                    network: Some(cluster.network.clone()),
-                    netns: ns.clone(),
-                    pid,
-                    listeners: BTreeMap::from([("http".into(), app_addr.to_string())]),
-                    log: spawner.log(&format!("{app}-{}", cluster.name)),
-                });
+                let args = vec![
+                    "echo".into(),
+                    "--listen".into(),
+                    app_addr.to_string(),
+                    "--cluster".into(),
+                    cluster.name.clone(),
+                    "--workload".into(),
+                    w.name.clone(),
+                ];
+                let listeners = BTreeMap::from([("http".into(), app_addr.to_string())]);
+                state
+                    .components
+                    .push(spawner.spawn(spec(&name, "app", listeners), args)?);
             }
             let name = format!("proxy-{}", w.name);
-            let pid = spawner.spawn(&name, ns.as_deref(), &proxy_args)?;
-            state.components.push(Component {
-                name: name.clone(),
-                kind: "proxy".into(),
-                cluster: Some(cluster.name.clone()),
-                network: Some(cluster.network.clone()),
-                netns: ns.clone(),
-                pid,
-                listeners: BTreeMap::from([
-                    ("outbound".into(), listen(ports::OUTBOUND).to_string()),
-                    ("inbound".into(), listen(ports::INBOUND).to_string()),
-                    ("admin".into(), listen(ports::ADMIN).to_string()),
-                    ("metrics".into(), listen(ports::METRICS).to_string()),
-                ]),
-                log: spawner.log(&name),
-            });
+            let listeners = BTreeMap::from([
+                ("outbound".into(), listen(ports::OUTBOUND).to_string()),
+                ("inbound".into(), listen(ports::INBOUND).to_string()),
+                ("admin".into(), listen(ports::ADMIN).to_string()),
+                ("metrics".into(), listen(ports::METRICS).to_string()),
+            ]);
+            let component = spawner.spawn(spec(&name, "proxy", listeners), proxy_args)?;
+            let pid = component.pid;
+            state.components.push(component);
             state.save()?;
             wait_ready(
                 ns.as_deref(),
@@ -597,11 +568,30 @@ impl Spawner {
         self.dir.join("logs").join(format!("{name}.log"))
     }
 
+    /// Starts a component and describes it.
+    fn spawn(&self, spec: Spec, args: Vec<String>) -> anyhow::Result<Component> {
+        let pid = self.start(&spec.name, spec.ns.as_deref(), &args)?;
+        Ok(Component {
+            log: self.log(&spec.name),
+            name: spec.name,
+            kind: spec.kind.to_string(),
+            cluster: spec.cluster,
+            network: spec.network,
+            netns: spec.ns,
+            pid,
+            listeners: spec.listeners,
+            args,
+        })
+    }
+
     /// Starts `exe component ARGS...`, in `ns` if given, detached from our
     /// process group so it outlives `up --detach` and a terminal's Ctrl-C
     /// reaches only `up`, which then stops everything in order.
-    fn spawn(&self, name: &str, ns: Option<&str>, args: &[String]) -> anyhow::Result<u32> {
-        let log = std::fs::File::create(self.log(name))?;
+    fn start(&self, name: &str, ns: Option<&str>, args: &[String]) -> anyhow::Result<u32> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(name))?;
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -624,6 +614,37 @@ impl Spawner {
         let child = cmd.spawn().with_context(|| format!("starting {name}"))?;
         Ok(child.id())
     }
+}
+
+/// What a component is, apart from its arguments.
+struct Spec {
+    name: String,
+    kind: &'static str,
+    cluster: Option<String>,
+    network: Option<String>,
+    ns: Option<String>,
+    listeners: BTreeMap<String, String>,
+}
+
+/// Starts a stopped component again with the arguments it was started with,
+/// and records its new pid. For tests of outages and recovery.
+pub async fn restart(state: &mut MeshState, name: &str, exe: &Path) -> anyhow::Result<u32> {
+    let spawner = Spawner {
+        exe: exe.to_path_buf(),
+        dir: state.state_dir.clone(),
+    };
+    let c = state
+        .components
+        .iter_mut()
+        .find(|c| c.name == name)
+        .with_context(|| format!("no component {name}"))?;
+    if alive(c.pid) {
+        bail!("{name} is still running (pid {})", c.pid);
+    }
+    c.pid = spawner.start(name, c.netns.as_deref(), &c.args)?;
+    let pid = c.pid;
+    state.save()?;
+    Ok(pid)
 }
 
 /// True if `pid` is a live (not zombie) process.
