@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 state=$(mktemp -d)
 out=$(mktemp)
-cleanup() { cargo run -q -p isthmusctl -- down --state-dir "$state" >/dev/null 2>&1 || true; rm -rf "$state" "$out"; }
+cleanup() { cargo run -q -p isthmusctl -- down --state-dir "$state" >/dev/null 2>&1 || true; rm -rf "$state" "$out" "$out.err"; }
 trap cleanup EXIT
 
 cargo run -q -p isthmusctl -- up multi-network --detach --state-dir "$state" | tee "$out"
@@ -15,6 +15,15 @@ answer=$(bash -c "$cmd")
 echo "$answer"
 grep -q 'URI=spiffe://cluster.local/ns/demo/sa/client' <<<"$answer" || { echo "smoke: the echo did not see the caller's SPIFFE ID"; exit 1; }
 grep -q '"cluster": "east"' <<<"$answer" || { echo "smoke: the answer names no cluster"; exit 1; }
+
+# Config goes through the CLI, is validated, and reads back.
+cargo run -q -p isthmusctl -- apply -f samples/config/echo-canary.yaml --state-dir "$state"
+cargo run -q -p isthmusctl -- get virtualservices -n demo --state-dir "$state" | grep -q '^VirtualService *demo *echo' \
+  || { echo "smoke: the applied VirtualService does not read back"; exit 1; }
+if sed 's/weight: 10/weight: 20/' samples/config/echo-canary.yaml | cargo run -q -p isthmusctl -- apply -f - --state-dir "$state" 2>"$out.err"; then
+  echo "smoke: weights summing to 110 were accepted"; exit 1
+fi
+grep -q 'spec.http\[0\].route\[1\].weight: weights must sum to 100' "$out.err" || { echo "smoke: no field path in: $(cat "$out.err")"; exit 1; }
 
 status=$(cargo run -q -p isthmusctl -- status --state-dir "$state" -o json)
 pids=$(python3 -c 'import json,sys; print(" ".join(str(c["pid"]) for c in json.load(sys.stdin)["components"]))' <<<"$status")

@@ -4,6 +4,7 @@
 //! SNI), and the JSON types of the primary's REST API. It holds no logic that
 //! does I/O, so anything may depend on it.
 
+pub mod config;
 pub mod join_token;
 pub mod names;
 pub mod rest;

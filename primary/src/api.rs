@@ -34,10 +34,11 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/ca/roots", get(roots))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
-        .with_state(shared)
+        .with_state(shared.clone())
+        .merge(crate::config_api::router(shared))
 }
 
-pub struct ApiError(StatusCode, String);
+pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -55,7 +56,7 @@ fn bad(msg: impl Into<String>) -> ApiError {
     ApiError(StatusCode::BAD_REQUEST, msg.into())
 }
 
-fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
+pub fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     let presented = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())

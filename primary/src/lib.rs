@@ -13,6 +13,7 @@
 pub mod api;
 pub mod auth;
 pub mod ca;
+pub mod config_api;
 pub mod model;
 pub mod records;
 pub mod store;

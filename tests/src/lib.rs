@@ -264,3 +264,82 @@ pub async fn mesh_request(
         response,
     })
 }
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+}
+
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A primary running in this process on loopback ports, on its embedded
+/// store in a temporary dir; stopped when dropped.
+pub struct InProcessPrimary {
+    /// `https://127.0.0.1:PORT` of the gRPC listener.
+    pub grpc: String,
+    /// The REST client, holding the admin token.
+    pub api: isthmus_topology::client::PrimaryClient,
+    /// SHA-256 of the mesh root, as join tokens carry it.
+    pub root_fp: String,
+    _dir: tempfile::TempDir,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Drop for InProcessPrimary {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl InProcessPrimary {
+    pub async fn start() -> Self {
+        isthmus_ca::install_crypto_provider();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let (grpc, http) = (free_addr(), free_addr());
+        let config = isthmus_primary::Config {
+            data_dir: dir.path().to_path_buf(),
+            grpc_listen: grpc,
+            http_listen: http,
+            api_socket: None,
+            advertise: vec![],
+            admin_token_file: None,
+            trust_domain: "cluster.local".into(),
+            etcd: vec![],
+        };
+        let task = tokio::spawn(isthmus_primary::run(config));
+        let token_file = dir.path().join("admin-token");
+        let api = eventually(
+            "the primary to answer /healthz",
+            Duration::from_secs(30),
+            || async {
+                let token = std::fs::read_to_string(&token_file).ok()?;
+                let api = isthmus_topology::client::PrimaryClient::new(
+                    &format!("https://{http}"),
+                    &token,
+                    None,
+                )
+                .ok()?;
+                api.healthz().await.ok()?;
+                Some(api)
+            },
+        )
+        .await;
+        let token = std::fs::read_to_string(&token_file).expect("admin token");
+        let fp = isthmus_api::join_token::parse(token.trim())
+            .map(|(_, fp)| fp.to_string())
+            .expect("the admin token carries the root fingerprint");
+        Self {
+            grpc: format!("https://{grpc}"),
+            api,
+            root_fp: fp,
+            _dir: dir,
+            task,
+        }
+    }
+}

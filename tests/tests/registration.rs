@@ -6,84 +6,43 @@
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
 use isthmus_api::pb::sync::{AgentMessage, JoinRequest, JoinResponse, Snapshot, agent_message};
 use isthmus_api::rest::RegisterCluster;
 use isthmus_ca::{Signer, SpiffeId};
-use isthmus_e2e::eventually;
-use isthmus_topology::client::PrimaryClient;
+use isthmus_e2e::{InProcessPrimary as Primary, eventually, now_unix};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 const PATIENCE: Duration = Duration::from_secs(30);
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
+/// Registration helpers on the harness's in-process primary.
+trait Registration {
+    async fn register(&self, name: &str, ttl: u64) -> (String, u64);
+    async fn join(
+        &self,
+        cluster: &str,
+        token: &str,
+    ) -> Result<(JoinResponse, String), tonic::Status>;
+    async fn stream(
+        &self,
+        signer: &Signer,
+        intermediate_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<
+        (
+            mpsc::Sender<AgentMessage>,
+            tonic::Streaming<isthmus_api::pb::sync::PrimaryMessage>,
+        ),
+        tonic::Status,
+    >;
 }
 
-fn now_unix() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-struct Primary {
-    grpc: String,
-    api: PrimaryClient,
-    root_fp: String,
-    _dir: tempfile::TempDir,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-impl Drop for Primary {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn start_primary() -> Primary {
-    isthmus_ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    let (grpc, http) = (free_addr(), free_addr());
-    let config = isthmus_primary::Config {
-        data_dir: dir.path().to_path_buf(),
-        grpc_listen: grpc,
-        http_listen: http,
-        api_socket: None,
-        advertise: vec![],
-        admin_token_file: None,
-        trust_domain: "cluster.local".into(),
-        etcd: vec![],
-    };
-    let task = tokio::spawn(isthmus_primary::run(config));
-    let token_file = dir.path().join("admin-token");
-    let api = eventually("the primary to answer /healthz", PATIENCE, || async {
-        let token = std::fs::read_to_string(&token_file).ok()?;
-        let api = PrimaryClient::new(&format!("https://{http}"), &token, None).ok()?;
-        api.healthz().await.ok()?;
-        Some(api)
-    })
-    .await;
-    let token = std::fs::read_to_string(&token_file).unwrap();
-    let (_, fp) = isthmus_api::join_token::parse(token.trim()).unwrap();
-    Primary {
-        grpc: format!("https://{grpc}"),
-        api,
-        root_fp: fp.to_string(),
-        _dir: dir,
-        task,
-    }
-}
-
-impl Primary {
+impl Registration for Primary {
     async fn register(&self, name: &str, ttl: u64) -> (String, u64) {
         let r = self
             .api
@@ -192,7 +151,7 @@ async fn reply(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
-    let p = start_primary().await;
+    let p = Primary::start().await;
     let (east_token, _) = p.register("east", 0).await;
     let (west_token, _) = p.register("west", 0).await;
 
@@ -255,7 +214,7 @@ async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
             .map(|c| c.endpoint_count)
     };
     assert_eq!((count("east"), count("west")), (Some(1), Some(0)));
-    let metrics = reqwest_metrics(&p).await;
+    let metrics = p.api.metrics().await.unwrap();
     assert!(
         isthmus_e2e::counter_value(
             &metrics,
@@ -309,8 +268,4 @@ async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
             .iter()
             .all(|c| c.name != "east")
     );
-}
-
-async fn reqwest_metrics(p: &Primary) -> String {
-    p.api.metrics().await.unwrap()
 }

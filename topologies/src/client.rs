@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, bail};
+use isthmus_api::config::Resource;
 use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
 use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
@@ -129,6 +130,71 @@ impl PrimaryClient {
     pub async fn deregister_cluster(&self, name: &str) -> anyhow::Result<()> {
         let _: Option<serde_json::Value> = self
             .call(Method::DELETE, &format!("/api/v1/clusters/{name}"), None)
+            .await?;
+        Ok(())
+    }
+
+    /// Applies config documents (JSON or multi-document YAML) atomically.
+    pub async fn apply(&self, body: String) -> anyhow::Result<Vec<Resource>> {
+        let url = format!("{}/api/v1/config", self.base);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.token)
+            .header("content-type", "application/yaml")
+            .body(body)
+            .send()
+            .await
+            .with_context(|| format!("POST {url}: is the primary running?"))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await?;
+        if !status.is_success() {
+            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+                .map(|e| e.error)
+                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).to_string());
+            bail!("{status}: {msg}");
+        }
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+
+    pub async fn list_config(
+        &self,
+        kind: &str,
+        namespace: Option<&str>,
+    ) -> anyhow::Result<Vec<Resource>> {
+        let q = namespace
+            .map(|n| format!("?namespace={n}"))
+            .unwrap_or_default();
+        self.call(Method::GET, &format!("/api/v1/config/{kind}{q}"), None)
+            .await
+    }
+
+    pub async fn get_config(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<Resource> {
+        self.call(
+            Method::GET,
+            &format!("/api/v1/config/{kind}/{namespace}/{name}"),
+            None,
+        )
+        .await
+    }
+
+    pub async fn delete_config(
+        &self,
+        kind: &str,
+        namespace: &str,
+        name: &str,
+    ) -> anyhow::Result<()> {
+        let _: Option<serde_json::Value> = self
+            .call(
+                Method::DELETE,
+                &format!("/api/v1/config/{kind}/{namespace}/{name}"),
+                None,
+            )
             .await?;
         Ok(())
     }

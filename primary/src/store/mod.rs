@@ -100,6 +100,8 @@ pub mod keys {
     pub const ENDPOINTS: &str = "/isthmus/v1/endpoints/";
     pub const HEARTBEATS: &str = "/isthmus/v1/heartbeats/";
     pub const CA_ROOT: &str = "/isthmus/v1/ca/root";
+    /// `/isthmus/v1/config/<plural>/<namespace>/<name>`.
+    pub const CONFIG: &str = "/isthmus/v1/config/";
 
     pub fn cluster(name: &str) -> String {
         format!("{CLUSTERS}{name}")
