@@ -256,7 +256,7 @@ fn ago(unix: Option<u64>) -> String {
         .unwrap_or_else(|| "-".into())
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let component = matches!(cli.command, Cmd::Component { .. });
     tracing_subscriber::fmt()
@@ -267,8 +267,17 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| if component { "info" } else { "warn" }.into()),
         )
         .init();
-    let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(run(cli.command))
+    let result = tokio::runtime::Runtime::new()
+        .map_err(anyhow::Error::from)
+        .and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // The chain of causes, without a backtrace: this is for operators.
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
