@@ -3,7 +3,8 @@
 //! - [`join`]: trades the one-time join token and a CSR for the cluster's
 //!   intermediate CA; the key never leaves the agent and is kept in a 0600
 //!   file so restarts need no new token.
-//! - [`registry`]: discovers services and workloads from a watched YAML file.
+//! - [`registry`]: discovers services and workloads from a watched YAML file
+//!   (VMs, `isthmusctl up`); [`kubernetes`]: from a cluster's API server.
 //! - [`sync`]: streams snapshots and heartbeats to the primary, reconnecting
 //!   with jittered backoff.
 //! - [`ca_server`]: signs workload certificates over a Unix socket, for the
@@ -12,6 +13,7 @@
 
 pub mod ca_server;
 pub mod join;
+pub mod kubernetes;
 pub mod registry;
 pub mod sync;
 
@@ -39,9 +41,16 @@ pub struct Config {
     /// Where the agent keeps its intermediate key (0600), chain and bundle.
     #[arg(long, default_value = "./isthmus-agent")]
     pub state_dir: PathBuf,
-    /// The file registry to serve (YAML).
+    /// Discover from this file registry (YAML): VMs and `isthmusctl up`.
+    #[arg(
+        long,
+        conflicts_with = "kubernetes",
+        required_unless_present = "kubernetes"
+    )]
+    pub registry: Option<PathBuf>,
+    /// Discover from the Kubernetes API (in-cluster config or KUBECONFIG).
     #[arg(long)]
-    pub registry: PathBuf,
+    pub kubernetes: bool,
     /// Unix socket for the workload CA. Default: STATE_DIR/ca.sock.
     #[arg(long)]
     pub ca_socket: Option<PathBuf>,
@@ -60,15 +69,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let creds = Arc::new(join::ensure_joined(&config).await?);
     tracing::info!(cluster = %config.cluster, trust_domain = %creds.signer.trust_domain(), "agent holds its cluster intermediate");
 
-    let initial = registry::Registry::load(&config.registry)?;
-    let (reg_tx, reg_rx) = watch::channel(Arc::new(initial));
-    tokio::spawn(watch_registry(config.registry.clone(), reg_tx));
+    let (snap_tx, snap_rx) = watch::channel(Arc::new(Vec::new()));
+    // Workload credentials come from the file registry; Kubernetes mode has
+    // none yet (TokenReview is not built), so its CA refuses every caller.
+    let reg_rx = match &config.registry {
+        Some(path) => {
+            let initial = registry::Registry::load(path)?;
+            snap_tx.send_replace(Arc::new(initial.snapshot()));
+            let (reg_tx, reg_rx) = watch::channel(Arc::new(initial));
+            tokio::spawn(watch_registry(path.clone(), reg_tx));
+            tokio::spawn(publish_registry(reg_rx.clone(), snap_tx));
+            reg_rx
+        }
+        None => {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            tokio::spawn(kubernetes::run(client, snap_tx));
+            watch::channel(Arc::new(registry::Registry::default())).1
+        }
+    };
 
     let socket = config
         .ca_socket
         .clone()
         .unwrap_or_else(|| config.state_dir.join("ca.sock"));
-    let ca = ca_server::serve(socket, creds.clone(), reg_rx.clone())?;
+    let ca = ca_server::serve(socket, creds.clone(), reg_rx)?;
 
     let (ready_tx, ready_rx) = watch::channel(false);
     isthmus_transport::admin::serve(
@@ -77,10 +103,21 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
 
-    let sync = sync::run(config.clone(), creds, reg_rx, ready_tx);
+    let sync = sync::run(config.clone(), creds, snap_rx, ready_tx);
     tokio::select! {
         r = ca => r.context("workload CA server failed"),
         () = sync => Ok(()),
+    }
+}
+
+/// Turns each registry version into the services the primary wants.
+async fn publish_registry(
+    mut reg: watch::Receiver<Arc<registry::Registry>>,
+    tx: watch::Sender<Arc<Vec<isthmus_api::pb::sync::Service>>>,
+) {
+    while reg.changed().await.is_ok() {
+        let services = reg.borrow_and_update().snapshot();
+        tx.send_replace(Arc::new(services));
     }
 }
 

@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
-use isthmus_api::pb::sync::{AgentMessage, Heartbeat, Snapshot, agent_message};
+use isthmus_api::pb::sync::{AgentMessage, Heartbeat, Service, Snapshot, agent_message};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Config;
 use crate::join::Credentials;
-use crate::registry::Registry;
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -21,7 +20,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 pub async fn run(
     config: Config,
     creds: Arc<Credentials>,
-    registry: watch::Receiver<Arc<Registry>>,
+    registry: watch::Receiver<Arc<Vec<Service>>>,
     ready: watch::Sender<bool>,
 ) {
     let mut backoff = Duration::from_millis(200);
@@ -41,10 +40,10 @@ pub async fn run(
     }
 }
 
-fn snapshot(cluster: &str, reg: &Registry) -> AgentMessage {
+fn snapshot(cluster: &str, services: &[Service]) -> AgentMessage {
     AgentMessage {
         kind: Some(agent_message::Kind::Snapshot(Snapshot {
-            services: reg.snapshot(),
+            services: services.to_vec(),
             cluster: cluster.to_string(),
         })),
     }
@@ -61,7 +60,7 @@ fn heartbeat() -> AgentMessage {
 async fn session(
     config: &Config,
     creds: &Credentials,
-    mut registry: watch::Receiver<Arc<Registry>>,
+    mut registry: watch::Receiver<Arc<Vec<Service>>>,
     ready: &watch::Sender<bool>,
 ) -> anyhow::Result<()> {
     let identity = creds.agent_identity()?;
