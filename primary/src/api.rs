@@ -32,6 +32,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/proxies", get(list_proxies))
         .route("/api/v1/ca/roots", get(roots))
+        .route(
+            "/api/v1/openapi.json",
+            get(|| async { Json(crate::openapi::document()) }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone())
@@ -74,6 +78,10 @@ pub fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
     }
 }
 
+#[utoipa::path(post, path = "/api/v1/clusters", tag = "clusters", request_body = RegisterCluster,
+    responses((status = 201, description = "Registered; the join token is shown once", body = Registered),
+               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, description = "Already registered", body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn register_cluster(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -172,6 +180,8 @@ fn view(shared: &Shared, c: &ClusterRecord) -> ClusterView {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/clusters", tag = "clusters",
+    responses((status = 200, body = Vec<ClusterView>), (status = 401, body = ErrorBody)), security(("bearer" = [])))]
 async fn list_clusters(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -183,6 +193,8 @@ async fn list_clusters(
     ))
 }
 
+#[utoipa::path(get, path = "/api/v1/clusters/{name}", tag = "clusters", params(("name" = String, Path, description = "Cluster name")),
+    responses((status = 200, body = ClusterView), (status = 404, body = ErrorBody)), security(("bearer" = [])))]
 async fn get_cluster(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -199,6 +211,9 @@ async fn get_cluster(
 
 /// Removes the cluster, its endpoints and its heartbeat in one transaction.
 /// Its intermediate stops being accepted because the model no longer maps it.
+#[utoipa::path(delete, path = "/api/v1/clusters/{name}", tag = "clusters", params(("name" = String, Path, description = "Cluster name")),
+    responses((status = 204, description = "Removed with its endpoints; its agent is refused from now on"), (status = 404, body = ErrorBody)),
+    security(("bearer" = [])))]
 async fn deregister_cluster(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -227,6 +242,8 @@ async fn deregister_cluster(
     Ok(StatusCode::NO_CONTENT)
 }
 
+#[utoipa::path(get, path = "/api/v1/proxies", tag = "xds",
+    responses((status = 200, description = "What each connected proxy was sent, ACKed and NACKed")), security(("bearer" = [])))]
 async fn list_proxies(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -235,6 +252,7 @@ async fn list_proxies(
     Ok(Json(shared.proxies.snapshot()))
 }
 
+#[utoipa::path(get, path = "/api/v1/ca/roots", tag = "ca", responses((status = 200, description = "The trust bundle, PEM", content_type = "application/x-pem-file")))]
 async fn roots(State(shared): State<Arc<Shared>>) -> String {
     shared.ca.bundle_pem()
 }

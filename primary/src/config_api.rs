@@ -37,13 +37,13 @@ pub fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// A 400 that lists every problem.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Invalid {
     pub error: String,
     pub details: Vec<Detail>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Detail {
     pub document: usize,
     pub kind: String,
@@ -110,6 +110,13 @@ async fn context(shared: &Shared) -> Result<Context, ApiError> {
     Ok(ctx)
 }
 
+#[utoipa::path(post, path = "/api/v1/config", tag = "config",
+    request_body(content = String, description = "One JSON object, a JSON array, or YAML documents separated by ---", content_type = "application/yaml"),
+    responses((status = 200, description = "All documents stored, with their resourceVersion", body = Vec<Resource>),
+               (status = 400, description = "Invalid; every problem with its field path; nothing stored", body = Invalid),
+               (status = 409, description = "A resourceVersion is stale", body = isthmus_api::rest::ErrorBody),
+               (status = 413, description = "Body over 1 MiB", body = isthmus_api::rest::ErrorBody)),
+    security(("bearer" = [])))]
 async fn apply(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -231,6 +238,10 @@ fn plural(kind: &str) -> Result<&'static str, ApiError> {
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/config/{kind}", tag = "config",
+    params(("kind" = String, Path, description = "Kind or its plural, e.g. VirtualService or virtualservices"),
+           ("namespace" = Option<String>, Query, description = "Only this namespace")),
+    responses((status = 200, body = Vec<Resource>), (status = 404, body = isthmus_api::rest::ErrorBody)), security(("bearer" = [])))]
 async fn list(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -246,6 +257,9 @@ async fn list(
     Ok(Json(items.iter().filter_map(with_version).collect()))
 }
 
+#[utoipa::path(get, path = "/api/v1/config/{kind}/{namespace}/{name}", tag = "config",
+    params(("kind" = String, Path), ("namespace" = String, Path), ("name" = String, Path)),
+    responses((status = 200, body = Resource), (status = 404, body = isthmus_api::rest::ErrorBody)), security(("bearer" = [])))]
 async fn get_one(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,
@@ -267,6 +281,9 @@ async fn get_one(
     })
 }
 
+#[utoipa::path(delete, path = "/api/v1/config/{kind}/{namespace}/{name}", tag = "config",
+    params(("kind" = String, Path), ("namespace" = String, Path), ("name" = String, Path)),
+    responses((status = 204, description = "Deleted"), (status = 404, body = isthmus_api::rest::ErrorBody)), security(("bearer" = [])))]
 async fn delete_one(
     State(shared): State<Arc<Shared>>,
     headers: HeaderMap,

@@ -15,6 +15,7 @@ pub mod auth;
 pub mod ca;
 pub mod config_api;
 pub mod model;
+pub mod openapi;
 pub mod records;
 pub mod store;
 pub mod sync;

@@ -199,6 +199,11 @@ impl PrimaryClient {
         Ok(())
     }
 
+    /// The REST API's OpenAPI document.
+    pub async fn openapi(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(Method::GET, "/api/v1/openapi.json", None).await
+    }
+
     /// The primary's Prometheus metrics, as text.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         let url = format!("{}/metrics", self.base);

@@ -17,17 +17,20 @@ use serde::{Deserialize, Serialize};
 use crate::names::check_label;
 
 /// A stored or submitted config object.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Resource {
+    /// `networking.istio.io/v1`, `security.istio.io/v1` or `isthmus.io/v1`.
     pub api_version: String,
     pub kind: String,
     pub metadata: Metadata,
+    /// The kind's spec, as Istio defines it.
     #[serde(default)]
+    #[schema(value_type = Object)]
     pub spec: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Metadata {
     pub name: String,
@@ -41,7 +44,7 @@ pub struct Metadata {
 }
 
 /// One problem, at one field path.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FieldError {
     pub path: String,
     pub message: String,
