@@ -12,7 +12,7 @@ use futures::Stream;
 use isthmus_api::names::check_label;
 use isthmus_api::pb::sync::sync_server::Sync;
 use isthmus_api::pb::sync::{
-    AgentMessage, JoinRequest, JoinResponse, PrimaryMessage, Service, agent_message,
+    AgentMessage, Delta, JoinRequest, JoinResponse, PrimaryMessage, Service, agent_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -96,6 +96,10 @@ impl Sync for SyncService {
                     Some(agent_message::Kind::Snapshot(snap)) => {
                         apply_snapshot(&shared, &cluster, snap.services).await
                     }
+                    Some(agent_message::Kind::Delta(d)) if d.cluster != cluster => {
+                        refuse_foreign(&shared, &cluster, &d.cluster)
+                    }
+                    Some(agent_message::Kind::Delta(d)) => apply_delta(&shared, &cluster, d).await,
                     Some(agent_message::Kind::Heartbeat(hb)) => {
                         heartbeat(&shared, &cluster, hb.agent_version, false).await
                     }
@@ -265,26 +269,25 @@ async fn heartbeat(
     })
 }
 
-/// Replaces the cluster's services with the snapshot, in one transaction.
-/// Invalid services are refused by name and the rest still apply.
-async fn apply_snapshot(
-    shared: &Shared,
+/// Validates reported services. Returns the records by store key and a
+/// description of every service refused (by position and field).
+fn validated(
     cluster: &str,
     services: Vec<Service>,
-) -> Result<PrimaryMessage, Status> {
+) -> Result<(BTreeMap<String, Vec<u8>>, Vec<String>), Status> {
     if services.len() > MAX_SERVICES {
         return Err(Status::invalid_argument(format!(
-            "snapshot has {} services; at most {MAX_SERVICES} are accepted",
+            "{} services in one message; at most {MAX_SERVICES} are accepted",
             services.len()
         )));
     }
     let mut errors = Vec::new();
-    let mut desired: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+    let mut records = BTreeMap::new();
     for (i, svc) in services.into_iter().enumerate() {
         match validate_service(svc) {
             Ok(rec) => {
                 let key = keys::endpoints(cluster, &rec.namespace, &rec.name);
-                if desired.contains_key(&key) {
+                if records.contains_key(&key) {
                     errors.push(format!(
                         "services[{i}]: {}/{} is listed twice",
                         rec.namespace, rec.name
@@ -293,11 +296,22 @@ async fn apply_snapshot(
                 }
                 let value =
                     serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
-                desired.insert(key, value);
+                records.insert(key, value);
             }
             Err(e) => errors.push(format!("services[{i}].{e}")),
         }
     }
+    Ok((records, errors))
+}
+
+/// Replaces the cluster's services with a snapshot, in one transaction.
+/// Invalid services are refused by name and the rest still apply.
+async fn apply_snapshot(
+    shared: &Shared,
+    cluster: &str,
+    services: Vec<Service>,
+) -> Result<PrimaryMessage, Status> {
+    let (desired, errors) = validated(cluster, services)?;
     let (existing, _) = shared
         .store
         .list(&keys::cluster_endpoints(cluster))
@@ -315,6 +329,41 @@ async fn apply_snapshot(
             ops.push(Op::Put { key, value });
         }
     }
+    commit(shared, cluster, ops, errors).await
+}
+
+/// Applies what changed: whole services upserted, others removed.
+async fn apply_delta(
+    shared: &Shared,
+    cluster: &str,
+    delta: Delta,
+) -> Result<PrimaryMessage, Status> {
+    let (upserts, mut errors) = validated(cluster, delta.upserts)?;
+    let mut ops: Vec<Op> = upserts
+        .into_iter()
+        .map(|(key, value)| Op::Put { key, value })
+        .collect();
+    for (i, r) in delta.removed.iter().enumerate() {
+        if check_label(&r.namespace).is_err() || check_label(&r.name).is_err() {
+            errors.push(format!(
+                "removed[{i}]: {:?}/{:?} is not a service name",
+                r.namespace, r.name
+            ));
+            continue;
+        }
+        ops.push(Op::Delete {
+            key: keys::endpoints(cluster, &r.namespace, &r.name),
+        });
+    }
+    commit(shared, cluster, ops, errors).await
+}
+
+async fn commit(
+    shared: &Shared,
+    cluster: &str,
+    ops: Vec<Op>,
+    errors: Vec<String>,
+) -> Result<PrimaryMessage, Status> {
     let changed = ops.len();
     if !ops.is_empty() {
         shared
@@ -330,10 +379,10 @@ async fn apply_snapshot(
             .sync_refusals
             .get_or_create(&vec![("cluster".into(), cluster.into())])
             .inc_by(errors.len() as u64);
-        tracing::warn!(cluster, refused = errors.len(), first = %errors[0], "refused part of an agent snapshot");
+        tracing::warn!(cluster, refused = errors.len(), first = %errors[0], "refused part of an agent update");
         reply.error = errors.join("; ");
     }
-    tracing::debug!(cluster, changed, "applied agent snapshot");
+    tracing::debug!(cluster, changed, "applied agent update");
     Ok(reply)
 }
 

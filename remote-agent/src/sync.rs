@@ -1,13 +1,17 @@
-//! The agent's stream to the primary: a full snapshot on every (re)connect
-//! and on every registry change, heartbeats in between, and jittered
+//! The agent's stream to the primary: a full snapshot on every (re)connect,
+//! then deltas (changed and removed services) as discovery changes,
+//! heartbeats in between, and jittered
 //! exponential backoff while the primary is away. Nothing here stops the
 //! workload CA, so the cluster keeps working without the primary.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
-use isthmus_api::pb::sync::{AgentMessage, Heartbeat, Service, Snapshot, agent_message};
+use isthmus_api::pb::sync::{
+    AgentMessage, Delta, Heartbeat, Service, ServiceRef, Snapshot, agent_message,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -49,6 +53,36 @@ fn snapshot(cluster: &str, services: &[Service]) -> AgentMessage {
     }
 }
 
+/// What changed between two snapshots, or None if nothing did.
+fn delta(cluster: &str, before: &[Service], after: &[Service]) -> Option<AgentMessage> {
+    let key = |s: &Service| (s.namespace.clone(), s.name.clone());
+    let old: HashMap<_, &Service> = before.iter().map(|s| (key(s), s)).collect();
+    let new: HashMap<_, &Service> = after.iter().map(|s| (key(s), s)).collect();
+    let upserts: Vec<Service> = after
+        .iter()
+        .filter(|s| old.get(&key(s)) != Some(s))
+        .cloned()
+        .collect();
+    let removed: Vec<ServiceRef> = before
+        .iter()
+        .filter(|s| !new.contains_key(&key(s)))
+        .map(|s| ServiceRef {
+            namespace: s.namespace.clone(),
+            name: s.name.clone(),
+        })
+        .collect();
+    if upserts.is_empty() && removed.is_empty() {
+        return None;
+    }
+    Some(AgentMessage {
+        kind: Some(agent_message::Kind::Delta(Delta {
+            cluster: cluster.to_string(),
+            upserts,
+            removed,
+        })),
+    })
+}
+
 fn heartbeat() -> AgentMessage {
     AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
@@ -70,8 +104,8 @@ async fn session(
         Arc::new(tls),
     )?);
     let (tx, rx) = mpsc::channel(4);
-    tx.send(snapshot(&config.cluster, &registry.borrow_and_update()))
-        .await?;
+    let mut sent = registry.borrow_and_update().clone();
+    tx.send(snapshot(&config.cluster, &sent)).await?;
     tx.send(heartbeat()).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(primary = %config.primary, "sync stream open");
@@ -81,8 +115,11 @@ async fn session(
         tokio::select! {
             changed = registry.changed() => {
                 if changed.is_err() { return Ok(()); }
-                let msg = snapshot(&config.cluster, &registry.borrow_and_update());
-                tx.send(msg).await?;
+                let next = registry.borrow_and_update().clone();
+                if let Some(msg) = delta(&config.cluster, &sent, &next) {
+                    tx.send(msg).await?;
+                }
+                sent = next;
             }
             _ = beat.tick() => {
                 tx.send(heartbeat()).await?;

@@ -10,7 +10,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
-use isthmus_api::pb::sync::{AgentMessage, JoinRequest, JoinResponse, Snapshot, agent_message};
+use isthmus_api::pb::sync::{
+    AgentMessage, Delta, JoinRequest, JoinResponse, ServiceRef, Snapshot, agent_message,
+};
 use isthmus_api::rest::RegisterCluster;
 use isthmus_ca::{Signer, SpiffeId};
 use isthmus_e2e::{InProcessPrimary as Primary, eventually, now_unix};
@@ -202,10 +204,60 @@ async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
     let ok = reply(&mut inbound).await.expect("reply");
     assert!(ok.error.is_empty() && ok.applied_revision > 0, "{ok:?}");
 
+    // Deltas: an added service, then a removed one.
+    let extra = match snapshot("east", "extra").kind {
+        Some(agent_message::Kind::Snapshot(snap)) => snap.services,
+        _ => unreachable!(),
+    };
+    let delta = |upserts, removed| AgentMessage {
+        kind: Some(agent_message::Kind::Delta(Delta {
+            cluster: "east".into(),
+            upserts,
+            removed,
+        })),
+    };
+    let endpoints = |name: &'static str| {
+        let api = &p.api;
+        async move {
+            api.list_clusters()
+                .await
+                .unwrap()
+                .into_iter()
+                .find(|c| c.name == name)
+                .map(|c| c.endpoint_count)
+        }
+    };
+    tx.send(delta(extra, vec![])).await.unwrap();
+    assert!(reply(&mut inbound).await.unwrap().error.is_empty());
+    eventually("the added service to count", PATIENCE, || async {
+        (endpoints("east").await == Some(2)).then_some(())
+    })
+    .await;
+    let echo = ServiceRef {
+        namespace: "demo".into(),
+        name: "echo".into(),
+    };
+    tx.send(delta(vec![], vec![echo])).await.unwrap();
+    assert!(reply(&mut inbound).await.unwrap().error.is_empty());
+    eventually("the removed service to leave", PATIENCE, || async {
+        (endpoints("east").await == Some(1)).then_some(())
+    })
+    .await;
+
     // East's agent trying to write west's entries is refused and audited.
     tx.send(snapshot("west", "evil")).await.unwrap();
     let refused = reply(&mut inbound).await.expect("reply");
     assert!(refused.error.contains("belongs to \"east\""), "{refused:?}");
+    let mut foreign = delta(vec![], vec![]);
+    if let Some(agent_message::Kind::Delta(d)) = &mut foreign.kind {
+        d.cluster = "west".into();
+    }
+    tx.send(foreign).await.unwrap();
+    let refused = reply(&mut inbound).await.expect("reply");
+    assert!(
+        refused.error.contains("belongs to \"east\""),
+        "a delta for west: {refused:?}"
+    );
     let clusters = p.api.list_clusters().await.unwrap();
     let count = |name: &str| {
         clusters
