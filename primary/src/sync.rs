@@ -269,12 +269,14 @@ async fn heartbeat(
     })
 }
 
-/// Validates reported services. Returns the records by store key and a
-/// description of every service refused (by position and field).
-fn validated(
-    cluster: &str,
-    services: Vec<Service>,
-) -> Result<(BTreeMap<String, Vec<u8>>, Vec<String>), Status> {
+/// Reported services that passed validation, by store key, and a
+/// description of every one refused (by position and field).
+struct Validated {
+    records: BTreeMap<String, Vec<u8>>,
+    errors: Vec<String>,
+}
+
+fn validated(cluster: &str, services: Vec<Service>) -> Result<Validated, Status> {
     if services.len() > MAX_SERVICES {
         return Err(Status::invalid_argument(format!(
             "{} services in one message; at most {MAX_SERVICES} are accepted",
@@ -301,7 +303,7 @@ fn validated(
             Err(e) => errors.push(format!("services[{i}].{e}")),
         }
     }
-    Ok((records, errors))
+    Ok(Validated { records, errors })
 }
 
 /// Replaces the cluster's services with a snapshot, in one transaction.
@@ -311,7 +313,10 @@ async fn apply_snapshot(
     cluster: &str,
     services: Vec<Service>,
 ) -> Result<PrimaryMessage, Status> {
-    let (desired, errors) = validated(cluster, services)?;
+    let Validated {
+        records: desired,
+        errors,
+    } = validated(cluster, services)?;
     let (existing, _) = shared
         .store
         .list(&keys::cluster_endpoints(cluster))
@@ -338,7 +343,10 @@ async fn apply_delta(
     cluster: &str,
     delta: Delta,
 ) -> Result<PrimaryMessage, Status> {
-    let (upserts, mut errors) = validated(cluster, delta.upserts)?;
+    let Validated {
+        records: upserts,
+        mut errors,
+    } = validated(cluster, delta.upserts)?;
     let mut ops: Vec<Op> = upserts
         .into_iter()
         .map(|(key, value)| Op::Put { key, value })
