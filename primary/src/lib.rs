@@ -14,6 +14,7 @@ pub mod api;
 pub mod auth;
 pub mod ca;
 pub mod config_api;
+pub mod kek;
 pub mod model;
 pub mod openapi;
 pub mod records;
@@ -70,6 +71,12 @@ pub struct Config {
     pub admin_token_file: Option<PathBuf>,
     #[arg(long, default_value = isthmus_api::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
+    /// File with the key-encryption key (32 random bytes, base64) that seals
+    /// CA keys in the store. The environment variable ISTHMUS_KEK may hold it
+    /// instead. With neither, DATA_DIR/kek is created (mode 0600): fine for a
+    /// laptop; in production keep the KEK in a secret store.
+    #[arg(long, env = "ISTHMUS_KEK_FILE")]
+    pub kek_file: Option<PathBuf>,
     /// Use etcd at these endpoints (`http://HOST:2379`, comma-separated)
     /// instead of the embedded store. Needed for more than one replica.
     #[arg(long, value_delimiter = ',', env = "ISTHMUS_ETCD")]
@@ -151,6 +158,25 @@ fn admin_token(path: &Path, ca: &CaState) -> anyhow::Result<String> {
     }
 }
 
+/// The KEK: from --kek-file, ISTHMUS_KEK, or DATA_DIR/kek (created).
+fn load_kek(config: &Config) -> anyhow::Result<kek::Kek> {
+    let text = if let Some(path) = &config.kek_file {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("reading the KEK from {}", path.display()))?
+    } else if let Ok(text) = std::env::var("ISTHMUS_KEK") {
+        text
+    } else {
+        let path = config.data_dir.join("kek");
+        if !path.exists() {
+            isthmus_transport::write_private(&path, &kek::Kek::generate())
+                .with_context(|| format!("writing {}", path.display()))?;
+            tracing::warn!(path = %path.display(), "created a KEK beside the data; in production pass --kek-file or ISTHMUS_KEK from a secret store");
+        }
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?
+    };
+    Ok(kek::Kek::from_base64(&text)?)
+}
+
 /// Serves the REST router on every TLS stream that arrives.
 async fn serve_http<IO>(
     mut incoming: tokio_stream::wrappers::ReceiverStream<
@@ -189,7 +215,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to etcd at {}", config.etcd.join(",")))?,
         )
     };
-    let ca = CaState::load_or_create(&store, &config.trust_domain).await?;
+    let kek = load_kek(&config)?;
+    let ca = CaState::load_or_create(&store, &config.trust_domain, &kek).await?;
     std::fs::write(config.data_dir.join("root-cert.pem"), ca.bundle_pem())?;
     let token_path = config
         .admin_token_file

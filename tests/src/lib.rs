@@ -310,6 +310,7 @@ impl InProcessPrimary {
             advertise: vec![],
             admin_token_file: None,
             trust_domain: "cluster.local".into(),
+            kek_file: None,
             etcd: vec![],
         };
         let task = tokio::spawn(isthmus_primary::run(config));
