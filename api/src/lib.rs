@@ -46,4 +46,10 @@ pub mod type_urls {
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
     pub const UPSTREAM_TLS: &str =
         "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+    pub const TLS_INSPECTOR: &str =
+        "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
+    pub const SNI_CLUSTER: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.sni_cluster.v3.SniCluster";
+    pub const TCP_PROXY: &str =
+        "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 }

@@ -9,7 +9,10 @@
 //! locality: same zone, same region, same network, then other networks.
 //!
 //! Gateways get one plain EDS cluster per exported service port, named by the
-//! SNI it answers to, holding only their own network's endpoints.
+//! SNI it answers to, holding only their own network's endpoints, and (for
+//! Envoy) one passthrough listener on 15443 that reads the SNI with the TLS
+//! inspector and sends the connection to the cluster of that name, Istio's
+//! AUTO_PASSTHROUGH. isthmus-gateway does the same without asking for it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -61,6 +64,7 @@ pub fn generate(model: &Model, role: Role, me: &ClusterRecord, type_url: &str) -
         (Role::Sidecar, type_urls::ENDPOINT) => sidecar_endpoints(model, me),
         (Role::Gateway, type_urls::CLUSTER) => gateway_clusters(model, me),
         (Role::Gateway, type_urls::ENDPOINT) => gateway_endpoints(model, me),
+        (Role::Gateway, type_urls::LISTENER) => gateway_listeners(),
         _ => Resources::new(),
     }
 }
@@ -381,4 +385,59 @@ fn gateway_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
             (sni, any(type_urls::ENDPOINT, &cla))
         })
         .collect()
+}
+
+/// The gateway's listener: TLS inspector, then `sni_cluster` picks the
+/// cluster named by the SNI and `tcp_proxy` splices to it. A name with no
+/// such cluster is closed before anything is dialled.
+fn gateway_listeners() -> Resources {
+    use envoy_types::pb::envoy::config::listener::v3::{
+        Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
+    };
+    use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
+    use envoy_types::pb::envoy::extensions::filters::network::sni_cluster::v3::SniCluster;
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{
+        TcpProxy, tcp_proxy::ClusterSpecifier,
+    };
+
+    let name = format!("gateway_{}", isthmus_api::ports::GATEWAY);
+    let tcp = TcpProxy {
+        stat_prefix: "gateway".into(),
+        // Replaced per connection by sni_cluster; this name never exists.
+        cluster_specifier: Some(ClusterSpecifier::Cluster("no-such-service".into())),
+        ..Default::default()
+    };
+    let listener = Listener {
+        name: name.clone(),
+        address: Some(socket("0.0.0.0", isthmus_api::ports::GATEWAY)),
+        listener_filters: vec![ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".into(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                type_urls::TLS_INSPECTOR,
+                &TlsInspector::default(),
+            ))),
+            ..Default::default()
+        }],
+        filter_chains: vec![FilterChain {
+            filters: vec![
+                Filter {
+                    name: "envoy.filters.network.sni_cluster".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(
+                        type_urls::SNI_CLUSTER,
+                        &SniCluster::default(),
+                    ))),
+                },
+                Filter {
+                    name: "envoy.filters.network.tcp_proxy".into(),
+                    config_type: Some(filter::ConfigType::TypedConfig(any(
+                        type_urls::TCP_PROXY,
+                        &tcp,
+                    ))),
+                },
+            ],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resources::from([(name, any(type_urls::LISTENER, &listener))])
 }
