@@ -12,11 +12,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use isthmus_api::pb::sync::sync_client::SyncClient;
+use isthmus_api::pb::sync::{AgentMessage, JoinRequest, JoinResponse, PrimaryMessage};
+use isthmus_api::rest::RegisterCluster;
+use isthmus_ca::Signer;
 use isthmus_ca::{SpiffeId, TrustBundle};
 use isthmus_topology::netns;
 use isthmus_topology::probe;
 use isthmus_topology::runner::{self, Component, MeshState, NetMode, UpOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 /// A running mesh; stopped (processes and namespaces) when dropped.
 pub struct Mesh {
@@ -342,5 +348,73 @@ impl InProcessPrimary {
             _dir: dir,
             task,
         }
+    }
+}
+
+impl InProcessPrimary {
+    /// Registers a cluster on network `net-NAME`; returns its join token and expiry.
+    pub async fn register(&self, name: &str, ttl: u64) -> (String, u64) {
+        let r = self
+            .api
+            .register_cluster(&RegisterCluster {
+                name: name.into(),
+                network: format!("net-{name}"),
+                region: "r".into(),
+                zone: "z".into(),
+                gateways: vec!["192.0.2.10".into()],
+                token_ttl_seconds: ttl,
+            })
+            .await
+            .expect("the primary registers the cluster");
+        (r.join_token, r.join_token_expires_unix)
+    }
+
+    /// Joins as `cluster`; returns the intermediate's key too.
+    pub async fn join(
+        &self,
+        cluster: &str,
+        token: &str,
+    ) -> Result<(JoinResponse, String), tonic::Status> {
+        let tls = isthmus_transport::pinned_root_client_config(&self.root_fp)
+            .expect("a pinned TLS config");
+        let channel =
+            isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).expect("a gRPC channel");
+        let (csr, key) = isthmus_ca::issue::generate_csr("test agent").expect("a CSR");
+        let resp = SyncClient::new(channel)
+            .join(JoinRequest {
+                cluster: cluster.into(),
+                token: token.into(),
+                csr_pem: csr,
+                agent_version: "test".into(),
+            })
+            .await?;
+        Ok((resp.into_inner(), key))
+    }
+
+    /// Opens a sync stream presenting `[agent leaf, intermediate_pem]`.
+    pub async fn stream(
+        &self,
+        signer: &Signer,
+        intermediate_pem: &str,
+        bundle_pem: &str,
+    ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<PrimaryMessage>), tonic::Status> {
+        let id = SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent")
+            .expect("the agent identity");
+        let (leaf, key) = signer
+            .issue_workload(&id, Duration::from_secs(600))
+            .expect("an agent certificate");
+        let identity =
+            isthmus_transport::Identity::from_pem(&format!("{}{intermediate_pem}", leaf.pem), &key)
+                .expect("the agent's chain and key");
+        let tls = isthmus_transport::primary_client_config(bundle_pem, Some(identity))
+            .expect("a TLS config for the agent");
+        let channel =
+            isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).expect("a gRPC channel");
+        let (tx, rx) = mpsc::channel(4);
+        let inbound = SyncClient::new(channel)
+            .stream(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        Ok((tx, inbound))
     }
 }

@@ -44,10 +44,20 @@ impl Drop for Killed {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn envoy_serves_as_west_gateway_from_the_primary_config_alone() {
+async fn envoy_serves_as_west_gateway_over_state_of_the_world_ads() {
+    envoy_gateway("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_serves_as_west_gateway_over_delta_ads() {
+    envoy_gateway("DELTA_GRPC").await;
+}
+
+/// Runs the scenario with Envoy's ADS `api_type` set to `api_type`.
+async fn envoy_gateway(api_type: &str) {
     if !netns::available() {
         eprintln!(
-            "SKIPPED envoy_serves_as_west_gateway_from_the_primary_config_alone: network namespaces need root and iproute2"
+            "SKIPPED envoy gateway interop ({api_type}): network namespaces need root and iproute2"
         );
         return;
     }
@@ -83,7 +93,7 @@ async fn envoy_serves_as_west_gateway_from_the_primary_config_alone() {
 admin: {{address: {{socket_address: {{address: "{admin_ip}", port_value: {admin_port}}}}}}}
 dynamic_resources:
   ads_config:
-    api_type: GRPC
+    api_type: {api_type}
     transport_api_version: V3
     grpc_services:
     - envoy_grpc: {{cluster_name: xds}}
@@ -112,6 +122,7 @@ static_resources:
             trusted_ca: {{filename: "{roots}"}}
             match_typed_subject_alt_names: [{{san_type: IP_ADDRESS, matcher: {{exact: "{p_ip}"}}}}]
 "#,
+        api_type = api_type,
         admin_ip = admin.ip(),
         admin_port = admin.port(),
         token = token.trim(),

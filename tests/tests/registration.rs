@@ -6,111 +6,14 @@
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use isthmus_api::pb::sync::sync_client::SyncClient;
-use isthmus_api::pb::sync::{
-    AgentMessage, Delta, JoinRequest, JoinResponse, ServiceRef, Snapshot, agent_message,
-};
-use isthmus_api::rest::RegisterCluster;
-use isthmus_ca::{Signer, SpiffeId};
+use isthmus_api::pb::sync::{AgentMessage, Delta, ServiceRef, Snapshot, agent_message};
+use isthmus_ca::Signer;
 use isthmus_e2e::{InProcessPrimary as Primary, eventually, now_unix};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
 
 const PATIENCE: Duration = Duration::from_secs(30);
-
-/// Registration helpers on the harness's in-process primary.
-trait Registration {
-    async fn register(&self, name: &str, ttl: u64) -> (String, u64);
-    async fn join(
-        &self,
-        cluster: &str,
-        token: &str,
-    ) -> Result<(JoinResponse, String), tonic::Status>;
-    async fn stream(
-        &self,
-        signer: &Signer,
-        intermediate_pem: &str,
-        bundle_pem: &str,
-    ) -> Result<
-        (
-            mpsc::Sender<AgentMessage>,
-            tonic::Streaming<isthmus_api::pb::sync::PrimaryMessage>,
-        ),
-        tonic::Status,
-    >;
-}
-
-impl Registration for Primary {
-    async fn register(&self, name: &str, ttl: u64) -> (String, u64) {
-        let r = self
-            .api
-            .register_cluster(&RegisterCluster {
-                name: name.into(),
-                network: format!("net-{name}"),
-                region: "r".into(),
-                zone: "z".into(),
-                gateways: vec!["192.0.2.10".into()],
-                token_ttl_seconds: ttl,
-            })
-            .await
-            .unwrap();
-        (r.join_token, r.join_token_expires_unix)
-    }
-
-    /// Joins as `cluster`; returns the intermediate's key too.
-    async fn join(
-        &self,
-        cluster: &str,
-        token: &str,
-    ) -> Result<(JoinResponse, String), tonic::Status> {
-        let tls = isthmus_transport::pinned_root_client_config(&self.root_fp).unwrap();
-        let channel = isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).unwrap();
-        let (csr, key) = isthmus_ca::issue::generate_csr("test agent").unwrap();
-        let resp = SyncClient::new(channel)
-            .join(JoinRequest {
-                cluster: cluster.into(),
-                token: token.into(),
-                csr_pem: csr,
-                agent_version: "test".into(),
-            })
-            .await?;
-        Ok((resp.into_inner(), key))
-    }
-
-    /// Opens a sync stream presenting `[agent leaf, intermediate_pem]`.
-    async fn stream(
-        &self,
-        signer: &Signer,
-        intermediate_pem: &str,
-        bundle_pem: &str,
-    ) -> Result<
-        (
-            mpsc::Sender<AgentMessage>,
-            tonic::Streaming<isthmus_api::pb::sync::PrimaryMessage>,
-        ),
-        tonic::Status,
-    > {
-        let id = SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent").unwrap();
-        let (leaf, key) = signer
-            .issue_workload(&id, Duration::from_secs(600))
-            .unwrap();
-        let identity =
-            isthmus_transport::Identity::from_pem(&format!("{}{intermediate_pem}", leaf.pem), &key)
-                .unwrap();
-        let tls = isthmus_transport::primary_client_config(bundle_pem, Some(identity)).unwrap();
-        let channel = isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).unwrap();
-        let (tx, rx) = mpsc::channel(4);
-        let inbound = SyncClient::new(channel)
-            .stream(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok((tx, inbound))
-    }
-}
 
 fn snapshot(cluster: &str, service: &str) -> AgentMessage {
     AgentMessage {

@@ -44,26 +44,10 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let certs = request.peer_certs();
-        let (cluster, role, identity) = match certs.as_deref().filter(|c| !c.is_empty()) {
-            Some(certs) => {
-                let peer = auth::workload(&self.shared, Some(certs.as_slice()))?;
-                (peer.cluster, Role::Sidecar, Some(peer.identity))
-            }
-            None => (
-                auth::gateway(&self.shared, request.metadata())?,
-                Role::Gateway,
-                None,
-            ),
-        };
+        let peer = Peer::authenticate(&self.shared, &request)?;
         let (tx, rx) = mpsc::channel(16);
         let conn = Connection {
-            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
-            shared: self.shared.clone(),
-            cluster,
-            role,
-            identity: identity.map(|i| i.to_string()),
-            node_id: String::new(),
+            peer,
             types: HashMap::new(),
             nonce: 0,
             tx,
@@ -74,11 +58,12 @@ impl AggregatedDiscoveryService for AdsService {
 
     async fn delta_aggregated_resources(
         &self,
-        _request: Request<Streaming<DeltaDiscoveryRequest>>,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Err(Status::unimplemented(
-            "Delta ADS is not served yet; configure the client for State-of-the-World ADS (api_type: GRPC)",
-        ))
+        let peer = Peer::authenticate(&self.shared, &request)?;
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(super::delta::run(peer, request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
 
@@ -90,121 +75,75 @@ struct TypeState {
     nonce: String,
 }
 
+/// Who is on a stream; shared by the SotW and Delta protocols.
+pub(super) struct Peer {
+    pub id: u64,
+    pub shared: Arc<Shared>,
+    pub cluster: String,
+    pub role: Role,
+    pub identity: Option<String>,
+    pub node_id: String,
+}
+
 struct Connection {
-    id: u64,
-    shared: Arc<Shared>,
-    cluster: String,
-    role: Role,
-    identity: Option<String>,
-    node_id: String,
+    peer: Peer,
     types: HashMap<String, TypeState>,
     nonce: u64,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
 }
 
-impl Connection {
-    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
-        let mut model = self.shared.model.clone();
-        let mut seen_revision = model.borrow_and_update().config_revision;
-        let shared = self.shared.clone();
-        shared.metrics.xds_connections.inc();
-        loop {
-            tokio::select! {
-                msg = inbound.message() => match msg {
-                    Ok(Some(req)) => {
-                        if let Err(status) = self.on_request(req).await {
-                            tracing::warn!(node = %self.node_id, cluster = %self.cluster, reason = %status.message(), "closing xDS stream");
-                            let _ = self.tx.send(Err(status)).await;
-                            break;
-                        }
-                    }
-                    Ok(None) => break,
-                    Err(e) => {
-                        tracing::debug!(node = %self.node_id, error = %e, "xDS stream error");
-                        break;
-                    }
-                },
-                changed = model.changed() => {
-                    if changed.is_err() { break; }
-                    let revision = model.borrow_and_update().config_revision;
-                    if revision != seen_revision {
-                        seen_revision = revision;
-                        if !self.shared.model.borrow().clusters.contains_key(&self.cluster) {
-                            let _ = self.tx.send(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster)))).await;
-                            break;
-                        }
-                        let types: Vec<String> = self.types.keys().cloned().collect();
-                        for t in types {
-                            if self.push(&t, false).await.is_err() { break; }
-                        }
-                    }
-                }
+impl Peer {
+    /// Workloads present their SVID chain; gateways their bearer credential.
+    pub fn authenticate<T>(shared: &Arc<Shared>, request: &Request<T>) -> Result<Self, Status> {
+        let certs = request.peer_certs();
+        let (cluster, role, identity) = match certs.as_deref().filter(|c| !c.is_empty()) {
+            Some(certs) => {
+                let peer = auth::workload(shared, Some(certs.as_slice()))?;
+                (peer.cluster, Role::Sidecar, Some(peer.identity.to_string()))
             }
-        }
-        shared.metrics.xds_connections.dec();
-        shared.proxies.disconnect(self.id);
-        tracing::info!(node = %self.node_id, cluster = %self.cluster, "xDS stream closed");
+            None => (
+                auth::gateway(shared, request.metadata())?,
+                Role::Gateway,
+                None,
+            ),
+        };
+        Ok(Self {
+            id: NEXT_CONN.fetch_add(1, Ordering::Relaxed),
+            shared: shared.clone(),
+            cluster,
+            role,
+            identity,
+            node_id: String::new(),
+        })
     }
 
-    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
-        if self.node_id.is_empty() {
-            self.accept_node(req.node.as_ref())?;
-        }
-        let type_url = req.type_url.clone();
-        if ![
+    pub fn check_type(type_url: &str) -> Result<(), Status> {
+        if [
             type_urls::CLUSTER,
             type_urls::ENDPOINT,
             type_urls::LISTENER,
             type_urls::ROUTE,
         ]
-        .contains(&type_url.as_str())
+        .contains(&type_url)
         {
-            return Err(Status::invalid_argument(format!(
+            Ok(())
+        } else {
+            Err(Status::invalid_argument(format!(
                 "unsupported type_url {type_url:?}"
-            )));
+            )))
         }
-        let state = self.types.entry(type_url.clone()).or_default();
-        if !req.response_nonce.is_empty() && req.response_nonce != state.nonce {
-            return Ok(()); // stale: answers an older response
-        }
-        let names: Option<BTreeSet<String>> =
-            (!req.resource_names.is_empty()).then(|| req.resource_names.iter().cloned().collect());
-        let names_changed = names != state.names;
-        state.names = names;
-        if let Some(err) = &req.error_detail {
-            tracing::warn!(node = %self.node_id, type_url, version = %req.version_info, error = %err.message, "proxy NACKed config");
-            self.shared
-                .metrics
-                .xds_nacks
-                .get_or_create(&vec![("type".into(), short(&type_url))])
-                .inc();
-            let message = err.message.clone();
-            self.shared
-                .proxies
-                .update(self.id, &type_url, |s| s.nack = Some(message));
-            if names_changed {
-                self.push(&type_url, true).await?;
-            }
-            return Ok(());
-        }
-        if !req.response_nonce.is_empty() {
-            let version = req.version_info.clone();
-            self.shared.proxies.update(self.id, &type_url, |s| {
-                s.acked_version = Some(version);
-                s.nack = None;
-            });
-        }
-        let first = self
-            .types
-            .get(&type_url)
-            .is_some_and(|s| s.sent_version.is_none());
-        if first || names_changed {
-            self.push(&type_url, true).await?;
-        }
-        Ok(())
     }
 
-    fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
+    /// The current resources of a type for this peer.
+    pub fn resources(&self, type_url: &str) -> Result<Resources, Status> {
+        let model = self.shared.model.borrow().clone();
+        let me = model.clusters.get(&self.cluster).ok_or_else(|| {
+            Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster))
+        })?;
+        Ok(generate::generate(&model, self.role, me, type_url))
+    }
+
+    pub fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
         let node = node.ok_or_else(|| {
             Status::invalid_argument("the first DiscoveryRequest must carry a node")
         })?;
@@ -246,18 +185,108 @@ impl Connection {
         tracing::info!(node = %node.id, cluster = %self.cluster, identity = ?self.identity, "xDS stream opened");
         Ok(())
     }
+}
+
+impl Connection {
+    async fn run(mut self, mut inbound: Streaming<DiscoveryRequest>) {
+        let mut model = self.peer.shared.model.clone();
+        let mut seen_revision = model.borrow_and_update().config_revision;
+        let shared = self.peer.shared.clone();
+        shared.metrics.xds_connections.inc();
+        loop {
+            tokio::select! {
+                msg = inbound.message() => match msg {
+                    Ok(Some(req)) => {
+                        if let Err(status) = self.on_request(req).await {
+                            tracing::warn!(node = %self.peer.node_id, cluster = %self.peer.cluster, reason = %status.message(), "closing xDS stream");
+                            let _ = self.tx.send(Err(status)).await;
+                            break;
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::debug!(node = %self.peer.node_id, error = %e, "xDS stream error");
+                        break;
+                    }
+                },
+                changed = model.changed() => {
+                    if changed.is_err() { break; }
+                    let revision = model.borrow_and_update().config_revision;
+                    if revision != seen_revision {
+                        seen_revision = revision;
+                        if !self.peer.shared.model.borrow().clusters.contains_key(&self.peer.cluster) {
+                            let _ = self.tx.send(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.peer.cluster)))).await;
+                            break;
+                        }
+                        let types: Vec<String> = self.types.keys().cloned().collect();
+                        for t in types {
+                            if self.push(&t, false).await.is_err() { break; }
+                        }
+                    }
+                }
+            }
+        }
+        shared.metrics.xds_connections.dec();
+        shared.proxies.disconnect(self.peer.id);
+        tracing::info!(node = %self.peer.node_id, cluster = %self.peer.cluster, "xDS stream closed");
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest) -> Result<(), Status> {
+        if self.peer.node_id.is_empty() {
+            self.peer.accept_node(req.node.as_ref())?;
+        }
+        let type_url = req.type_url.clone();
+        Peer::check_type(&type_url)?;
+        let state = self.types.entry(type_url.clone()).or_default();
+        if !req.response_nonce.is_empty() && req.response_nonce != state.nonce {
+            return Ok(()); // stale: answers an older response
+        }
+        let names: Option<BTreeSet<String>> =
+            (!req.resource_names.is_empty()).then(|| req.resource_names.iter().cloned().collect());
+        let names_changed = names != state.names;
+        state.names = names;
+        if let Some(err) = &req.error_detail {
+            tracing::warn!(node = %self.peer.node_id, type_url, version = %req.version_info, error = %err.message, "proxy NACKed config");
+            self.peer
+                .shared
+                .metrics
+                .xds_nacks
+                .get_or_create(&vec![("type".into(), short(&type_url))])
+                .inc();
+            let message = err.message.clone();
+            self.peer
+                .shared
+                .proxies
+                .update(self.peer.id, &type_url, |s| s.nack = Some(message));
+            if names_changed {
+                self.push(&type_url, true).await?;
+            }
+            return Ok(());
+        }
+        if !req.response_nonce.is_empty() {
+            let version = req.version_info.clone();
+            self.peer
+                .shared
+                .proxies
+                .update(self.peer.id, &type_url, |s| {
+                    s.acked_version = Some(version);
+                    s.nack = None;
+                });
+        }
+        let first = self
+            .types
+            .get(&type_url)
+            .is_some_and(|s| s.sent_version.is_none());
+        if first || names_changed {
+            self.push(&type_url, true).await?;
+        }
+        Ok(())
+    }
 
     /// Sends the current resources of `type_url` if they changed (or always,
     /// when `force`).
     async fn push(&mut self, type_url: &str, force: bool) -> Result<(), Status> {
-        let model = self.shared.model.borrow().clone();
-        let Some(me) = model.clusters.get(&self.cluster) else {
-            return Err(Status::permission_denied(format!(
-                "cluster {:?} was deregistered",
-                self.cluster
-            )));
-        };
-        let mut resources: Resources = generate::generate(&model, self.role, me, type_url);
+        let mut resources: Resources = self.peer.resources(type_url)?;
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
@@ -278,14 +307,16 @@ impl Connection {
             nonce: state.nonce.clone(),
             ..Default::default()
         };
-        self.shared
+        self.peer
+            .shared
             .metrics
             .xds_pushes
             .get_or_create(&vec![("type".into(), short(type_url))])
             .inc();
-        self.shared
+        self.peer
+            .shared
             .proxies
-            .update(self.id, type_url, |s| s.sent_version = version);
+            .update(self.peer.id, type_url, |s| s.sent_version = version);
         self.tx
             .send(Ok(response))
             .await
@@ -293,12 +324,12 @@ impl Connection {
     }
 }
 
-fn short(type_url: &str) -> String {
+pub(super) fn short(type_url: &str) -> String {
     type_url.rsplit('.').next().unwrap_or(type_url).to_string()
 }
 
 /// The version of a resource set: a digest of names and encoded bytes.
-fn digest(resources: &Resources) -> String {
+pub(super) fn digest(resources: &Resources) -> String {
     let mut h = Sha256::new();
     for (name, any) in resources {
         h.update((name.len() as u64).to_le_bytes());

@@ -6,5 +6,6 @@
 //! proxy has ACKed or NACKed for operators.
 
 pub mod ads;
+pub mod delta;
 pub mod generate;
 pub mod status;

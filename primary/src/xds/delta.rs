@@ -1,0 +1,211 @@
+//! Delta ADS (incremental xDS), one task per stream.
+//!
+//! Every resource has its own version, a digest of its encoded bytes. The
+//! server remembers which version of which resource the client holds and, on
+//! every change, sends only resources whose version moved, plus the names
+//! that went away. On reconnect the client's `initial_resource_versions`
+//! say what it still holds, so unchanged resources are not sent again. A
+//! NACK is recorded and the client keeps what it had.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::ads::{Peer, digest, short};
+
+#[derive(Default)]
+struct TypeState {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the client holds: name → version.
+    held: HashMap<String, String>,
+    nonce: String,
+    /// The system version of the last response, recorded when it is ACKed.
+    sent_version: String,
+    started: bool,
+}
+
+pub(super) async fn run(
+    mut peer: Peer,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+) {
+    let shared = peer.shared.clone();
+    let mut model = shared.model.clone();
+    let mut seen = model.borrow_and_update().config_revision;
+    let mut types: HashMap<String, TypeState> = HashMap::new();
+    let mut nonce = 0u64;
+    shared.metrics.xds_connections.inc();
+    loop {
+        let outcome: Result<(), Status> = tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => on_request(&mut peer, &mut types, &mut nonce, &tx, req).await,
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(node = %peer.node_id, error = %e, "delta xDS stream error");
+                    break;
+                }
+            },
+            changed = model.changed() => {
+                if changed.is_err() { break; }
+                let revision = model.borrow_and_update().config_revision;
+                if revision == seen { continue; }
+                seen = revision;
+                let mut result = Ok(());
+                let names: Vec<String> = types.keys().cloned().collect();
+                for t in names {
+                    if let Some(state) = types.get_mut(&t) {
+                        result = push(&peer, &t, state, &mut nonce, &tx, false).await;
+                        if result.is_err() { break; }
+                    }
+                }
+                result
+            }
+        };
+        if let Err(status) = outcome {
+            tracing::warn!(node = %peer.node_id, cluster = %peer.cluster, reason = %status.message(), "closing delta xDS stream");
+            let _ = tx.send(Err(status)).await;
+            break;
+        }
+    }
+    shared.metrics.xds_connections.dec();
+    shared.proxies.disconnect(peer.id);
+}
+
+async fn on_request(
+    peer: &mut Peer,
+    types: &mut HashMap<String, TypeState>,
+    nonce: &mut u64,
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    req: DeltaDiscoveryRequest,
+) -> Result<(), Status> {
+    if peer.node_id.is_empty() {
+        peer.accept_node(req.node.as_ref())?;
+    }
+    Peer::check_type(&req.type_url)?;
+    let state = types.entry(req.type_url.clone()).or_default();
+    let first = !state.started;
+    if first {
+        state.started = true;
+        // A first request that names nothing subscribes to everything.
+        state.wildcard = req.resource_names_subscribe.is_empty();
+        state.held = req.initial_resource_versions.clone().into_iter().collect();
+    }
+    let mut subscription_changed = false;
+    for name in &req.resource_names_subscribe {
+        subscription_changed |= if name == "*" {
+            !std::mem::replace(&mut state.wildcard, true)
+        } else {
+            state.names.insert(name.clone())
+        };
+    }
+    for name in &req.resource_names_unsubscribe {
+        if name == "*" {
+            subscription_changed |= std::mem::replace(&mut state.wildcard, false);
+        } else if state.names.remove(name) {
+            state.held.remove(name);
+            subscription_changed = true;
+        }
+    }
+    if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
+        let type_url = req.type_url.clone();
+        match &req.error_detail {
+            Some(err) => {
+                tracing::warn!(node = %peer.node_id, type_url, error = %err.message, "proxy NACKed delta config");
+                peer.shared
+                    .metrics
+                    .xds_nacks
+                    .get_or_create(&vec![("type".into(), short(&type_url))])
+                    .inc();
+                let message = err.message.clone();
+                peer.shared
+                    .proxies
+                    .update(peer.id, &type_url, |s| s.nack = Some(message));
+            }
+            None => {
+                let version = state.sent_version.clone();
+                peer.shared.proxies.update(peer.id, &type_url, |s| {
+                    s.acked_version = Some(version);
+                    s.nack = None;
+                });
+            }
+        }
+    }
+    if first || subscription_changed {
+        push(peer, &req.type_url, state, nonce, tx, first).await?;
+    }
+    Ok(())
+}
+
+/// Sends what changed for one type since the client's last known state.
+async fn push(
+    peer: &Peer,
+    type_url: &str,
+    state: &mut TypeState,
+    nonce: &mut u64,
+    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    always: bool,
+) -> Result<(), Status> {
+    let mut current = peer.resources(type_url)?;
+    if !state.wildcard {
+        current.retain(|name, _| state.names.contains(name));
+    }
+    let system_version = digest(&current);
+    let versions: BTreeMap<String, String> = current
+        .iter()
+        .map(|(name, any)| (name.clone(), hex::encode(&Sha256::digest(&any.value)[..8])))
+        .collect();
+    let removed: Vec<String> = state
+        .held
+        .keys()
+        .filter(|name| !current.contains_key(*name))
+        .cloned()
+        .collect();
+    let resources: Vec<Resource> = current
+        .into_iter()
+        .filter(|(name, _)| state.held.get(name) != versions.get(name))
+        .map(|(name, any)| Resource {
+            version: versions.get(&name).cloned().unwrap_or_default(),
+            name,
+            resource: Some(any),
+            ..Default::default()
+        })
+        .collect();
+    if resources.is_empty() && removed.is_empty() && !always {
+        return Ok(());
+    }
+    for r in &resources {
+        state.held.insert(r.name.clone(), r.version.clone());
+    }
+    for name in &removed {
+        state.held.remove(name);
+    }
+    *nonce += 1;
+    state.nonce = nonce.to_string();
+    state.sent_version = system_version;
+    let response = DeltaDiscoveryResponse {
+        system_version_info: state.sent_version.clone(),
+        resources,
+        type_url: type_url.to_string(),
+        removed_resources: removed,
+        nonce: state.nonce.clone(),
+        ..Default::default()
+    };
+    peer.shared
+        .metrics
+        .xds_pushes
+        .get_or_create(&vec![("type".into(), short(type_url))])
+        .inc();
+    let version = state.sent_version.clone();
+    peer.shared
+        .proxies
+        .update(peer.id, type_url, |s| s.sent_version = version);
+    tx.send(Ok(response))
+        .await
+        .map_err(|_| Status::cancelled("proxy went away"))
+}
