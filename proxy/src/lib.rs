@@ -11,6 +11,7 @@
 //! Config lives in an `ArcSwap` and certificates on `watch` channels, so the
 //! request path takes no lock.
 
+pub mod health;
 pub mod identity;
 pub mod inbound;
 pub mod metrics;

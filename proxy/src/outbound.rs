@@ -171,7 +171,7 @@ impl tower::Service<Uri> for MeshConnector {
     }
 }
 
-type MeshClient = Client<MeshConnector, Incoming>;
+type MeshClient = Client<MeshConnector, Body>;
 
 /// Outbound routing state: config from xDS, our SVID, and one pooled client
 /// per cluster, created on first use.
@@ -181,6 +181,7 @@ pub struct Outbound {
     clients: ArcSwap<HashMap<String, MeshClient>>,
     next: AtomicUsize,
     metrics: Arc<Metrics>,
+    health: crate::health::Outliers,
 }
 
 impl Outbound {
@@ -195,6 +196,7 @@ impl Outbound {
             clients: ArcSwap::from_pointee(HashMap::new()),
             next: AtomicUsize::new(0),
             metrics,
+            health: Default::default(),
         }
     }
 
@@ -220,7 +222,7 @@ impl Outbound {
 
     async fn handle(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<Body>, hyper::Error> {
         let Some((host, port)) = authority(&req) else {
             self.metrics.request("outbound", 400);
@@ -229,90 +231,113 @@ impl Outbound {
                 "request names no host (absolute URI or Host header)\n".into(),
             ));
         };
-        let key = ServiceKey::new(host.clone(), port);
-        let cluster = key.cluster_name();
-        let endpoint = {
-            let snap = self.xds.load();
-            if !snap.clusters.contains_key(&cluster) {
-                self.metrics.request("outbound", 404);
-                return Ok(text(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"
-                    ),
-                ));
-            }
-            let best = snap
-                .endpoints
-                .get(&cluster)
-                .map(|e| e.best().to_vec())
-                .unwrap_or_default();
-            if best.is_empty() {
-                self.metrics.request("outbound", 503);
-                return Ok(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("isthmus-proxy: {host}:{port} has no endpoints\n"),
-                ));
-            }
-            pick(&best, self.next.fetch_add(1, Ordering::Relaxed))
+        let cluster = ServiceKey::new(host.clone(), port).cluster_name();
+        let snap = self.xds.load_full();
+        let Some(info) = snap.clusters.get(&cluster).cloned() else {
+            self.metrics.request("outbound", 404);
+            return Ok(text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"
+                ),
+            ));
         };
+        let set = snap.endpoints.get(&cluster).cloned().unwrap_or_default();
+        if set.priorities.iter().all(Vec::is_empty) {
+            self.metrics.request("outbound", 503);
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("isthmus-proxy: {host}:{port} has no endpoints\n"),
+            ));
+        }
         let path = req
             .uri()
             .path_and_query()
             .map(|p| p.as_str())
             .unwrap_or("/")
             .to_string();
-        let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
-            self.metrics.request("outbound", 400);
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                "request target is not a valid URI\n".into(),
-            ));
-        };
+        let (mut parts, body) = req.into_parts();
         // The app's Host header (the service) travels on unchanged.
-        if !req.headers().contains_key("host")
+        if !parts.headers.contains_key("host")
             && let Ok(h) = HeaderValue::from_str(&format!("{host}:{port}"))
         {
-            req.headers_mut().insert("host", h);
+            parts.headers.insert("host", h);
         }
-        *req.uri_mut() = uri;
-        req.headers_mut().remove("proxy-connection");
-        req.headers_mut().remove("proxy-authorization");
-        match self.client(&cluster).request(req).await {
-            Ok(resp) => {
-                self.metrics.request("outbound", resp.status().as_u16());
-                Ok(resp.map(|b| b.boxed()))
-            }
-            Err(e) => {
-                let reason = std::error::Error::source(&e)
-                    .map(|s| s.to_string())
-                    .unwrap_or_else(|| e.to_string());
-                self.metrics.request("outbound", 503);
-                tracing::info!(%host, port, %endpoint, %reason, "outbound request failed");
-                Ok(text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("isthmus-proxy: {reason}\n"),
-                ))
+        parts.headers.remove("proxy-connection");
+        parts.headers.remove("proxy-authorization");
+        // A request without a body can be sent again, to another endpoint.
+        let attempts = if has_body(&parts) { 1 } else { RETRY_ATTEMPTS };
+        let mut body = Some(body.boxed());
+        let mut tried = Vec::new();
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut last_error = String::new();
+        for attempt in 0..attempts {
+            let Some(endpoint) = self.health.pick(&cluster, &set, n, &tried) else {
+                break;
+            };
+            tried.push(endpoint);
+            let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
+                self.metrics.request("outbound", 400);
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    "request target is not a valid URI\n".into(),
+                ));
+            };
+            let mut req = Request::new(body.take().unwrap_or_else(empty));
+            *req.method_mut() = parts.method.clone();
+            *req.uri_mut() = uri;
+            *req.headers_mut() = parts.headers.clone();
+            let last = attempt + 1 == attempts;
+            match self.client(&cluster).request(req).await {
+                Ok(resp) if resp.status().is_server_error() => {
+                    self.health
+                        .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
+                    if last {
+                        self.metrics.request("outbound", resp.status().as_u16());
+                        return Ok(resp.map(|b| b.boxed()));
+                    }
+                    last_error = format!("{endpoint} answered {}", resp.status());
+                }
+                Ok(resp) => {
+                    self.health.success(&cluster, endpoint);
+                    self.metrics.request("outbound", resp.status().as_u16());
+                    return Ok(resp.map(|b| b.boxed()));
+                }
+                Err(e) => {
+                    self.health
+                        .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
+                    last_error = std::error::Error::source(&e)
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| e.to_string());
+                    tracing::info!(%host, port, %endpoint, reason = %last_error, "outbound attempt failed");
+                }
             }
         }
+        self.metrics.request("outbound", 503);
+        Ok(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("isthmus-proxy: {last_error}\n"),
+        ))
     }
 }
 
-/// Weighted round robin over one priority's endpoints.
-fn pick(endpoints: &[isthmus_xds::WeightedEndpoint], n: usize) -> SocketAddr {
-    let total: usize = endpoints
-        .iter()
-        .map(|e| e.weight as usize)
-        .sum::<usize>()
-        .max(1);
-    let mut slot = n % total;
-    for e in endpoints {
-        if slot < e.weight as usize {
-            return e.addr;
-        }
-        slot -= e.weight as usize;
-    }
-    endpoints[0].addr
+/// Attempts for a request without a body: the first and two retries, each
+/// on an endpoint not tried yet.
+const RETRY_ATTEMPTS: usize = 3;
+
+fn has_body(parts: &http::request::Parts) -> bool {
+    let length = parts
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    parts.headers.contains_key(http::header::TRANSFER_ENCODING) || length.is_some_and(|l| l > 0)
+}
+
+fn empty() -> Body {
+    http_body_util::Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// The authority a request is for: the absolute URI's, else the Host header.

@@ -41,6 +41,17 @@ pub struct ClusterInfo {
     /// Exact SPIFFE IDs the server may present; empty means any in the
     /// trust domain.
     pub allowed_sans: Vec<String>,
+    /// Passive health checking, when the cluster asks for it.
+    pub outlier: Option<OutlierPolicy>,
+}
+
+/// When to eject an endpoint, from the cluster's `outlier_detection`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// Consecutive errors (connect failures and 5xx) that eject.
+    pub consecutive_errors: u32,
+    pub ejection: Duration,
+    pub max_ejection_percent: u32,
 }
 
 /// Endpoints of one cluster, grouped by priority (index 0 first).
@@ -303,6 +314,27 @@ fn cluster_info(c: &Cluster) -> Result<ClusterInfo, String> {
         name: c.name.clone(),
         sni: None,
         allowed_sans: vec![],
+        outlier: c.outlier_detection.as_ref().map(|o| OutlierPolicy {
+            consecutive_errors: o
+                .consecutive_5xx
+                .as_ref()
+                .map(|v| v.value)
+                .unwrap_or(5)
+                .max(1),
+            ejection: o
+                .base_ejection_time
+                .as_ref()
+                .map(|d| {
+                    Duration::from_secs(d.seconds.max(0) as u64)
+                        + Duration::from_nanos(d.nanos.max(0) as u64)
+                })
+                .unwrap_or(Duration::from_secs(30)),
+            max_ejection_percent: o
+                .max_ejection_percent
+                .as_ref()
+                .map(|v| v.value.min(100))
+                .unwrap_or(10),
+        }),
     };
     if let Some(ts) = &c.transport_socket {
         let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else {

@@ -16,10 +16,10 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy,
 };
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, OutlierDetection};
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiConfigSource, ApiVersion, ConfigSource, GrpcService,
     HealthStatus, Locality, SocketAddress, TransportSocket, address, api_config_source::ApiType,
@@ -200,12 +200,43 @@ fn sidecar_clusters(model: &Model) -> Resources {
                 ))),
             };
             let name = key.cluster_name();
-            (
-                name.clone(),
-                any(type_urls::CLUSTER, &eds_cluster(name, Some(socket))),
-            )
+            let mut cluster = eds_cluster(name.clone(), Some(socket));
+            if failover_applies(per_cluster, key.port) {
+                cluster.outlier_detection = Some(implicit_outlier_detection());
+            }
+            (name, any(type_urls::CLUSTER, &cluster))
         })
         .collect()
+}
+
+/// Failover applies when a service port has endpoints in more than one
+/// place (zone, region or network), so there is somewhere to fail over to.
+fn failover_applies(per_cluster: &BTreeMap<String, ServiceRecord>, port: u16) -> bool {
+    per_cluster
+        .values()
+        .filter(|s| s.ports.iter().any(|p| p.port == port) && s.endpoints.iter().any(|e| e.ready))
+        .count()
+        > 1
+}
+
+/// Outlier detection that Isthmus turns on by itself wherever failover
+/// applies (Istio makes users add it): eject an endpoint after 3
+/// consecutive errors for 10 s, up to all of a priority, so traffic can move
+/// to the next one. A DestinationRule will be able to override it.
+pub fn implicit_outlier_detection() -> OutlierDetection {
+    OutlierDetection {
+        consecutive_5xx: Some(UInt32Value { value: 3 }),
+        interval: Some(Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
+        base_ejection_time: Some(Duration {
+            seconds: 10,
+            nanos: 0,
+        }),
+        max_ejection_percent: Some(UInt32Value { value: 100 }),
+        ..Default::default()
+    }
 }
 
 fn socket(ip: &str, port: u16) -> Address {

@@ -1,0 +1,125 @@
+//! Cross-cluster failover under load, in network namespaces: east's echo
+//! (app and sidecar) dies without leaving the registry. Outlier detection,
+//! which the primary turns on by itself, ejects it; retries carry the
+//! requests that hit it; traffic moves to west through west's gateway with
+//! no client-visible error, and returns when east is back. Needs root.
+
+// Test code: a panic is how an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use isthmus_e2e::{Mesh, eventually};
+use isthmus_topology::netns;
+use isthmus_topology::runner::{self, NetMode};
+
+const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
+const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
+const REQUESTS: usize = 600;
+
+fn cluster_of(body: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["cluster"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_fails_over_to_west_without_errors_and_comes_back() {
+    if !netns::available() {
+        eprintln!(
+            "SKIPPED traffic_fails_over_to_west_without_errors_and_comes_back: network namespaces need root and iproute2"
+        );
+        return;
+    }
+    let mut mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
+    let (status, body) = mesh
+        .get("proxy-client-east", "outbound", URL)
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, cluster_of(&body).as_str()),
+        (200, "east"),
+        "same zone first"
+    );
+    let (_, dump) = mesh
+        .get("proxy-client-east", "admin", "/config_dump")
+        .await
+        .unwrap();
+    assert!(
+        dump.contains("198.51.100.10:15006") && dump.contains("192.0.2.11:15443"),
+        "{dump}"
+    );
+
+    // Steady load, one request every 20 ms.
+    let ns = mesh.netns("proxy-client-east").map(str::to_string);
+    let outbound = mesh.listener("proxy-client-east", "outbound");
+    let sent = Arc::new(AtomicUsize::new(0));
+    let counter = sent.clone();
+    let load = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        let mut results = Vec::with_capacity(REQUESTS);
+        for _ in 0..REQUESTS {
+            tick.tick().await;
+            let r = isthmus_topology::probe::get(ns.as_deref(), outbound, URL).await;
+            results.push(match r {
+                Ok((status, body)) => (status, cluster_of(&body)),
+                Err(e) => (0, e.to_string()),
+            });
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        results
+    });
+
+    // A sixth of the way in, east's echo dies: app and sidecar.
+    eventually("the load to get going", Duration::from_secs(30), || async {
+        (sent.load(Ordering::Relaxed) >= REQUESTS / 6).then_some(())
+    })
+    .await;
+    for name in ["proxy-echo-east", "echo-east"] {
+        let pid = mesh.component(name).pid;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+    }
+    let results = load.await.unwrap();
+    let failed: Vec<_> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, (s, _))| *s != 200)
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {REQUESTS} requests failed; first: {:?}",
+        failed.len(),
+        failed.first()
+    );
+    let tail: Vec<&str> = results[REQUESTS - 100..]
+        .iter()
+        .map(|(_, c)| c.as_str())
+        .collect();
+    assert!(
+        tail.iter().all(|c| *c == "west"),
+        "after the failover every answer comes from west: {tail:?}"
+    );
+
+    // East returns; once its ejection ends, traffic returns to it.
+    for name in ["echo-east", "proxy-echo-east"] {
+        runner::restart(&mut mesh.state, name, std::path::Path::new(NODE))
+            .await
+            .unwrap();
+    }
+    eventually(
+        "traffic to come back to east",
+        Duration::from_secs(60),
+        || async {
+            let (s, body) = mesh.get("proxy-client-east", "outbound", URL).await.ok()?;
+            (s == 200 && cluster_of(&body) == "east").then_some(())
+        },
+    )
+    .await;
+}
