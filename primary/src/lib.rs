@@ -95,36 +95,40 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Self {
         let mut registry = Registry::with_prefix("isthmus_primary");
-        let m = Metrics {
-            joins: Family::default(),
-            sync_refusals: Family::default(),
-            xds_pushes: Family::default(),
-            xds_nacks: Family::default(),
-            xds_connections: Gauge::default(),
-            registry: Registry::default(),
-        };
-        registry.register("joins", "Cluster join attempts by result", m.joins.clone());
+        let joins = Family::default();
+        let sync_refusals = Family::default();
+        let xds_pushes = Family::default();
+        let xds_nacks = Family::default();
+        let xds_connections = Gauge::default();
+        registry.register("joins", "Cluster join attempts by result", joins.clone());
         registry.register(
             "sync_refusals",
             "Agent-reported entries refused, by cluster",
-            m.sync_refusals.clone(),
+            sync_refusals.clone(),
         );
         registry.register(
             "xds_pushes",
             "xDS responses sent, by type",
-            m.xds_pushes.clone(),
+            xds_pushes.clone(),
         );
         registry.register(
             "xds_nacks",
             "xDS NACKs received, by type",
-            m.xds_nacks.clone(),
+            xds_nacks.clone(),
         );
         registry.register(
             "xds_connections",
             "Connected xDS streams",
-            m.xds_connections.clone(),
+            xds_connections.clone(),
         );
-        Metrics { registry, ..m }
+        Metrics {
+            registry,
+            joins,
+            sync_refusals,
+            xds_pushes,
+            xds_nacks,
+            xds_connections,
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use isthmus_api::config::Resource;
 use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
-use reqwest::{Method, StatusCode};
+use reqwest::Method;
 use serde::de::DeserializeOwned;
 
 #[derive(Clone)]
@@ -78,31 +78,37 @@ impl PrimaryClient {
         path: &str,
         body: Option<serde_json::Value>,
     ) -> anyhow::Result<T> {
-        let url = format!("{}{path}", self.base);
         let mut req = self
             .http
-            .request(method.clone(), &url)
-            .bearer_auth(&self.token);
+            .request(method.clone(), format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.json(&b);
         }
+        let bytes = self.send(req, &format!("{method} {path}: ")).await?;
+        if bytes.is_empty() {
+            return Ok(serde_json::from_value(serde_json::Value::Null)?);
+        }
+        serde_json::from_slice(&bytes)
+            .with_context(|| format!("{method} {path}: unexpected answer"))
+    }
+
+    /// Sends with the admin token; a failure reads `{what}{status}: {the
+    /// primary's error}`.
+    async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<bytes::Bytes> {
         let resp = req
+            .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("{method} {url}: is the primary running?"))?;
+            .with_context(|| format!("{what}is the primary running at {}?", self.base))?;
         let status = resp.status();
         let bytes = resp.bytes().await?;
         if !status.is_success() {
             let msg = serde_json::from_slice::<ErrorBody>(&bytes)
                 .map(|e| e.error)
                 .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).to_string());
-            bail!("{method} {path}: {status}: {msg}");
+            bail!("{what}{status}: {msg}");
         }
-        if status == StatusCode::NO_CONTENT || bytes.is_empty() {
-            return Ok(serde_json::from_value(serde_json::Value::Null)?);
-        }
-        serde_json::from_slice(&bytes)
-            .with_context(|| format!("{method} {path}: unexpected answer"))
+        Ok(bytes)
     }
 
     pub async fn healthz(&self) -> anyhow::Result<()> {
@@ -136,25 +142,12 @@ impl PrimaryClient {
 
     /// Applies config documents (JSON or multi-document YAML) atomically.
     pub async fn apply(&self, body: String) -> anyhow::Result<Vec<Resource>> {
-        let url = format!("{}/api/v1/config", self.base);
-        let resp = self
+        let req = self
             .http
-            .post(&url)
-            .bearer_auth(&self.token)
+            .post(format!("{}/api/v1/config", self.base))
             .header("content-type", "application/yaml")
-            .body(body)
-            .send()
-            .await
-            .with_context(|| format!("POST {url}: is the primary running?"))?;
-        let status = resp.status();
-        let bytes = resp.bytes().await?;
-        if !status.is_success() {
-            let msg = serde_json::from_slice::<ErrorBody>(&bytes)
-                .map(|e| e.error)
-                .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).to_string());
-            bail!("{status}: {msg}");
-        }
-        Ok(serde_json::from_slice(&bytes)?)
+            .body(body);
+        Ok(serde_json::from_slice(&self.send(req, "").await?)?)
     }
 
     pub async fn list_config(

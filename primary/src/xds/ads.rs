@@ -134,6 +134,27 @@ impl Peer {
         }
     }
 
+    /// Records a NACK: the proxy keeps its last good config.
+    pub fn nacked(&self, type_url: &str, message: &str) {
+        tracing::warn!(node = %self.node_id, type_url, error = %message, "proxy NACKed config");
+        self.shared
+            .metrics
+            .xds_nacks
+            .get_or_create(&vec![("type".into(), short(type_url))])
+            .inc();
+        let message = message.to_string();
+        self.shared
+            .proxies
+            .update(self.id, type_url, |s| s.nack = Some(message));
+    }
+
+    pub fn acked(&self, type_url: &str, version: String) {
+        self.shared.proxies.update(self.id, type_url, |s| {
+            s.acked_version = Some(version);
+            s.nack = None;
+        });
+    }
+
     /// The current resources of a type for this peer.
     pub fn resources(&self, type_url: &str) -> Result<Resources, Status> {
         let model = self.shared.model.borrow().clone();
@@ -246,32 +267,14 @@ impl Connection {
         let names_changed = names != state.names;
         state.names = names;
         if let Some(err) = &req.error_detail {
-            tracing::warn!(node = %self.peer.node_id, type_url, version = %req.version_info, error = %err.message, "proxy NACKed config");
-            self.peer
-                .shared
-                .metrics
-                .xds_nacks
-                .get_or_create(&vec![("type".into(), short(&type_url))])
-                .inc();
-            let message = err.message.clone();
-            self.peer
-                .shared
-                .proxies
-                .update(self.peer.id, &type_url, |s| s.nack = Some(message));
+            self.peer.nacked(&type_url, &err.message);
             if names_changed {
                 self.push(&type_url, true).await?;
             }
             return Ok(());
         }
         if !req.response_nonce.is_empty() {
-            let version = req.version_info.clone();
-            self.peer
-                .shared
-                .proxies
-                .update(self.peer.id, &type_url, |s| {
-                    s.acked_version = Some(version);
-                    s.nack = None;
-                });
+            self.peer.acked(&type_url, req.version_info.clone());
         }
         let first = self
             .types

@@ -113,27 +113,9 @@ async fn on_request(
         }
     }
     if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
-        let type_url = req.type_url.clone();
         match &req.error_detail {
-            Some(err) => {
-                tracing::warn!(node = %peer.node_id, type_url, error = %err.message, "proxy NACKed delta config");
-                peer.shared
-                    .metrics
-                    .xds_nacks
-                    .get_or_create(&vec![("type".into(), short(&type_url))])
-                    .inc();
-                let message = err.message.clone();
-                peer.shared
-                    .proxies
-                    .update(peer.id, &type_url, |s| s.nack = Some(message));
-            }
-            None => {
-                let version = state.sent_version.clone();
-                peer.shared.proxies.update(peer.id, &type_url, |s| {
-                    s.acked_version = Some(version);
-                    s.nack = None;
-                });
-            }
+            Some(err) => peer.nacked(&req.type_url, &err.message),
+            None => peer.acked(&req.type_url, state.sent_version.clone()),
         }
     }
     if first || subscription_changed {
