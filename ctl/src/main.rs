@@ -87,6 +87,10 @@ enum Cmd {
         /// Network layout.
         #[arg(long, value_enum, default_value = "auto")]
         net: NetMode,
+        /// Sidecar certificate lifetime in seconds (default: the CA's 24 h);
+        /// a short one shows renewal at work.
+        #[arg(long)]
+        cert_ttl: Option<u64>,
     },
     /// Stop a local mesh and remove its network namespaces.
     Down {
@@ -288,6 +292,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             detach,
             state_dir,
             net,
+            cert_ttl,
         } => {
             let exe = std::env::current_exe().context("locating isthmusctl")?;
             let state = runner::up(UpOptions {
@@ -295,6 +300,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 state_dir: state_dir.clone(),
                 mode: net,
                 exe,
+                cert_ttl_seconds: cert_ttl,
             })
             .await?;
             let dir = state.state_dir.display().to_string();

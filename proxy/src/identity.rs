@@ -23,6 +23,9 @@ pub struct Svid {
     pub bundle: TrustBundle,
     pub not_before_unix: i64,
     pub not_after_unix: i64,
+    /// When this proxy received it. Lifetimes are measured from here, not
+    /// from `not_before`, which the CA backdates to absorb clock skew.
+    pub received_unix: i64,
 }
 
 impl Svid {
@@ -97,6 +100,7 @@ impl AgentClient {
             key: isthmus_ca::pem::private_key(&key_pem, "proxy key")?,
             bundle,
             not_before_unix: leaf.not_before_unix,
+            received_unix: now_unix(),
             not_after_unix: leaf.not_after_unix,
         })
     }
@@ -120,14 +124,14 @@ pub async fn start(agent: AgentClient) -> anyhow::Result<watch::Receiver<Arc<Svi
     let (tx, rx) = watch::channel(Arc::new(first));
     tokio::spawn(async move {
         loop {
-            let (nb, na) = {
+            let (received, not_after) = {
                 let cur = tx.borrow();
-                (cur.not_before_unix, cur.not_after_unix)
+                (cur.received_unix, cur.not_after_unix)
             };
             // Renew at 50% of the lifetime, minus up to 10% jitter so a
             // fleet started together does not renew together.
-            let lifetime = (na - nb).max(1) as f64;
-            let at = nb as f64 + lifetime * (0.5 - rand::random::<f64>() * 0.1);
+            let lifetime = (not_after - received).max(1) as f64;
+            let at = received as f64 + lifetime * (0.5 - rand::random::<f64>() * 0.1);
             let wait = (at - now_unix() as f64).max(0.0);
             tokio::time::sleep(Duration::from_secs_f64(wait)).await;
             let mut backoff = Duration::from_millis(500);

@@ -41,6 +41,15 @@ impl Drop for Mesh {
 impl Mesh {
     /// Starts the multi-network template. `node` is the component binary.
     pub async fn up(mode: NetMode, node: &str) -> anyhow::Result<Self> {
+        Self::up_with(mode, node, None).await
+    }
+
+    /// As [`Mesh::up`], with sidecar certificates of `cert_ttl_seconds`.
+    pub async fn up_with(
+        mode: NetMode,
+        node: &str,
+        cert_ttl_seconds: Option<u64>,
+    ) -> anyhow::Result<Self> {
         isthmus_ca::install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("isthmus-e2e-").tempdir()?;
         let state = runner::up(UpOptions {
@@ -48,6 +57,7 @@ impl Mesh {
             state_dir: dir.path().to_path_buf(),
             mode,
             exe: PathBuf::from(node),
+            cert_ttl_seconds,
         })
         .await?;
         Ok(Self { state, dir })

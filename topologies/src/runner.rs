@@ -109,6 +109,9 @@ pub struct UpOptions {
     pub mode: NetMode,
     /// The binary that runs components (`isthmusctl component ...`).
     pub exe: PathBuf,
+    /// Lifetime of the sidecars' certificates in seconds; None for the CA
+    /// default (24 h). Short lifetimes show renewal at work.
+    pub cert_ttl_seconds: Option<u64>,
 }
 
 /// Addresses for one run.
@@ -417,6 +420,10 @@ async fn start(
                 "--node-id".into(),
                 format!("sidecar~{}~{}", cluster.name, w.name),
             ];
+            if let Some(ttl) = opts.cert_ttl_seconds {
+                proxy_args.push("--cert-ttl-seconds".into());
+                proxy_args.push(ttl.to_string());
+            }
             let listen = |port: u16| SocketAddr::new(IpAddr::V4(addr), port);
             for (flag, port) in [
                 ("--outbound", ports::OUTBOUND),
