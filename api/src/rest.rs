@@ -40,12 +40,25 @@ pub struct ClusterView {
     pub zone: String,
     pub gateways: Vec<String>,
     pub trust_domain: String,
-    /// `pending` (not joined), `healthy` or `stale` (no recent heartbeat).
+    /// `pending` (not joined), `token-expired` (never joined, and the join
+    /// token lapsed: deregister and register again), `healthy` or `stale` (no recent
+    /// heartbeat).
     pub health: String,
     pub agent_version: Option<String>,
     pub last_heartbeat_unix: Option<u64>,
     pub last_sync_unix: Option<u64>,
     pub endpoint_count: u64,
+}
+
+/// Which primary replica leads (`GET /api/v1/leader`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LeaderView {
+    /// The replica that answered.
+    pub replica: String,
+    /// The replica that leads, if any does.
+    pub leader: Option<String>,
+    pub leader_since_unix: Option<u64>,
 }
 
 /// Every error body: what went wrong, in words an operator can act on.

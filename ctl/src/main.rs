@@ -355,11 +355,28 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                     })
                 })
                 .collect();
+            // With replicas, ask any live one which leads.
+            let mut leader = None;
+            if state.primary_sockets.len() > 1 {
+                for socket in &state.primary_sockets {
+                    if let Ok(client) = state.replica_client(socket)
+                        && let Ok(view) = client.leader().await
+                    {
+                        leader = view.leader;
+                        break;
+                    }
+                }
+            }
             print(
                 output,
-                &serde_json::json!({ "components": components }),
+                &serde_json::json!({ "components": components, "leader": leader }),
                 || {
-                    let mut s = format!(
+                    let mut s = match &leader {
+                        Some(l) => format!("leader: {l}\n"),
+                        None if state.primary_sockets.len() > 1 => "leader: none\n".into(),
+                        None => String::new(),
+                    };
+                    s += &format!(
                         "{:<18} {:<8} {:<8} {:<10} {:<8} {:<7} LISTENERS\n",
                         "NAME", "KIND", "CLUSTER", "NETWORK", "PID", "STATE"
                     );

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use isthmus_api::names::check_label;
-use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
+use isthmus_api::rest::{ClusterView, ErrorBody, LeaderView, RegisterCluster, Registered};
 
 use crate::records::{ClusterRecord, now_unix};
 use crate::store::{Compare, Op, keys};
@@ -32,6 +32,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/proxies", get(list_proxies))
         .route("/api/v1/ca/roots", get(roots))
+        .route("/api/v1/leader", get(leader))
         .route(
             "/api/v1/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
@@ -40,6 +41,23 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/metrics", get(metrics))
         .with_state(shared.clone())
         .merge(crate::config_api::router(shared))
+}
+
+#[utoipa::path(get, path = "/api/v1/leader", tag = "primaries",
+    responses((status = 200, description = "The replica that answered, and the one that leads", body = LeaderView),
+               (status = 401, body = ErrorBody), (status = 503, description = "The store is unreachable", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn leader(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<LeaderView>, ApiError> {
+    authorize(&shared, &headers)?;
+    let current = crate::leader::current(&*shared.store).await?;
+    Ok(Json(LeaderView {
+        replica: shared.replica.clone(),
+        leader: current.as_ref().map(|l| l.replica.clone()),
+        leader_since_unix: current.map(|l| l.since_unix),
+    }))
 }
 
 pub struct ApiError(pub StatusCode, pub String);
@@ -161,6 +179,7 @@ fn view(shared: &Shared, c: &ClusterRecord) -> ClusterView {
     let hb = model.heartbeats.get(&c.name);
     let now = now_unix();
     let health = match (c.joined_unix, hb) {
+        (None, _) if c.join_token_sha256.is_none() => "token-expired",
         (None, _) => "pending",
         (Some(_), Some(h)) if now.saturating_sub(h.last_heartbeat_unix) <= STALE_AFTER => "healthy",
         (Some(_), _) => "stale",

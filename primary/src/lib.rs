@@ -15,6 +15,7 @@ pub mod auth;
 pub mod ca;
 pub mod config_api;
 pub mod kek;
+pub mod leader;
 pub mod model;
 pub mod openapi;
 pub mod records;
@@ -81,6 +82,14 @@ pub struct Config {
     /// instead of the embedded store. Needed for more than one replica.
     #[arg(long, value_delimiter = ',', env = "ISTHMUS_ETCD")]
     pub etcd: Vec<String>,
+    /// This replica's name in leader election and in `GET /api/v1/leader`.
+    /// Defaults to the host name and process id.
+    #[arg(long, env = "ISTHMUS_REPLICA_ID")]
+    pub replica_id: Option<String>,
+    /// How long the leader's etcd lease outlives its last renewal: the
+    /// longest a dead leader's jobs stay unowned.
+    #[arg(long, default_value_t = 10)]
+    pub leader_ttl_seconds: u64,
 }
 
 pub struct Metrics {
@@ -90,6 +99,8 @@ pub struct Metrics {
     pub xds_pushes: Family<Vec<(String, String)>, Counter>,
     pub xds_nacks: Family<Vec<(String, String)>, Counter>,
     pub xds_connections: Gauge,
+    pub leader: Gauge,
+    pub leader_elections_won: Counter,
 }
 
 impl Metrics {
@@ -100,6 +111,18 @@ impl Metrics {
         let xds_pushes = Family::default();
         let xds_nacks = Family::default();
         let xds_connections = Gauge::default();
+        let leader = Gauge::default();
+        let leader_elections_won = Counter::default();
+        registry.register(
+            "leader",
+            "1 while this replica leads, else 0",
+            leader.clone(),
+        );
+        registry.register(
+            "leader_elections_won",
+            "Times this replica became the leader",
+            leader_elections_won.clone(),
+        );
         registry.register("joins", "Cluster join attempts by result", joins.clone());
         registry.register(
             "sync_refusals",
@@ -128,6 +151,8 @@ impl Metrics {
             xds_pushes,
             xds_nacks,
             xds_connections,
+            leader,
+            leader_elections_won,
         }
     }
 }
@@ -141,6 +166,8 @@ pub struct Shared {
     pub metrics: Metrics,
     pub proxies: xds::status::Tracker,
     pub crypto: Arc<rustls::crypto::CryptoProvider>,
+    /// This replica's name in leader election.
+    pub replica: String,
 }
 
 /// Reads the admin token, creating it (mode 0600) on first start. A token
@@ -247,6 +274,12 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // fingerprint in their join token.
     let identity = Identity::from_pem(&format!("{cert_pem}{}", ca.authority.cert_pem()), &key_pem)?;
     let crypto = isthmus_ca::crypto_provider();
+    let replica = config.replica_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "primary".into());
+        format!("{host}-{}", std::process::id())
+    });
 
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     tokio::spawn(model::run(store.clone(), model_tx));
@@ -264,7 +297,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         metrics: Metrics::new(),
         proxies: Default::default(),
         crypto,
+        replica: replica.clone(),
     });
+    tokio::spawn(leader::run(
+        shared.clone(),
+        leader::LeaderRecord {
+            replica,
+            api: format!("https://{}", config.http_listen),
+            grpc: format!("https://{}", config.grpc_listen),
+            since_unix: 0,
+        },
+        std::time::Duration::from_secs(config.leader_ttl_seconds.max(2)),
+    ));
 
     let grpc_listener = TcpListener::bind(config.grpc_listen)
         .await

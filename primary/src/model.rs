@@ -116,10 +116,10 @@ async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Model>>) -> Result<(),
     )));
     mirror
         .follow(store, |m, events| {
-            if events
-                .iter()
-                .any(|e| !e.key().starts_with(keys::HEARTBEATS))
-            {
+            // Heartbeats and elections change nothing proxies see.
+            if events.iter().any(|e| {
+                !e.key().starts_with(keys::HEARTBEATS) && !e.key().starts_with(keys::ELECTIONS)
+            }) {
                 config_revision = m.revision;
             }
             tx.send_replace(Arc::new(Model::build(

@@ -151,10 +151,17 @@ impl SyncService {
             let mut rec: ClusterRecord = serde_json::from_slice(&kv.value)
                 .map_err(|e| Status::internal(format!("cluster record is corrupt: {e}")))?;
             let stored = rec.join_token_sha256.as_deref().ok_or_else(|| {
-                Status::permission_denied(format!(
-                    "the join token of cluster {:?} was already used; deregister and register the cluster again",
-                    req.cluster
-                ))
+                Status::permission_denied(if rec.joined_unix.is_some() {
+                    format!(
+                        "the join token of cluster {:?} was already used; deregister and register the cluster again",
+                        req.cluster
+                    )
+                } else {
+                    format!(
+                        "the join token of cluster {:?} expired unused and was removed; deregister and register the cluster again",
+                        req.cluster
+                    )
+                })
             })?;
             if !tokens::matches(secret, stored) {
                 return Err(Status::permission_denied(format!(

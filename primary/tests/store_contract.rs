@@ -256,3 +256,94 @@ async fn etcd_store_meets_the_contract() {
     };
     contract(Arc::new(store)).await;
 }
+
+/// Two replicas on one etcd: one leads, the other waits; when the leader
+/// resigns the other wins, and the old leader's fence no longer holds.
+#[tokio::test]
+async fn etcd_elects_one_leader_and_fences_the_deposed_one() {
+    let Some((etcd, a)) = start_etcd().await else {
+        return;
+    };
+    let b = EtcdStore::connect(std::slice::from_ref(&etcd.endpoint))
+        .await
+        .unwrap();
+    let ttl = Duration::from_secs(3);
+    let first = a.campaign("jobs", b"a".to_vec(), ttl).await.unwrap();
+    let leader = a.get(&first.key).await.unwrap().unwrap();
+    assert_eq!(leader.value, b"a");
+    assert_eq!(leader.mod_revision, first.revision);
+
+    let waiting = tokio::spawn(async move { b.campaign("jobs", b"b".to_vec(), ttl).await });
+    // The leader's fenced writes land while it leads, and its lease is kept
+    // alive past the TTL.
+    for i in 0..3 {
+        let (ok, _) = a
+            .txn(
+                vec![first.fence()],
+                vec![Op::Put {
+                    key: format!("/fenced/{i}"),
+                    value: b"a".to_vec(),
+                }],
+            )
+            .await
+            .unwrap();
+        assert!(ok, "the leader's fenced write {i} applies");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert!(!*first.lost.borrow(), "renewed leadership is not lost");
+    assert!(!waiting.is_finished(), "a second leader was elected");
+
+    let fence = first.fence();
+    drop(first); // resign
+    let second = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting candidate wins once the leader resigns")
+        .unwrap()
+        .unwrap();
+    assert_eq!(a.get(&second.key).await.unwrap().unwrap().value, b"b");
+    let (ok, _) = a
+        .txn(
+            vec![fence],
+            vec![Op::Put {
+                key: "/fenced/late".into(),
+                value: b"a".to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(!ok, "a deposed leader's fenced write is refused");
+    assert!(a.get("/fenced/late").await.unwrap().is_none());
+    let (ok, _) = a
+        .txn(
+            vec![second.fence()],
+            vec![Op::Put {
+                key: "/fenced/new".into(),
+                value: b"b".to_vec(),
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(ok, "the new leader's fenced write applies");
+}
+
+#[tokio::test]
+async fn embedded_store_elects_its_only_candidate() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let l = store
+        .campaign("jobs", b"only".to_vec(), Duration::from_secs(5))
+        .await
+        .unwrap();
+    let (ok, _) = store
+        .txn(
+            vec![l.fence()],
+            vec![Op::Put {
+                key: "/fenced".into(),
+                value: vec![],
+            }],
+        )
+        .await
+        .unwrap();
+    assert!(ok);
+    assert!(!*l.lost.borrow());
+}

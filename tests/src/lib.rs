@@ -50,10 +50,20 @@ impl Mesh {
         node: &str,
         cert_ttl_seconds: Option<u64>,
     ) -> anyhow::Result<Self> {
+        Self::up_template("multi-network", mode, node, cert_ttl_seconds).await
+    }
+
+    /// Starts any built-in template.
+    pub async fn up_template(
+        template: &str,
+        mode: NetMode,
+        node: &str,
+        cert_ttl_seconds: Option<u64>,
+    ) -> anyhow::Result<Self> {
         isthmus_ca::install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("isthmus-e2e-").tempdir()?;
         let state = runner::up(UpOptions {
-            template: "multi-network".into(),
+            template: template.into(),
             state_dir: dir.path().to_path_buf(),
             mode,
             exe: PathBuf::from(node),
@@ -328,6 +338,8 @@ impl InProcessPrimary {
             trust_domain: "cluster.local".into(),
             kek_file: None,
             etcd: vec![],
+            replica_id: Some("in-process".into()),
+            leader_ttl_seconds: 10,
         };
         let task = tokio::spawn(isthmus_primary::run(config));
         let token_file = dir.path().join("admin-token");

@@ -95,6 +95,21 @@ async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
         .await
         .expect_err("expired token");
     assert!(err.message().contains("expired"), "{err}");
+    // The leader's sweep then removes the unused token from the store.
+    let late = eventually(
+        "the leader to sweep the expired token",
+        PATIENCE,
+        || async {
+            let clusters = p.api.list_clusters().await.ok()?;
+            clusters
+                .into_iter()
+                .find(|c| c.name == "late" && c.health == "token-expired")
+        },
+    )
+    .await;
+    assert_eq!(late.endpoint_count, 0);
+    let err = p.join("late", &late_token).await.expect_err("swept token");
+    assert!(err.message().contains("expired unused"), "{err}");
 
     // East's agent reports its own services; they land under east only.
     let east_signer = Signer::from_pem(&east.intermediate_pem, &east_key).unwrap();

@@ -213,4 +213,9 @@ impl PrimaryClient {
     pub async fn proxies(&self) -> anyhow::Result<serde_json::Value> {
         self.call(Method::GET, "/api/v1/proxies", None).await
     }
+
+    /// Which replica answered, and which leads.
+    pub async fn leader(&self) -> anyhow::Result<isthmus_api::rest::LeaderView> {
+        self.call(Method::GET, "/api/v1/leader", None).await
+    }
 }

@@ -45,6 +45,11 @@ pub fn available() -> bool {
 
 pub const PRIMARY_ADDR: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 
+/// The address of primary replica `i` (0 is [`PRIMARY_ADDR`]).
+pub fn primary_addr(i: usize) -> Ipv4Addr {
+    Ipv4Addr::new(192, 0, 2, 1 + i as u8)
+}
+
 pub fn gateway_addr(network_index: usize) -> Ipv4Addr {
     Ipv4Addr::new(192, 0, 2, 10 + network_index as u8)
 }
@@ -133,6 +138,19 @@ impl Layout {
             ip(&["-n", ns, "link", "set", "eth0", "up"])?;
         }
         Ok(())
+    }
+
+    /// Adds another primary replica's address to the wan bridge.
+    pub fn add_wan_addr(&self, addr: Ipv4Addr) -> anyhow::Result<()> {
+        ip(&[
+            "-n",
+            &self.wan,
+            "addr",
+            "add",
+            &format!("{addr}/24"),
+            "dev",
+            "br0",
+        ])
     }
 
     /// Adds a pod address to a network's loopback.

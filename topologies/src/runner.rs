@@ -28,6 +28,8 @@ use crate::template::{self, Template};
 pub const STATE_FILE: &str = "mesh.json";
 /// How long `up` waits for any one component to become ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const ETCD_CLIENT_PORT: u16 = 2379;
+const ETCD_PEER_PORT: u16 = 2380;
 
 /// How networks are laid out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -54,6 +56,9 @@ pub struct Component {
     /// What it was started with (after `component`), for restarts.
     #[serde(default)]
     pub args: Vec<String>,
+    /// The program, when it is not `isthmusctl component` (etcd).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,12 +67,19 @@ pub struct MeshState {
     pub template: String,
     pub mode: NetMode,
     pub state_dir: PathBuf,
-    /// gRPC (agents, xDS): `https://IP:15012`.
+    /// gRPC (agents, xDS): `https://IP:15012`, or every replica's,
+    /// comma-separated.
     pub primary_grpc: String,
     /// REST: `https://IP:15014`.
     pub primary_api: String,
     /// The same REST API on a Unix socket, reachable from any namespace.
     pub api_socket: PathBuf,
+    /// Every replica's API socket (the first is `api_socket`).
+    #[serde(default)]
+    pub primary_sockets: Vec<PathBuf>,
+    /// The etcd client URL the replicas share, if there are several.
+    #[serde(default)]
+    pub etcd: Option<String>,
     pub admin_token_file: PathBuf,
     pub ca_file: PathBuf,
     pub layout: Option<Layout>,
@@ -94,8 +106,20 @@ impl MeshState {
             .with_context(|| format!("writing {}", path.display()))
     }
 
+    /// A client of the first replica that accepts connections (with one
+    /// primary, of that primary).
     pub fn client(&self) -> anyhow::Result<PrimaryClient> {
-        PrimaryClient::from_files(&self.api_socket, &self.admin_token_file, &self.ca_file)
+        let live = self
+            .primary_sockets
+            .iter()
+            .find(|s| std::os::unix::net::UnixStream::connect(s).is_ok())
+            .unwrap_or(&self.api_socket);
+        PrimaryClient::from_files(live, &self.admin_token_file, &self.ca_file)
+    }
+
+    /// A client of one replica's API socket.
+    pub fn replica_client(&self, socket: &Path) -> anyhow::Result<PrimaryClient> {
+        PrimaryClient::from_files(socket, &self.admin_token_file, &self.ca_file)
     }
 
     pub fn component(&self, name: &str) -> Option<&Component> {
@@ -116,17 +140,18 @@ pub struct UpOptions {
 
 /// Addresses for one run.
 struct Plan {
-    primary: Ipv4Addr,
+    /// One address per primary replica.
+    primaries: Vec<Ipv4Addr>,
     /// Per network: gateway address.
     gateway: Vec<Ipv4Addr>,
     /// Per network: pod address maker.
     pod: Vec<Box<dyn Fn(u8) -> Ipv4Addr + Send + Sync>>,
 }
 
-fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
+fn plan(mode: NetMode, networks: usize, replicas: usize) -> anyhow::Result<Plan> {
     match mode {
         NetMode::Netns => Ok(Plan {
-            primary: netns::PRIMARY_ADDR,
+            primaries: (0..replicas).map(netns::primary_addr).collect(),
             gateway: (0..networks).map(netns::gateway_addr).collect(),
             pod: (0..networks)
                 .map(|i| {
@@ -142,7 +167,9 @@ fn plan(mode: NetMode, networks: usize) -> anyhow::Result<Plan> {
                 let primary = Ipv4Addr::new(127, x, 0, 1);
                 if std::net::TcpListener::bind((primary, ports::PRIMARY_HTTP)).is_ok() {
                     return Ok(Plan {
-                        primary,
+                        primaries: (0..replicas)
+                            .map(|i| Ipv4Addr::new(127, x, 0, 1 + i as u8))
+                            .collect(),
                         gateway: (0..networks)
                             .map(|i| Ipv4Addr::new(127, x, 10 + i as u8, 1))
                             .collect(),
@@ -198,16 +225,27 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
     } else {
         None
     };
-    let addrs = plan(mode, networks.len())?;
+    let addrs = plan(mode, networks.len(), tpl.primaries)?;
+    let replicas = replica_names(tpl.primaries);
     let mut state = MeshState {
         template: tpl.name.clone(),
         mode,
         state_dir: state_dir.clone(),
-        primary_grpc: format!("https://{}:{}", addrs.primary, ports::PRIMARY_GRPC),
-        primary_api: format!("https://{}:{}", addrs.primary, ports::PRIMARY_HTTP),
-        api_socket: state_dir.join("primary").join("api.sock"),
+        primary_grpc: addrs
+            .primaries
+            .iter()
+            .map(|p| format!("https://{p}:{}", ports::PRIMARY_GRPC))
+            .collect::<Vec<_>>()
+            .join(","),
+        primary_api: format!("https://{}:{}", addrs.primaries[0], ports::PRIMARY_HTTP),
+        api_socket: state_dir.join(&replicas[0]).join("api.sock"),
+        primary_sockets: replicas
+            .iter()
+            .map(|r| state_dir.join(r).join("api.sock"))
+            .collect(),
+        etcd: None,
         admin_token_file: state_dir.join("admin-token"),
-        ca_file: state_dir.join("primary").join("root-cert.pem"),
+        ca_file: state_dir.join(&replicas[0]).join("root-cert.pem"),
         layout,
         components: vec![],
         client_command: String::new(),
@@ -229,6 +267,15 @@ pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
     }
 }
 
+/// `primary` alone; `primary-0`, `primary-1`... for replicas.
+fn replica_names(n: usize) -> Vec<String> {
+    if n <= 1 {
+        vec!["primary".into()]
+    } else {
+        (0..n).map(|i| format!("primary-{i}")).collect()
+    }
+}
+
 fn random_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
@@ -247,37 +294,70 @@ async fn start(
         dir: dir.clone(),
     };
 
-    // 1. The primary, on the embedded store.
-    let p = addrs.primary;
+    // 1. The primary: one on the embedded store, or replicas on an etcd
+    //    started here.
     let wan = state.layout.as_ref().map(|l| l.wan.clone());
-    let mut listeners = BTreeMap::new();
-    listeners.insert("grpc".to_string(), format!("{p}:{}", ports::PRIMARY_GRPC));
-    listeners.insert("http".to_string(), format!("{p}:{}", ports::PRIMARY_HTTP));
-    let args = vec![
-        "primary".into(),
-        "--api-socket".into(),
-        state.api_socket.display().to_string(),
-        "--data-dir".into(),
-        dir.join("primary").display().to_string(),
-        "--grpc-listen".into(),
-        listeners["grpc"].clone(),
-        "--http-listen".into(),
-        listeners["http"].clone(),
-        "--admin-token-file".into(),
-        state.admin_token_file.display().to_string(),
-    ];
-    let spec = Spec {
-        name: "primary".into(),
-        kind: "primary",
-        cluster: None,
-        network: None,
-        ns: wan.clone(),
-        listeners,
-    };
-    let component = spawner.spawn(spec, args)?;
-    let pid = component.pid;
-    state.components.push(component);
-    let client = wait_for_primary(state, pid).await?;
+    let replicas = replica_names(tpl.primaries);
+    if replicas.len() > 1 {
+        if let Some(layout) = &state.layout {
+            for addr in &addrs.primaries[1..] {
+                layout.add_wan_addr(*addr)?;
+            }
+        }
+        let url = start_etcd(&spawner, state, addrs.primaries[0], wan.clone()).await?;
+        state.etcd = Some(url);
+    }
+    let mut client = None;
+    for (i, name) in replicas.iter().enumerate() {
+        let p = addrs.primaries[i];
+        let mut listeners = BTreeMap::new();
+        listeners.insert("grpc".to_string(), format!("{p}:{}", ports::PRIMARY_GRPC));
+        listeners.insert("http".to_string(), format!("{p}:{}", ports::PRIMARY_HTTP));
+        let mut args = vec![
+            "primary".into(),
+            "--api-socket".into(),
+            state.primary_sockets[i].display().to_string(),
+            "--data-dir".into(),
+            dir.join(name).display().to_string(),
+            "--grpc-listen".into(),
+            listeners["grpc"].clone(),
+            "--http-listen".into(),
+            listeners["http"].clone(),
+            "--admin-token-file".into(),
+            state.admin_token_file.display().to_string(),
+        ];
+        if let Some(etcd) = &state.etcd {
+            args.extend([
+                "--etcd".into(),
+                etcd.clone(),
+                "--replica-id".into(),
+                name.clone(),
+            ]);
+            if i > 0 {
+                // The first replica made the KEK; the others must share it
+                // to open the root it sealed.
+                args.extend([
+                    "--kek-file".into(),
+                    dir.join(&replicas[0]).join("kek").display().to_string(),
+                ]);
+            }
+        }
+        let spec = Spec {
+            name: name.clone(),
+            kind: "primary",
+            cluster: None,
+            network: None,
+            ns: wan.clone(),
+            listeners,
+        };
+        let component = spawner.spawn(spec, args)?;
+        let pid = component.pid;
+        state.components.push(component);
+        state.save()?;
+        let c = wait_for_primary(state, name, &state.primary_sockets[i], pid).await?;
+        client.get_or_insert(c);
+    }
+    let client = client.context("no primary was started")?;
 
     // 2. Clusters: register, write registries, start agents and gateways.
     for cluster in &tpl.clusters {
@@ -507,28 +587,93 @@ async fn start(
     Ok(())
 }
 
-async fn wait_for_primary(state: &MeshState, pid: u32) -> anyhow::Result<PrimaryClient> {
+/// Starts the etcd that primary replicas share (Debian's etcd-server), in
+/// the primaries' namespace, and waits until it reports itself healthy.
+async fn start_etcd(
+    spawner: &Spawner,
+    state: &mut MeshState,
+    addr: Ipv4Addr,
+    ns: Option<String>,
+) -> anyhow::Result<String> {
+    let program = PathBuf::from("etcd");
+    if Command::new(&program).arg("--version").output().is_err() {
+        bail!(
+            "several primaries need etcd, which is not installed; scripts/install-deps.sh installs Debian's etcd-server"
+        );
+    }
+    let client = SocketAddr::new(IpAddr::V4(addr), ETCD_CLIENT_PORT);
+    let peer = format!("http://{addr}:{ETCD_PEER_PORT}");
+    let url = format!("http://{client}");
+    let args: Vec<String> = vec![
+        "--name".into(),
+        "isthmus".into(),
+        "--data-dir".into(),
+        state.state_dir.join("etcd").display().to_string(),
+        "--listen-client-urls".into(),
+        url.clone(),
+        "--advertise-client-urls".into(),
+        url.clone(),
+        "--listen-peer-urls".into(),
+        peer.clone(),
+        "--initial-advertise-peer-urls".into(),
+        peer.clone(),
+        "--initial-cluster".into(),
+        format!("isthmus={peer}"),
+    ];
+    let spec = Spec {
+        name: "etcd".into(),
+        kind: "etcd",
+        cluster: None,
+        network: None,
+        ns: ns.clone(),
+        listeners: BTreeMap::from([("client".into(), client.to_string())]),
+    };
+    let component = spawner.spawn_program(spec, Some(program), args)?;
+    let pid = component.pid;
+    state.components.push(component);
+    state.save()?;
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if !alive(pid) {
+            bail!("etcd exited:\n{}", tail(&spawner.log("etcd")));
+        }
+        if let Ok((200, body)) = probe::get(ns.as_deref(), client, "/health").await
+            && body.contains("true")
+        {
+            return Ok(url);
+        }
+        if Instant::now() > deadline {
             bail!(
-                "the primary exited:\n{}",
-                tail(&state.state_dir.join("logs/primary.log"))
+                "etcd was not healthy within {READY_TIMEOUT:?}:\n{}",
+                tail(&spawner.log("etcd"))
             );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_primary(
+    state: &MeshState,
+    name: &str,
+    socket: &Path,
+    pid: u32,
+) -> anyhow::Result<PrimaryClient> {
+    let log = state.state_dir.join("logs").join(format!("{name}.log"));
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if !alive(pid) {
+            bail!("{name} exited:\n{}", tail(&log));
         }
         if state.ca_file.exists()
             && state.admin_token_file.exists()
-            && state.api_socket.exists()
-            && let Ok(client) = state.client()
+            && socket.exists()
+            && let Ok(client) = state.replica_client(socket)
             && client.healthz().await.is_ok()
         {
             return Ok(client);
         }
         if Instant::now() > deadline {
-            bail!(
-                "the primary did not become healthy:\n{}",
-                tail(&state.state_dir.join("logs/primary.log"))
-            );
+            bail!("{name} did not become healthy:\n{}", tail(&log));
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -577,7 +722,17 @@ impl Spawner {
 
     /// Starts a component and describes it.
     fn spawn(&self, spec: Spec, args: Vec<String>) -> anyhow::Result<Component> {
-        let pid = self.start(&spec.name, spec.ns.as_deref(), &args)?;
+        self.spawn_program(spec, None, args)
+    }
+
+    /// Starts `program ARGS...` (or a component, if None) and describes it.
+    fn spawn_program(
+        &self,
+        spec: Spec,
+        program: Option<PathBuf>,
+        args: Vec<String>,
+    ) -> anyhow::Result<Component> {
+        let pid = self.start(&spec.name, spec.ns.as_deref(), program.as_deref(), &args)?;
         Ok(Component {
             log: self.log(&spec.name),
             name: spec.name,
@@ -588,27 +743,37 @@ impl Spawner {
             pid,
             listeners: spec.listeners,
             args,
+            program,
         })
     }
 
     /// Starts `exe component ARGS...`, in `ns` if given, detached from our
     /// process group so it outlives `up --detach` and a terminal's Ctrl-C
     /// reaches only `up`, which then stops everything in order.
-    fn start(&self, name: &str, ns: Option<&str>, args: &[String]) -> anyhow::Result<u32> {
+    fn start(
+        &self,
+        name: &str,
+        ns: Option<&str>,
+        program: Option<&Path>,
+        args: &[String],
+    ) -> anyhow::Result<u32> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.log(name))?;
+        let exe = program.unwrap_or(&self.exe);
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&self.exe);
+                c.args(["netns", "exec", ns]).arg(exe);
                 c
             }
-            None => Command::new(&self.exe),
+            None => Command::new(exe),
         };
-        cmd.arg("component")
-            .args(args)
+        if program.is_none() {
+            cmd.arg("component");
+        }
+        cmd.args(args)
             .env("ISTHMUS_STATE_DIR", &self.dir)
             .env(
                 "RUST_LOG",
@@ -648,7 +813,7 @@ pub async fn restart(state: &mut MeshState, name: &str, exe: &Path) -> anyhow::R
     if alive(c.pid) {
         bail!("{name} is still running (pid {})", c.pid);
     }
-    c.pid = spawner.start(name, c.netns.as_deref(), &c.args)?;
+    c.pid = spawner.start(name, c.netns.as_deref(), c.program.as_deref(), &c.args)?;
     let pid = c.pid;
     state.save()?;
     Ok(pid)

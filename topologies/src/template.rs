@@ -10,9 +10,17 @@ use serde::Deserialize;
 pub struct Template {
     pub name: String,
     pub description: String,
+    /// Primary replicas. One runs on the embedded store; more share an
+    /// etcd that the runner starts, and elect a leader.
+    #[serde(default = "one")]
+    pub primaries: usize,
     pub clusters: Vec<ClusterSpec>,
     pub services: Vec<ServiceSpec>,
     pub client: ClientSpec,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -55,10 +63,13 @@ pub struct ClientSpec {
     pub url: String,
 }
 
-const BUILTIN: &[(&str, &str)] = &[(
-    "multi-network",
-    include_str!("../templates/multi-network.yaml"),
-)];
+const BUILTIN: &[(&str, &str)] = &[
+    (
+        "multi-network",
+        include_str!("../templates/multi-network.yaml"),
+    ),
+    ("ha-primary", include_str!("../templates/ha-primary.yaml")),
+];
 
 /// Names of the templates this build ships.
 pub fn names() -> Vec<&'static str> {
@@ -74,6 +85,12 @@ pub fn load(name: &str) -> anyhow::Result<Template> {
     })?;
     let t: Template =
         serde_saphyr::from_str(text).map_err(|e| anyhow::anyhow!("template {name}: {e}"))?;
+    if !(1..=5).contains(&t.primaries) {
+        anyhow::bail!(
+            "template {name}: primaries: {} is out of range 1..=5",
+            t.primaries
+        );
+    }
     Ok(t)
 }
 

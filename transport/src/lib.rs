@@ -85,35 +85,87 @@ pub fn primary_client_config(
     Ok(config)
 }
 
+/// How long one attempt to reach a primary replica may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A lazily connecting gRPC channel over TLS to `url` (`https://HOST:PORT`).
 /// The TLS server name is the URL's host.
+///
+/// `url` may list several replicas, comma-separated
+/// (`https://a:15012,https://b:15012`). Each connection then tries them in
+/// turn, starting after the one used last, so a client whose primary died
+/// reconnects to another on its next attempt.
 pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TransportError> {
-    let Some(rest) = url.strip_prefix("https://") else {
+    let mut targets = Vec::new();
+    for one in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        let Some(rest) = one.strip_prefix("https://") else {
+            return Err(TransportError::BadAddress(
+                one.to_string(),
+                "must start with https://".into(),
+            ));
+        };
+        let uri = format!("http://{rest}")
+            .parse::<Uri>()
+            .map_err(|e| TransportError::BadAddress(one.to_string(), e.to_string()))?;
+        let host = uri
+            .host()
+            .ok_or_else(|| TransportError::BadAddress(one.to_string(), "no host".into()))?
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let name = ServerName::try_from(host.clone())
+            .map_err(|e| TransportError::BadAddress(one.to_string(), e.to_string()))?;
+        targets.push((host, uri.port_u16().unwrap_or(443), name, rest.to_string()));
+    }
+    let Some((_, _, _, first)) = targets.first() else {
         return Err(TransportError::BadAddress(
             url.to_string(),
-            "must start with https://".into(),
+            "no address given".into(),
         ));
     };
-    // The connector below does the TLS; tonic must not try to.
-    let endpoint = endpoint(&format!("http://{rest}"))?;
-    let connector = tower::service_fn(move |uri: Uri| {
+    // The connector below does the TLS and picks the replica; tonic must
+    // not try to.
+    let endpoint = endpoint(&format!("http://{first}"))?;
+    let targets = Arc::new(targets);
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let connector = tower::service_fn(move |_: Uri| {
         let config = config.clone();
+        let targets = targets.clone();
+        let next = next.clone();
         async move {
-            let host = uri
-                .host()
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "URL has no host"))?
-                .trim_start_matches('[')
-                .trim_end_matches(']')
-                .to_string();
-            let port = uri.port_u16().unwrap_or(443);
-            let tcp = TcpStream::connect((host.as_str(), port)).await?;
-            tcp.set_nodelay(true)?;
-            let name = ServerName::try_from(host)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
-                .connect(name, tcp)
-                .await?;
-            Ok::<_, io::Error>(TokioIo::new(tls))
+            let start = next.load(std::sync::atomic::Ordering::Relaxed);
+            let mut last_error = None;
+            for i in 0..targets.len() {
+                let index = (start + i) % targets.len();
+                let (host, port, name, _) = &targets[index];
+                let attempt = async {
+                    let tcp = TcpStream::connect((host.as_str(), *port)).await?;
+                    tcp.set_nodelay(true)?;
+                    tokio_rustls::TlsConnector::from(config.clone())
+                        .connect(name.clone(), tcp)
+                        .await
+                };
+                match tokio::time::timeout(CONNECT_TIMEOUT, attempt).await {
+                    Ok(Ok(tls)) => {
+                        // A later reconnect starts with the next replica
+                        // only if this one fails then.
+                        next.store(index, std::sync::atomic::Ordering::Relaxed);
+                        return Ok::<_, io::Error>(TokioIo::new(tls));
+                    }
+                    Ok(Err(e)) => last_error = Some(e),
+                    Err(_) => {
+                        last_error = Some(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("connecting to {host}:{port} timed out"),
+                        ))
+                    }
+                }
+                next.store(
+                    (index + 1) % targets.len(),
+                    std::sync::atomic::Ordering::Relaxed,
+                );
+            }
+            Err(last_error.unwrap_or_else(|| io::Error::other("no address to connect to")))
         }
     });
     Ok(endpoint.connect_with_connector_lazy(connector))

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::mpsc;
 
-use super::{Compare, Event, KeyValue, Op, Store, StoreError, WatchReceiver};
+use super::{Compare, Event, KeyValue, Leadership, Op, Store, StoreError, WatchReceiver};
 
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
@@ -300,6 +300,25 @@ impl Store for EmbeddedStore {
     async fn compact(&self, revision: i64) -> Result<(), StoreError> {
         self.compact_history(revision);
         Ok(())
+    }
+
+    /// The embedded store belongs to one process (redb locks the file), so
+    /// its only candidate wins at once and never loses.
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: Vec<u8>,
+        _ttl: std::time::Duration,
+    ) -> Result<Leadership, StoreError> {
+        let key = super::keys::election(election);
+        let revision = self.put(&key, candidate).await?;
+        let (tx, lost) = tokio::sync::watch::channel(false);
+        Ok(Leadership {
+            key,
+            revision,
+            lost,
+            _guard: Box::new(tx),
+        })
     }
 }
 

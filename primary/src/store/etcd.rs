@@ -3,12 +3,15 @@
 //! own.
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, Compare as EtcdCompare, CompareOp, EventType, GetOptions, Txn, TxnOp, WatchOptions,
-};
-use tokio::sync::mpsc;
+use std::time::Duration;
 
-use super::{Compare, Event, KeyValue, Op, Store, StoreError, WatchReceiver};
+use etcd_client::{
+    Client, Compare as EtcdCompare, CompareOp, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{Compare, Event, KeyValue, Leadership, Op, Store, StoreError, WatchReceiver};
 
 #[derive(Clone)]
 pub struct EtcdStore {
@@ -189,4 +192,125 @@ impl Store for EtcdStore {
             .map_err(backend)?;
         Ok(())
     }
+
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: Vec<u8>,
+        ttl: Duration,
+    ) -> Result<Leadership, StoreError> {
+        let key = super::keys::election(election);
+        let ttl_secs = ttl.as_secs().max(2) as i64;
+        let mut leases = self.client.lease_client();
+        let lease = leases.grant(ttl_secs, None).await.map_err(backend)?.id();
+        // The lease is kept alive from the start, so it outlives the wait.
+        let (lost_tx, lost) = watch::channel(false);
+        let (resign_tx, resign) = oneshot::channel::<()>();
+        tokio::spawn(keep_alive(
+            self.client.clone(),
+            lease,
+            Duration::from_secs(ttl_secs as u64),
+            lost_tx,
+            resign,
+        ));
+        loop {
+            let txn = Txn::new()
+                .when([EtcdCompare::create_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    0,
+                )])
+                .and_then([TxnOp::put(
+                    key.clone(),
+                    candidate.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )]);
+            let resp = self.client.kv_client().txn(txn).await.map_err(backend)?;
+            let rev = revision(resp.header());
+            if resp.succeeded() {
+                return Ok(Leadership {
+                    key,
+                    revision: rev,
+                    lost,
+                    _guard: Box::new(resign_tx),
+                });
+            }
+            // Someone leads: wait for their key to go (resigned or lapsed).
+            let options = WatchOptions::new().with_start_revision(rev + 1);
+            let mut stream = self
+                .client
+                .watch_client()
+                .watch(key.clone(), Some(options))
+                .await
+                .map_err(backend)?;
+            loop {
+                if *lost.borrow() {
+                    return Err(StoreError::Backend(
+                        "the election lease lapsed while campaigning".into(),
+                    ));
+                }
+                match stream.message().await.map_err(backend)? {
+                    Some(r)
+                        if r.events()
+                            .iter()
+                            .any(|e| e.event_type() == EventType::Delete) =>
+                    {
+                        break;
+                    }
+                    Some(r) if r.canceled() || r.compact_revision() > 0 => break,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+    }
+}
+
+/// Renews `lease` at a third of its TTL until resigned or a renewal fails
+/// for longer than the TTL; then reports leadership lost and revokes the
+/// lease (best effort) so that another candidate need not wait it out.
+async fn keep_alive(
+    client: Client,
+    lease: i64,
+    ttl: Duration,
+    lost: watch::Sender<bool>,
+    mut resign: oneshot::Receiver<()>,
+) {
+    let mut leases = client.lease_client();
+    let mut last_renewed = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(ttl / 3);
+    let mut stream = None;
+    loop {
+        tokio::select! {
+            _ = &mut resign => break,
+            _ = tick.tick() => {}
+        }
+        // Timed from before the request, so this side gives up no later
+        // than etcd expires the lease.
+        let sent = tokio::time::Instant::now();
+        if stream.is_none() {
+            stream = leases.keep_alive(lease).await.ok();
+        }
+        let renewed = match stream.as_mut() {
+            Some((keeper, responses)) => match keeper.keep_alive().await {
+                Ok(()) => matches!(
+                    tokio::time::timeout(ttl / 3, responses.message()).await,
+                    Ok(Ok(Some(r))) if r.ttl() > 0
+                ),
+                Err(_) => false,
+            },
+            None => false,
+        };
+        if renewed {
+            last_renewed = sent;
+        } else {
+            stream = None;
+            if last_renewed.elapsed() >= ttl {
+                tracing::warn!(lease, "the election lease lapsed; leadership lost");
+                break;
+            }
+        }
+    }
+    let _ = lost.send(true);
+    let _ = leases.revoke(lease).await;
 }

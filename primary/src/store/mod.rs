@@ -7,6 +7,13 @@
 //! production and for several replicas. A watcher that falls behind the
 //! retained history gets [`StoreError::Compacted`] and must list again;
 //! [`mirror::Mirror`] does that and reports the difference.
+//!
+//! `campaign` elects one leader among replicas for the jobs that must run
+//! once. On etcd the leader key is bound to a lease that the winner keeps
+//! alive; when the winner dies the lease lapses, the key is deleted and the
+//! next candidate wins. Leader-only writes carry [`Leadership::fence`], a
+//! compare on the leader key's revision, so a deposed leader's late write
+//! fails instead of landing.
 
 pub mod embedded;
 pub mod etcd;
@@ -71,6 +78,37 @@ pub enum Op {
     Delete { key: String },
 }
 
+/// Leadership of one election, held until [`Leadership::lost`] turns true or
+/// this value is dropped (which resigns).
+pub struct Leadership {
+    /// The leader key.
+    pub key: String,
+    /// The leader key's mod revision when this replica won.
+    pub revision: i64,
+    /// Turns true (or closes) when leadership is lost: the lease could not
+    /// be renewed, or this replica resigned.
+    pub lost: tokio::sync::watch::Receiver<bool>,
+    /// Keeps the lease alive; dropping it resigns.
+    pub(crate) _guard: Box<dyn Send + Sync>,
+}
+
+impl Leadership {
+    /// The compare that fences a leader-only write: it holds only while the
+    /// leader key is still the one this replica wrote.
+    pub fn fence(&self) -> Compare {
+        Compare {
+            key: self.key.clone(),
+            mod_revision: self.revision,
+        }
+    }
+
+    /// Resolves when leadership is lost.
+    pub async fn lost(&self) {
+        let mut lost = self.lost.clone();
+        let _ = lost.wait_for(|l| *l).await;
+    }
+}
+
 /// Watch batches, in revision order. An `Err` ends the watch.
 pub type WatchReceiver = mpsc::UnboundedReceiver<Result<Vec<Event>, StoreError>>;
 
@@ -91,6 +129,16 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets history older than `revision`; watches from before it fail
     /// with [`StoreError::Compacted`].
     async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+    /// Campaigns in `election` with `candidate` as the leader key's value,
+    /// and returns once this caller leads. The lease lapses `ttl` after the
+    /// leader stops renewing it (it crashed or lost etcd), and the next
+    /// candidate then wins.
+    async fn campaign(
+        &self,
+        election: &str,
+        candidate: Vec<u8>,
+        ttl: std::time::Duration,
+    ) -> Result<Leadership, StoreError>;
 }
 
 /// Key layout: `/isthmus/v1/<kind>/<namespace>/<name>`.
@@ -102,9 +150,14 @@ pub mod keys {
     pub const CA_ROOT: &str = "/isthmus/v1/ca/root";
     /// `/isthmus/v1/config/<plural>/<namespace>/<name>`.
     pub const CONFIG: &str = "/isthmus/v1/config/";
+    /// `/isthmus/v1/election/<name>`: the leader of each election.
+    pub const ELECTIONS: &str = "/isthmus/v1/election/";
 
     pub fn cluster(name: &str) -> String {
         format!("{CLUSTERS}{name}")
+    }
+    pub fn election(name: &str) -> String {
+        format!("{ELECTIONS}{name}")
     }
     pub fn heartbeat(cluster: &str) -> String {
         format!("{HEARTBEATS}{cluster}")
