@@ -62,13 +62,22 @@ pub struct IssuedCert {
     pub not_after_unix: i64,
 }
 
-/// The mesh root: self-signed, or imported.
+/// The CA that signs cluster intermediates: a self-signed root, or an
+/// imported signing certificate under an imported root (Istio's plug-in CA
+/// layout).
 pub struct Authority {
+    /// The signing certificate (the root itself when self-signed).
     cert: CertificateDer<'static>,
     cert_pem: String,
     key_pem: String,
     issuer: Issuer<'static, KeyPair>,
     trust_domain: String,
+    /// The trust anchor the mesh distributes.
+    anchor: CertificateDer<'static>,
+    /// Certificates from the signing one up to, not including, the anchor:
+    /// what follows a cluster intermediate in a chain. Empty when the signing
+    /// certificate is the anchor.
+    chain: Vec<CertificateDer<'static>>,
 }
 
 impl Authority {
@@ -85,22 +94,155 @@ impl Authority {
         Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
     }
 
-    /// Loads a root from PEM.
+    /// Generates a new root with a key of the given algorithm; for imports
+    /// and tests of other key types.
+    pub fn generate_with(
+        trust_domain: &str,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> Result<Self, CaError> {
+        let key = KeyPair::generate_for(alg)?;
+        let mut params = ca_params(
+            &format!("Isthmus root CA ({trust_domain})"),
+            ROOT_TTL,
+            BasicConstraints::Unconstrained,
+        );
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))?];
+        let cert = params.self_signed(&key)?;
+        Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
+    }
+
+    /// Signs a subordinate signing CA (as Istio's `ca-cert.pem` is under its
+    /// `root-cert.pem`) with a fresh key of `alg`. Returns (cert PEM, key PEM).
+    pub fn sign_subordinate(
+        &self,
+        alg: &'static rcgen::SignatureAlgorithm,
+    ) -> Result<(String, String), CaError> {
+        let key = KeyPair::generate_for(alg)?;
+        let mut params = ca_params(
+            "Isthmus subordinate CA",
+            ROOT_TTL,
+            BasicConstraints::Constrained(1),
+        );
+        params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    /// Loads a self-signed root from PEM.
     pub fn from_pem(cert_pem: &str, key_pem: &str, trust_domain: &str) -> Result<Self, CaError> {
-        let cert = pem::certs(cert_pem, "root certificate")
-            .map_err(|e| CaError::BadKeyMaterial(e.to_string()))?
+        Self::from_parts(cert_pem, cert_pem, key_pem, trust_domain)
+    }
+
+    /// Loads a signing CA: `anchor_pem` is the root the mesh trusts,
+    /// `chain_pem` the signing certificate first, then any certificates up
+    /// to the root (the root itself may be included or not), and `key_pem`
+    /// the signing key (ECDSA P-256 or P-384, RSA 2048 or 3072; PKCS#8,
+    /// SEC1 or PKCS#1). The key must match the signing certificate, and the
+    /// chain must lead to the anchor.
+    pub fn from_parts(
+        anchor_pem: &str,
+        chain_pem: &str,
+        key_pem: &str,
+        trust_domain: &str,
+    ) -> Result<Self, CaError> {
+        let bad =
+            |what: &str, e: &dyn std::fmt::Display| CaError::BadKeyMaterial(format!("{what}: {e}"));
+        let anchor = pem::certs(anchor_pem, "root certificate")
+            .map_err(|e| bad("root certificate", &e))?
             .remove(0);
+        let mut chain =
+            pem::certs(chain_pem, "signing certificate").map_err(|e| bad("CA chain", &e))?;
+        chain.retain(|c| c != &anchor);
+        let cert = chain.first().cloned().unwrap_or_else(|| anchor.clone());
+        svid::validate(&anchor, SvidKind::Signing)?;
         svid::validate(&cert, SvidKind::Signing)?;
-        let key = KeyPair::from_pem(key_pem)
-            .map_err(|e| CaError::BadKeyMaterial(format!("root key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| bad("CA key", &e))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)?;
+        // Proof by use: a leaf signed with the key must verify through the
+        // chain to the anchor. That fails if the key is not the signing
+        // certificate's, or if the chain does not lead to the root.
+        let probe_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = CertificateParams::default();
+        set_validity(&mut params, Duration::from_secs(600));
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let probe = params.signed_by(&probe_key, &issuer)?;
+        let anchors = [
+            webpki::anchor_from_trusted_cert(&anchor).map_err(|e| bad("root certificate", &e))?
+        ];
+        let ee = webpki::EndEntityCert::try_from(probe.der())
+            .map_err(|e| bad("probe certificate", &e))?;
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+        ee.verify_for_usage(
+            algs.all,
+            &anchors,
+            &chain,
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            bad(
+                "the CA key does not match the signing certificate, or the chain does not lead to the root",
+                &e,
+            )
+        })?;
         Ok(Self {
+            cert_pem: pem::encode("CERTIFICATE", &cert),
             cert,
-            cert_pem: cert_pem.to_string(),
             key_pem: key_pem.to_string(),
             issuer,
             trust_domain: trust_domain.to_string(),
+            anchor,
+            chain,
         })
+    }
+
+    /// The root the mesh trusts for this CA.
+    pub fn anchor(&self) -> &CertificateDer<'static> {
+        &self.anchor
+    }
+
+    /// PEM of what follows a cluster intermediate in a chain: the signing
+    /// certificate and its parents short of the root. Empty for a
+    /// self-signed root.
+    pub fn chain_pem(&self) -> String {
+        pem::encode_certs(&self.chain)
+    }
+
+    /// A CRL signed by this CA revoking `revoked` (certificates it issued,
+    /// such as a replaced cluster intermediate). `number` must grow with
+    /// every CRL issued. Returns PEM.
+    pub fn revocation_list(
+        &self,
+        revoked: &[CertificateDer<'_>],
+        number: u64,
+    ) -> Result<String, CaError> {
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = revoked
+            .iter()
+            .map(|c| {
+                let serial = svid::serial(c)?;
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::Superseded),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, SvidError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - SKEW,
+            next_update: now + INTERMEDIATE_TTL,
+            crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer)?;
+        Ok(crl.pem()?)
     }
 
     pub fn cert(&self) -> &CertificateDer<'static> {
@@ -410,5 +552,115 @@ mod tests {
             matches!(too_long, Err(CaError::TtlTooLong { .. })),
             "{too_long:?}"
         );
+    }
+
+    fn verify(
+        bundle: &crate::TrustBundle,
+        chain: &[CertificateDer<'static>],
+    ) -> Result<SpiffeId, rustls::Error> {
+        let algs = rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms;
+        bundle.verify(
+            &chain[0],
+            &chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            webpki::KeyUsage::client_auth(),
+            &algs,
+        )
+    }
+
+    fn leaf_chain(signer: &Signer) -> Vec<CertificateDer<'static>> {
+        let who = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
+        let (leaf, _) = signer.issue_workload(&who, Duration::ZERO).unwrap();
+        let mut chain = vec![leaf.der];
+        chain.extend(signer.chain().iter().cloned());
+        chain
+    }
+
+    /// Istio's plug-in layout: root-cert.pem, ca-cert.pem + ca-key.pem (the
+    /// signing CA under it), cert-chain.pem. P-384 and RSA keys work.
+    #[test]
+    fn imported_plug_in_cas_of_other_key_types_sign_verifiable_chains() {
+        for (root_alg, ca_alg) in [
+            (&rcgen::PKCS_ECDSA_P384_SHA384, &rcgen::PKCS_RSA_SHA256),
+            (&rcgen::PKCS_RSA_SHA256, &rcgen::PKCS_ECDSA_P384_SHA384),
+            (
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+                &rcgen::PKCS_ECDSA_P256_SHA256,
+            ),
+        ] {
+            let root = Authority::generate_with("cluster.local", root_alg).unwrap();
+            let (ca_cert, ca_key) = root.sign_subordinate(ca_alg).unwrap();
+            let cert_chain = format!("{ca_cert}{}", root.cert_pem());
+            let ca = Authority::from_parts(root.cert_pem(), &cert_chain, &ca_key, "cluster.local")
+                .unwrap();
+            assert_eq!(ca.anchor(), root.cert());
+            let (csr, key) = generate_csr("east").unwrap();
+            let inter = ca.sign_intermediate(&csr, "east").unwrap();
+            let signer =
+                Signer::from_pem(&format!("{}{}", inter.pem, ca.chain_pem()), &key).unwrap();
+            let bundle =
+                crate::TrustBundle::from_der("cluster.local", vec![root.cert().clone()]).unwrap();
+            let id = verify(&bundle, &leaf_chain(&signer)).unwrap();
+            assert_eq!(id.as_str(), "spiffe://cluster.local/ns/demo/sa/client");
+            let jwks = bundle.to_jwks(1, 300);
+            let kty = jwks["keys"][0]["kty"].as_str().unwrap();
+            assert_eq!(
+                kty,
+                if root_alg == &rcgen::PKCS_RSA_SHA256 {
+                    "RSA"
+                } else {
+                    "EC"
+                }
+            );
+            assert_eq!(jwks["keys"][0]["use"], "x509-svid");
+        }
+        // A key that is not the signing certificate's is refused.
+        let root = Authority::generate("cluster.local").unwrap();
+        let (ca_cert, _) = root
+            .sign_subordinate(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap();
+        let (_, other_key) = root
+            .sign_subordinate(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap();
+        let err = Authority::from_parts(root.cert_pem(), &ca_cert, &other_key, "cluster.local")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("does not match"), "{err}");
+        // A chain that leads to another root is refused.
+        let stranger = Authority::generate("cluster.local").unwrap();
+        let (ca_cert, ca_key) = root
+            .sign_subordinate(&rcgen::PKCS_ECDSA_P256_SHA256)
+            .unwrap();
+        let err = Authority::from_parts(stranger.cert_pem(), &ca_cert, &ca_key, "cluster.local")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("root"), "{err}");
+    }
+
+    #[test]
+    fn a_revoked_intermediate_no_longer_verifies() {
+        let root = Authority::generate("cluster.local").unwrap();
+        let signer = |name: &str| {
+            let (csr, key) = generate_csr(name).unwrap();
+            let inter = root.sign_intermediate(&csr, name).unwrap();
+            (Signer::from_pem(&inter.pem, &key).unwrap(), inter)
+        };
+        let (old, old_cert) = signer("east");
+        let (new, _) = signer("east");
+        let bundle =
+            crate::TrustBundle::from_der("cluster.local", vec![root.cert().clone()]).unwrap();
+        assert!(verify(&bundle, &leaf_chain(&old)).is_ok());
+        let crl = root.revocation_list(&[old_cert.der], 1).unwrap();
+        let revoking = bundle.clone().with_crls_pem(&crl).unwrap();
+        assert_eq!(revoking.crls_pem(), crl);
+        let err = verify(&revoking, &leaf_chain(&old)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
+        assert!(verify(&revoking, &leaf_chain(&new)).is_ok());
     }
 }

@@ -10,6 +10,7 @@
 //! It does no I/O: callers decide where keys and certificates live.
 
 pub mod issue;
+pub mod jwk;
 pub mod pem;
 pub mod spiffe;
 pub mod svid;

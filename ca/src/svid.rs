@@ -122,6 +122,11 @@ pub fn validate(der: &[u8], kind: SvidKind) -> Result<Option<SpiffeId>, SvidErro
     }
 }
 
+/// The certificate's serial number, as its DER INTEGER bytes.
+pub fn serial(der: &[u8]) -> Result<Vec<u8>, SvidError> {
+    Ok(parse(der)?.raw_serial().to_vec())
+}
+
 fn parse(der: &[u8]) -> Result<X509Certificate<'_>, SvidError> {
     match X509Certificate::from_der(der) {
         Ok(([], cert)) => Ok(cert),

@@ -22,12 +22,15 @@ use crate::pem::{self, PemError};
 use crate::spiffe::SpiffeId;
 use crate::svid::{self, SvidKind};
 
-/// The roots of one trust domain.
+/// The roots of one trust domain, and the CRLs its CAs issued (a replaced
+/// cluster intermediate is revoked by one).
 #[derive(Clone)]
 pub struct TrustBundle {
     trust_domain: String,
     roots: Vec<CertificateDer<'static>>,
     anchors: Arc<Vec<TrustAnchor<'static>>>,
+    crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+    crl_ders: Vec<Vec<u8>>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -45,6 +48,8 @@ pub enum BundleError {
     Pem(#[from] PemError),
     #[error("root certificate {index} is not a usable trust anchor: {reason}")]
     BadRoot { index: usize, reason: String },
+    #[error("CRL {index} is malformed: {reason}")]
+    BadCrl { index: usize, reason: String },
 }
 
 impl TrustBundle {
@@ -72,6 +77,61 @@ impl TrustBundle {
             trust_domain: trust_domain.to_string(),
             roots,
             anchors: Arc::new(anchors),
+            crls: Arc::new(Vec::new()),
+            crl_ders: Vec::new(),
+        })
+    }
+
+    /// The same bundle, also refusing what the CRLs in `pem_text` revoke.
+    /// Their signatures are checked when a chain is verified.
+    pub fn with_crls_pem(mut self, pem_text: &str) -> Result<Self, BundleError> {
+        let ders: Vec<Vec<u8>> = ::pem::parse_many(pem_text)
+            .map_err(|e| BundleError::BadCrl {
+                index: 0,
+                reason: e.to_string(),
+            })?
+            .into_iter()
+            .filter(|p| p.tag() == "X509 CRL")
+            .map(|p| p.into_contents())
+            .collect();
+        let crls = ders
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                webpki::OwnedCertRevocationList::from_der(der)
+                    .map(webpki::CertRevocationList::from)
+                    .map_err(|e| BundleError::BadCrl {
+                        index,
+                        reason: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.crls = Arc::new(crls);
+        self.crl_ders = ders;
+        Ok(self)
+    }
+
+    /// The CRLs, PEM.
+    pub fn crls_pem(&self) -> String {
+        self.crl_ders
+            .iter()
+            .map(|d| pem::encode("X509 CRL", d))
+            .collect()
+    }
+
+    /// The bundle in the SPIFFE bundle format (a JWK set whose keys have
+    /// `use: x509-svid` and carry the root in `x5c`), for federation.
+    /// `sequence` is `spiffe_sequence`; it grows with every change.
+    pub fn to_jwks(&self, sequence: u64, refresh_hint_secs: u64) -> serde_json::Value {
+        let keys: Vec<serde_json::Value> = self
+            .roots
+            .iter()
+            .filter_map(|r| crate::jwk::x509_svid_key(r).ok())
+            .collect();
+        serde_json::json!({
+            "keys": keys,
+            "spiffe_sequence": sequence,
+            "spiffe_refresh_hint": refresh_hint_secs,
         })
     }
 
@@ -97,13 +157,26 @@ impl TrustBundle {
         algs: &WebPkiSupportedAlgorithms,
     ) -> Result<SpiffeId, rustls::Error> {
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
+        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
+        // Every certificate in the chain is checked against the CRLs; one
+        // whose issuer published no CRL is not revoked.
+        let revocation = match webpki::RevocationOptionsBuilder::new(&crls) {
+            Ok(builder) => Some(
+                builder
+                    .with_depth(webpki::RevocationCheckDepth::Chain)
+                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                    .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                    .build(),
+            ),
+            Err(_) => None, // no CRLs
+        };
         ee.verify_for_usage(
             algs.all,
             &self.anchors,
             intermediates,
             now,
             usage,
-            None,
+            revocation,
             None,
         )
         .map_err(webpki_error)?;
