@@ -125,7 +125,7 @@ async fn register_cluster(
         req.token_ttl_seconds
     };
     let secret = tokens::generate();
-    let token = isthmus_api::join_token::format(&secret, &shared.ca.root_fingerprint());
+    let token = isthmus_api::join_token::format(&secret, &shared.ca().root_fingerprint());
     let now = now_unix();
     let record = ClusterRecord {
         name: req.name.clone(),
@@ -133,7 +133,7 @@ async fn register_cluster(
         region: req.region,
         zone: req.zone,
         gateways: req.gateways,
-        trust_domain: shared.ca.trust_domain().to_string(),
+        trust_domain: shared.ca().trust_domain().to_string(),
         registered_unix: now,
         join_token_sha256: Some(tokens::sha256_hex(&secret)),
         join_token_expires_unix: now + ttl,
@@ -273,7 +273,7 @@ async fn list_proxies(
 
 #[utoipa::path(get, path = "/api/v1/ca/roots", tag = "ca", responses((status = 200, description = "The trust bundle, PEM", content_type = "application/x-pem-file")))]
 async fn roots(State(shared): State<Arc<Shared>>) -> String {
-    shared.ca.bundle_pem()
+    shared.ca().bundle_pem()
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {

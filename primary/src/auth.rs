@@ -39,12 +39,16 @@ pub fn workload(
             "client certificate chain must be [leaf, cluster intermediate]",
         ));
     };
-    let identity = shared
-        .ca
+    // Only the presented intermediate and the mesh's own CA chain may sit
+    // between the leaf and a root.
+    let ca = shared.ca();
+    let mut path = vec![intermediate.clone()];
+    path.extend(ca.ca_chain.iter().cloned());
+    let identity = ca
         .bundle
         .verify(
             leaf,
-            std::slice::from_ref(intermediate),
+            &path,
             UnixTime::now(),
             webpki::KeyUsage::client_auth(),
             &shared.crypto.signature_verification_algorithms,

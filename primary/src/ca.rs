@@ -1,65 +1,205 @@
-//! The primary's side of the CA: the mesh root, created once and shared by
-//! every replica through the store (its key sealed under the KEK), and
-//! intermediates for joining clusters.
+//! The primary's side of the CA: the mesh roots, created once (or imported)
+//! and shared by every replica through the store, their keys sealed under
+//! the KEK; the CA that signs cluster intermediates; and the trust bundle
+//! every proxy gets.
+//!
+//! All of it is one record, [`CaRecord`] under [`keys::CA`], so a rotation
+//! step changes roots, signer, CRLs and progress in one transaction. Every
+//! replica follows the record through the model ([`follow`]): when it
+//! changes, the replica unseals the current signing key, swaps its
+//! [`CaState`], re-issues its own serving certificate, and rewrites
+//! `DATA_DIR/root-cert.pem`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use isthmus_ca::{Authority, TrustBundle};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 
-use crate::kek::Kek;
-use crate::records::RootRecord;
+use crate::kek::{Kek, Sealed};
+use crate::model::Model;
+use crate::records::now_unix;
 use crate::store::{Compare, Op, Store, keys};
 
-/// What a sealed root key is bound to: its certificate.
-fn binding(cert_pem: &str) -> String {
-    let der = isthmus_ca::pem::pem_der(cert_pem).unwrap_or_default();
-    format!(
-        "isthmus root key for {}",
-        isthmus_ca::pem::fingerprint(&der)
-    )
+/// One trusted root and the CA under it that signs intermediates.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RootEntry {
+    /// SHA-256 of the root certificate.
+    pub fingerprint: String,
+    pub root_pem: String,
+    /// The signing certificate and its parents short of the root; empty
+    /// when the root signs itself.
+    pub chain_pem: String,
+    /// The signing key, sealed under the KEK.
+    pub key: Sealed,
+    pub not_after_unix: i64,
+    pub added_unix: u64,
+    pub imported: bool,
 }
 
+/// A root rotation in progress, or the last one.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RootRotation {
+    /// Fingerprint of the root being replaced.
+    pub from: String,
+    /// Fingerprint of the root replacing it.
+    pub to: String,
+    /// 1: every bundle trusts both roots; 2: intermediates and workloads
+    /// re-issued under `to`; 3: `from` dropped. 4 means finished.
+    pub phase: u8,
+    /// The rotation stops after this phase until asked to go on.
+    pub until: u8,
+    /// Set by a rollback: `from` and `to` were swapped.
+    pub rolled_back: bool,
+    pub started_unix: u64,
+    pub phase_started_unix: u64,
+}
+
+/// The whole CA state, as stored.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CaRecord {
+    pub trust_domain: String,
+    /// Every root the mesh trusts: one, or two during a rotation.
+    pub roots: Vec<RootEntry>,
+    /// Fingerprint of the root whose CA signs intermediates now.
+    pub signing: String,
+    /// CRLs (PEM) revoking replaced cluster intermediates.
+    #[serde(default)]
+    pub crls: Vec<String>,
+    /// Grows with every change proxies must see (roots, CRLs).
+    pub sequence: u64,
+    #[serde(default)]
+    pub rotation: Option<RootRotation>,
+}
+
+impl CaRecord {
+    pub fn signing_entry(&self) -> Option<&RootEntry> {
+        self.roots.iter().find(|r| r.fingerprint == self.signing)
+    }
+
+    /// The trust bundle: every root, and the CRLs.
+    pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
+        let pem: String = self.roots.iter().map(|r| r.root_pem.as_str()).collect();
+        Ok(TrustBundle::from_pem(&self.trust_domain, &pem)?.with_crls_pem(&self.crls.concat())?)
+    }
+
+    /// Version string of what proxies must trust.
+    pub fn bundle_version(&self) -> String {
+        format!("ca-{}", self.sequence)
+    }
+
+    /// Loads a root entry's signing CA.
+    pub fn authority(&self, entry: &RootEntry, kek: &Kek) -> anyhow::Result<Authority> {
+        let key_pem = kek
+            .open(&entry.key, &binding(&entry.fingerprint))
+            .map_err(|e| anyhow::anyhow!("opening the key of root {}: {e}", entry.fingerprint))?;
+        let chain = if entry.chain_pem.is_empty() {
+            &entry.root_pem
+        } else {
+            &entry.chain_pem
+        };
+        Ok(Authority::from_parts(
+            &entry.root_pem,
+            chain,
+            &key_pem,
+            &self.trust_domain,
+        )?)
+    }
+}
+
+/// What a sealed signing key is bound to: the root it works under.
+fn binding(root_fingerprint: &str) -> String {
+    format!("isthmus signing key under root {root_fingerprint}")
+}
+
+/// Seals a CA into a root entry.
+pub fn entry(authority: &Authority, kek: &Kek, imported: bool) -> anyhow::Result<RootEntry> {
+    let fingerprint = isthmus_ca::pem::fingerprint(authority.anchor());
+    let info = isthmus_ca::svid::inspect(authority.anchor())?;
+    Ok(RootEntry {
+        root_pem: isthmus_ca::pem::encode("CERTIFICATE", authority.anchor()),
+        chain_pem: authority.chain_pem(),
+        key: kek.seal(authority.key_pem(), &binding(&fingerprint)),
+        not_after_unix: info.not_after_unix,
+        added_unix: now_unix(),
+        imported,
+        fingerprint,
+    })
+}
+
+/// The CA as one replica holds it now.
 pub struct CaState {
+    pub record: CaRecord,
+    /// The CA that signs intermediates.
     pub authority: Authority,
     pub bundle: TrustBundle,
+    /// Certificates of every signing CA's chain short of its root: the only
+    /// intermediates, besides a cluster's own, that a peer's chain may use.
+    pub ca_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
 }
 
 impl CaState {
-    /// Loads the root from the store, creating it if this is the first
-    /// primary. A create race between replicas is settled by a compare on the
-    /// key's absence: the loser loads the winner's root.
+    pub fn from_record(record: CaRecord, kek: &Kek) -> anyhow::Result<Self> {
+        let entry = record.signing_entry().ok_or_else(|| {
+            anyhow::anyhow!(
+                "the CA record names signing root {} but holds no such root",
+                record.signing
+            )
+        })?;
+        let authority = record.authority(entry, kek)?;
+        let bundle = record.bundle()?;
+        let mut ca_chain = Vec::new();
+        for r in &record.roots {
+            if !r.chain_pem.is_empty() {
+                ca_chain.extend(isthmus_ca::pem::certs(&r.chain_pem, "CA chain")?);
+            }
+        }
+        Ok(Self {
+            record,
+            authority,
+            bundle,
+            ca_chain,
+        })
+    }
+
+    /// Loads the CA from the store, creating a root if this is the first
+    /// primary. A create race between replicas is settled by a compare on
+    /// the key's absence: the loser loads the winner's root.
     pub async fn load_or_create(
         store: &Arc<dyn Store>,
         trust_domain: &str,
         kek: &Kek,
     ) -> anyhow::Result<Self> {
         for _ in 0..3 {
-            if let Some(kv) = store.get(keys::CA_ROOT).await? {
-                let rec: RootRecord = serde_json::from_slice(&kv.value).map_err(|e| {
-                    anyhow::anyhow!("stored root at {} is corrupt: {e}", keys::CA_ROOT)
+            if let Some(kv) = store.get(keys::CA).await? {
+                let rec: CaRecord = serde_json::from_slice(&kv.value).map_err(|e| {
+                    anyhow::anyhow!("stored CA record at {} is corrupt: {e}", keys::CA)
                 })?;
-                let key_pem = kek
-                    .open(&rec.key, &binding(&rec.cert_pem))
-                    .map_err(|e| anyhow::anyhow!("opening the mesh root's key: {e}"))?;
-                let authority = Authority::from_pem(&rec.cert_pem, &key_pem, &rec.trust_domain)?;
-                let bundle =
-                    TrustBundle::from_der(&rec.trust_domain, vec![authority.cert().clone()])?;
-                return Ok(Self { authority, bundle });
+                return Self::from_record(rec, kek);
             }
             let authority = Authority::generate(trust_domain)?;
-            let rec = RootRecord {
+            let root = entry(&authority, kek, false)?;
+            let rec = CaRecord {
                 trust_domain: trust_domain.to_string(),
-                cert_pem: authority.cert_pem().to_string(),
-                key: kek.seal(authority.key_pem(), &binding(authority.cert_pem())),
+                signing: root.fingerprint.clone(),
+                roots: vec![root],
+                crls: vec![],
+                sequence: 1,
+                rotation: None,
             };
             let (created, _) = store
                 .txn(
                     vec![Compare {
-                        key: keys::CA_ROOT.into(),
+                        key: keys::CA.into(),
                         mod_revision: 0,
                     }],
                     vec![Op::Put {
-                        key: keys::CA_ROOT.into(),
+                        key: keys::CA.into(),
                         value: serde_json::to_vec(&rec)?,
                     }],
                 )
@@ -75,13 +215,84 @@ impl CaState {
         self.authority.trust_domain()
     }
 
+    /// Every trusted root, PEM.
     pub fn bundle_pem(&self) -> String {
         self.bundle.to_pem()
     }
 
-    /// SHA-256 of the root: what join tokens carry so agents can pin it.
+    /// SHA-256 of the root that signs now: what new join tokens carry so
+    /// agents can pin it.
     pub fn root_fingerprint(&self) -> String {
-        isthmus_ca::pem::fingerprint(self.authority.cert())
+        self.record.signing.clone()
+    }
+
+    /// The PEM chain to append after a cluster intermediate.
+    pub fn intermediate_chain_suffix(&self) -> String {
+        self.authority.chain_pem()
+    }
+}
+
+/// Files a replica keeps in step with the CA.
+pub struct Files {
+    /// `DATA_DIR/root-cert.pem`: every trusted root.
+    pub roots: PathBuf,
+    /// The admin token file; its root pin follows the signing root.
+    pub admin_token: PathBuf,
+}
+
+/// Follows the CA record in the model. On every change: swaps the shared
+/// state, rewrites the files, and calls `on_change` (which re-issues the
+/// serving certificates). Runs until the model is gone.
+pub async fn follow(
+    current: Arc<ArcSwap<CaState>>,
+    mut model: watch::Receiver<Arc<Model>>,
+    kek: Arc<Kek>,
+    files: Files,
+    on_change: impl Fn(&CaState),
+) {
+    loop {
+        let next = model.borrow_and_update().ca.clone();
+        if let Some(rec) = next
+            && rec != current.load().record
+        {
+            match CaState::from_record(rec, &kek) {
+                Ok(state) => {
+                    let signing_changed = state.record.signing != current.load().record.signing;
+                    write_files(&files, &state, signing_changed);
+                    on_change(&state);
+                    tracing::info!(
+                        sequence = state.record.sequence,
+                        signing = %state.record.signing,
+                        roots = state.record.roots.len(),
+                        "CA state changed"
+                    );
+                    current.store(Arc::new(state));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot load the changed CA record"),
+            }
+        }
+        if model.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub fn write_files(files: &Files, state: &CaState, signing_changed: bool) {
+    if let Err(e) = std::fs::write(&files.roots, state.bundle_pem()) {
+        tracing::warn!(path = %files.roots.display(), error = %e, "cannot write the trust roots");
+    }
+    if !signing_changed {
+        return;
+    }
+    // Tokens minted here pin the signing root; keep the secret, move the pin.
+    if let Ok(text) = std::fs::read_to_string(&files.admin_token)
+        && let Some((secret, fp)) = isthmus_api::join_token::parse(text.trim())
+        && fp != state.record.signing
+    {
+        let token = isthmus_api::join_token::format(secret, &state.record.signing);
+        if let Err(e) = isthmus_transport::write_private(&files.admin_token, &token) {
+            tracing::warn!(error = %e, "cannot update the admin token's root pin");
+        }
     }
 }
 
@@ -99,7 +310,7 @@ mod tests {
             .await
             .unwrap();
 
-        let raw = store.get(keys::CA_ROOT).await.unwrap().unwrap().value;
+        let raw = store.get(keys::CA).await.unwrap().unwrap().value;
         let raw = String::from_utf8(raw).unwrap();
         assert!(
             !raw.contains("PRIVATE KEY"),

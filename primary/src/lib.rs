@@ -161,13 +161,50 @@ impl Metrics {
 pub struct Shared {
     pub store: Arc<dyn Store>,
     pub model: watch::Receiver<Arc<Model>>,
-    pub ca: CaState,
+    /// The CA as this replica holds it now; see [`ca::follow`].
+    pub ca_state: Arc<arc_swap::ArcSwap<CaState>>,
+    pub kek: Arc<kek::Kek>,
     pub admin_token_sha256: String,
     pub metrics: Metrics,
     pub proxies: xds::status::Tracker,
     pub crypto: Arc<rustls::crypto::CryptoProvider>,
     /// This replica's name in leader election.
     pub replica: String,
+}
+
+impl Shared {
+    /// The current CA.
+    pub fn ca(&self) -> Arc<CaState> {
+        self.ca_state.load_full()
+    }
+}
+
+/// The serving identity for the gRPC and HTTPS listeners, issued by the
+/// current signing CA. The chain carries the signing CA's certificates and
+/// every trusted root, so a client that pins a root by fingerprint finds it.
+fn serving_identity(ca: &CaState, names: &[String]) -> anyhow::Result<Identity> {
+    let (cert_pem, key_pem) = ca.authority.issue_server_cert(names)?;
+    let chain = format!(
+        "{cert_pem}{}{}",
+        ca.authority.chain_pem(),
+        ca.bundle_pem()
+    );
+    Ok(Identity::from_pem(&chain, &key_pem)?)
+}
+
+/// TLS for the gRPC listener (client certificates optional: gateways use a
+/// bearer token) and for the HTTPS API.
+fn server_configs(
+    ca: &CaState,
+    names: &[String],
+    crypto: &Arc<rustls::crypto::CryptoProvider>,
+) -> anyhow::Result<(rustls::ServerConfig, rustls::ServerConfig)> {
+    let identity = serving_identity(ca, names)?;
+    let client_verifier =
+        Arc::new(isthmus_ca::SpiffeClientVerifier::new(ca.bundle.clone(), crypto).optional());
+    let grpc = isthmus_transport::server_config(identity.clone(), Some(client_verifier))?;
+    let http = isthmus_transport::server_config(identity, None)?;
+    Ok((grpc, http))
 }
 
 /// Reads the admin token, creating it (mode 0600) on first start. A token
@@ -246,14 +283,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("connecting to etcd at {}", config.etcd.join(",")))?,
         )
     };
-    let kek = load_kek(&config)?;
+    let kek = Arc::new(load_kek(&config)?);
     let ca = CaState::load_or_create(&store, &config.trust_domain, &kek).await?;
-    std::fs::write(config.data_dir.join("root-cert.pem"), ca.bundle_pem())?;
     let token_path = config
         .admin_token_file
         .clone()
         .unwrap_or_else(|| config.data_dir.join("admin-token"));
     let admin = admin_token(&token_path, &ca)?;
+    let files = ca::Files {
+        roots: config.data_dir.join("root-cert.pem"),
+        admin_token: token_path.clone(),
+    };
+    ca::write_files(&files, &ca, true);
 
     // The serving certificate names every address clients may dial.
     let mut names: Vec<String> = vec![
@@ -269,11 +310,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     names.extend(config.advertise.iter().cloned());
     names.sort();
     names.dedup();
-    let (cert_pem, key_pem) = ca.authority.issue_server_cert(&names)?;
-    // The root rides along in the chain so joining agents can pin it by the
-    // fingerprint in their join token.
-    let identity = Identity::from_pem(&format!("{cert_pem}{}", ca.authority.cert_pem()), &key_pem)?;
     let crypto = isthmus_ca::crypto_provider();
+    let (grpc_tls, http_tls) = server_configs(&ca, &names, &crypto)?;
     let replica = config.replica_id.clone().unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_string())
@@ -284,15 +322,31 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let (model_tx, model_rx) = watch::channel(Arc::new(Model::default()));
     tokio::spawn(model::run(store.clone(), model_tx));
 
-    let client_verifier =
-        Arc::new(isthmus_ca::SpiffeClientVerifier::new(ca.bundle.clone(), &crypto).optional());
-    let grpc_tls = isthmus_transport::server_config(identity.clone(), Some(client_verifier))?;
-    let http_tls = isthmus_transport::server_config(identity, None)?;
+    let ca_state = Arc::new(arc_swap::ArcSwap::from_pointee(ca));
+    let (grpc_cfg_tx, grpc_cfg) = watch::channel(Arc::new(grpc_tls));
+    let (http_cfg_tx, http_cfg) = watch::channel(Arc::new(http_tls));
+    {
+        let crypto = crypto.clone();
+        tokio::spawn(ca::follow(
+            ca_state.clone(),
+            model_rx.clone(),
+            kek.clone(),
+            files,
+            move |state| match server_configs(state, &names, &crypto) {
+                Ok((grpc, http)) => {
+                    grpc_cfg_tx.send_replace(Arc::new(grpc));
+                    http_cfg_tx.send_replace(Arc::new(http));
+                }
+                Err(e) => tracing::error!(error = %e, "cannot re-issue the serving certificate"),
+            },
+        ));
+    }
 
     let shared = Arc::new(Shared {
         store,
         model: model_rx,
-        ca,
+        ca_state,
+        kek,
         admin_token_sha256: tokens::sha256_hex(&admin),
         metrics: Metrics::new(),
         proxies: Default::default(),
@@ -318,7 +372,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP listener {}", config.http_listen))?;
     tracing::info!(grpc = %config.grpc_listen, http = %config.http_listen, "primary serving");
 
-    let (_grpc_cfg_tx, grpc_cfg) = watch::channel(Arc::new(grpc_tls));
     let grpc = tonic::transport::Server::builder()
         .add_service(SyncServer::new(sync::SyncService {
             shared: shared.clone(),
@@ -330,7 +383,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         ))
         .serve_with_incoming(isthmus_transport::tls_incoming(grpc_listener, grpc_cfg));
 
-    let (_http_cfg_tx, http_cfg) = watch::channel(Arc::new(http_tls));
     let router = api::router(shared.clone());
     if let Some(path) = &config.api_socket {
         let _ = std::fs::remove_file(path);

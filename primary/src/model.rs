@@ -29,6 +29,8 @@ pub struct Model {
     pub services: BTreeMap<(String, String), BTreeMap<String, ServiceRecord>>,
     /// Intermediate fingerprint → cluster name.
     pub intermediates: HashMap<String, String>,
+    /// The CA record (roots, signer, CRLs, rotation), without any key.
+    pub ca: Option<crate::ca::CaRecord>,
 }
 
 impl Model {
@@ -39,7 +41,12 @@ impl Model {
             ..Default::default()
         };
         for (key, value) in kv {
-            if let Some(name) = key.strip_prefix(keys::CLUSTERS) {
+            if key == keys::CA {
+                match serde_json::from_slice(value) {
+                    Ok(ca) => m.ca = Some(ca),
+                    Err(e) => tracing::error!(key, error = %e, "skipping corrupt CA record"),
+                }
+            } else if let Some(name) = key.strip_prefix(keys::CLUSTERS) {
                 match serde_json::from_slice::<ClusterRecord>(value) {
                     Ok(c) => {
                         for fp in &c.intermediates {

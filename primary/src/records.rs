@@ -62,15 +62,6 @@ pub struct EndpointRecord {
     pub ready: bool,
 }
 
-/// The mesh root, as stored: its key only ever sealed under the KEK.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RootRecord {
-    pub trust_domain: String,
-    pub cert_pem: String,
-    pub key: crate::kek::Sealed,
-}
-
 pub fn now_unix() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)

@@ -65,7 +65,7 @@ impl Sync for SyncService {
         let shared = self.shared.clone();
         let _ = tx
             .send(Ok(PrimaryMessage {
-                trust_bundle_pem: shared.ca.bundle_pem(),
+                trust_bundle_pem: shared.ca().bundle_pem(),
                 ..Default::default()
             }))
             .await;
@@ -177,9 +177,8 @@ impl SyncService {
                     now - rec.join_token_expires_unix
                 )));
             }
-            let issued = self
-                .shared
-                .ca
+            let ca = self.shared.ca();
+            let issued = ca
                 .authority
                 .sign_intermediate(&req.csr_pem, &req.cluster)
                 .map_err(|e| Status::invalid_argument(format!("intermediate CSR: {e}")))?;
@@ -208,9 +207,9 @@ impl SyncService {
             }
             tracing::info!(cluster = %req.cluster, serial = %issued.serial_hex, "cluster joined; intermediate issued");
             return Ok(JoinResponse {
-                intermediate_pem: issued.pem,
-                trust_bundle_pem: self.shared.ca.bundle_pem(),
-                trust_domain: self.shared.ca.trust_domain().to_string(),
+                intermediate_pem: format!("{}{}", issued.pem, ca.intermediate_chain_suffix()),
+                trust_bundle_pem: ca.bundle_pem(),
+                trust_domain: ca.trust_domain().to_string(),
                 gateway_token: gateway_secret,
             });
         }

@@ -147,7 +147,8 @@ pub mod keys {
     pub const CLUSTERS: &str = "/isthmus/v1/clusters/";
     pub const ENDPOINTS: &str = "/isthmus/v1/endpoints/";
     pub const HEARTBEATS: &str = "/isthmus/v1/heartbeats/";
-    pub const CA_ROOT: &str = "/isthmus/v1/ca/root";
+    /// The CA: roots, signer, CRLs and rotation progress.
+    pub const CA: &str = "/isthmus/v1/ca/state";
     /// `/isthmus/v1/config/<plural>/<namespace>/<name>`.
     pub const CONFIG: &str = "/isthmus/v1/config/";
     /// `/isthmus/v1/election/<name>`: the leader of each election.
