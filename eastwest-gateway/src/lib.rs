@@ -71,16 +71,24 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("reading gateway credential {}", config.token_file.display()))?;
     let roots = std::fs::read_to_string(&config.roots)
         .with_context(|| format!("reading {}", config.roots.display()))?;
-    let tls = isthmus_transport::primary_client_config(&roots, None)?;
+    let tls = Arc::new(isthmus_transport::primary_client_config(&roots, None)?);
+    // The agent rewrites the roots file when the mesh's roots change (a
+    // rotation); follow it so the primary stays verifiable.
+    let (roots_tx, roots_rx) = tokio::sync::watch::channel(isthmus_xds::XdsCredentials {
+        tls: tls.clone(),
+        metadata: Default::default(),
+    });
+    tokio::spawn(follow_roots(config.roots.clone(), roots, roots_tx));
     let xds = isthmus_xds::start(
         XdsConfig {
             primary: config.primary.clone(),
-            tls: Arc::new(tls),
+            tls,
             bearer: Some(token.trim().to_string()),
             node_id: format!("gateway~{}", config.cluster),
             cluster: config.cluster.clone(),
+            metadata: Default::default(),
         },
-        None,
+        Some(roots_rx),
     );
     let connections = Family::<ConnLabels, Counter>::default();
     let mut registry = Registry::with_prefix("isthmus_gateway");
@@ -233,4 +241,34 @@ pub fn config_dump(snap: &Snapshot) -> serde_json::Value {
         "endpointVersion": snap.endpoint_version,
         "routes": routes,
     })
+}
+
+/// Re-reads the roots file every few seconds and publishes a new xDS client
+/// config when it changed. Runs while the xDS client does.
+async fn follow_roots(
+    path: std::path::PathBuf,
+    mut current: String,
+    tx: tokio::sync::watch::Sender<isthmus_xds::XdsCredentials>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    while !tx.is_closed() {
+        tick.tick().await;
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        if text == current {
+            continue;
+        }
+        match isthmus_transport::primary_client_config(&text, None) {
+            Ok(tls) => {
+                tracing::info!(path = %path.display(), "mesh roots changed");
+                tx.send_replace(isthmus_xds::XdsCredentials {
+                    tls: Arc::new(tls),
+                    metadata: Default::default(),
+                });
+                current = text;
+            }
+            Err(e) => tracing::warn!(path = %path.display(), error = %e, "roots file unusable; keeping the previous roots"),
+        }
+    }
 }

@@ -140,6 +140,10 @@ async fn register_cluster(
         joined_unix: None,
         intermediates: vec![],
         gateway_token_sha256: None,
+        current_intermediate: None,
+        replaced_intermediates: vec![],
+        reissue_requested: false,
+        intermediate_rotation: None,
     };
     let key = keys::cluster(&req.name);
     let value = serde_json::to_vec(&record)
@@ -268,7 +272,7 @@ async fn list_proxies(
     headers: HeaderMap,
 ) -> Result<impl IntoResponse, ApiError> {
     authorize(&shared, &headers)?;
-    Ok(Json(shared.proxies.snapshot()))
+    Ok(Json(crate::xds::status::all(&shared)))
 }
 
 #[utoipa::path(get, path = "/api/v1/ca/roots", tag = "ca", responses((status = 200, description = "The trust bundle, PEM", content_type = "application/x-pem-file")))]

@@ -101,6 +101,7 @@ pub struct Metrics {
     pub xds_connections: Gauge,
     pub leader: Gauge,
     pub leader_elections_won: Counter,
+    pub intermediates_issued: Family<Vec<(String, String)>, Counter>,
 }
 
 impl Metrics {
@@ -112,6 +113,12 @@ impl Metrics {
         let xds_nacks = Family::default();
         let xds_connections = Gauge::default();
         let leader = Gauge::default();
+        let intermediates_issued = Family::default();
+        registry.register(
+            "intermediates_issued",
+            "Cluster intermediates signed, by cluster",
+            intermediates_issued.clone(),
+        );
         let leader_elections_won = Counter::default();
         registry.register(
             "leader",
@@ -153,6 +160,7 @@ impl Metrics {
             xds_connections,
             leader,
             leader_elections_won,
+            intermediates_issued,
         }
     }
 }
@@ -353,6 +361,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crypto,
         replica: replica.clone(),
     });
+    tokio::spawn(xds::status::publish(shared.clone()));
     tokio::spawn(leader::run(
         shared.clone(),
         leader::LeaderRecord {

@@ -31,6 +31,8 @@ pub struct Model {
     pub intermediates: HashMap<String, String>,
     /// The CA record (roots, signer, CRLs, rotation), without any key.
     pub ca: Option<crate::ca::CaRecord>,
+    /// Replica name → the proxies connected to it, as it last published.
+    pub xds_status: BTreeMap<String, crate::xds::status::ReplicaStatus>,
 }
 
 impl Model {
@@ -41,7 +43,11 @@ impl Model {
             ..Default::default()
         };
         for (key, value) in kv {
-            if key == keys::CA {
+            if let Some(replica) = key.strip_prefix(keys::XDS_STATUS) {
+                if let Ok(s) = serde_json::from_slice(value) {
+                    m.xds_status.insert(replica.to_string(), s);
+                }
+            } else if key == keys::CA {
                 match serde_json::from_slice(value) {
                     Ok(ca) => m.ca = Some(ca),
                     Err(e) => tracing::error!(key, error = %e, "skipping corrupt CA record"),
@@ -123,9 +129,11 @@ async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Model>>) -> Result<(),
     )));
     mirror
         .follow(store, |m, events| {
-            // Heartbeats and elections change nothing proxies see.
+            // Heartbeats, elections and xDS status change nothing proxies see.
             if events.iter().any(|e| {
-                !e.key().starts_with(keys::HEARTBEATS) && !e.key().starts_with(keys::ELECTIONS)
+                ![keys::HEARTBEATS, keys::ELECTIONS, keys::XDS_STATUS]
+                    .iter()
+                    .any(|p| e.key().starts_with(p))
             }) {
                 config_revision = m.revision;
             }

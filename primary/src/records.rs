@@ -22,6 +22,44 @@ pub struct ClusterRecord {
     pub intermediates: Vec<String>,
     /// SHA-256 of the cluster's gateway credential.
     pub gateway_token_sha256: Option<String>,
+    /// The intermediate the agent signs with now.
+    #[serde(default)]
+    pub current_intermediate: Option<IntermediateRecord>,
+    /// Intermediates replaced but not yet revoked.
+    #[serde(default)]
+    pub replaced_intermediates: Vec<IntermediateRecord>,
+    /// The agent must fetch a new intermediate (RenewIntermediate).
+    #[serde(default)]
+    pub reissue_requested: bool,
+    /// An intermediate rotation in progress, or the last one.
+    #[serde(default)]
+    pub intermediate_rotation: Option<IntermediateRotation>,
+}
+
+/// A cluster intermediate the primary issued.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IntermediateRecord {
+    pub fingerprint: String,
+    pub pem: String,
+    pub serial_hex: String,
+    /// Fingerprint of the root it chains to.
+    pub root: String,
+    pub not_after_unix: i64,
+    pub issued_unix: u64,
+}
+
+/// `isthmusctl ca rotate-intermediate`: re-issue, wait until no workload
+/// holds a certificate from the old intermediate, revoke it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IntermediateRotation {
+    /// Fingerprint of the intermediate being replaced.
+    pub old: String,
+    /// `reissuing`, `revoking` (CRL published, waiting until every proxy
+    /// holds it) or `done`.
+    pub state: String,
+    pub started_unix: u64,
 }
 
 /// The agent's liveness, kept apart from the cluster so heartbeats do not
@@ -32,6 +70,12 @@ pub struct HeartbeatRecord {
     pub agent_version: String,
     pub last_heartbeat_unix: u64,
     pub last_sync_unix: Option<u64>,
+    /// The intermediate the agent signs with, as it reported.
+    #[serde(default)]
+    pub intermediate_fingerprint: Option<String>,
+    /// The trust bundle sequence the agent holds, as it reported.
+    #[serde(default)]
+    pub bundle_sequence: u64,
 }
 
 /// One service as one cluster's agent reported it.

@@ -12,14 +12,16 @@ use futures::Stream;
 use isthmus_api::names::check_label;
 use isthmus_api::pb::sync::sync_server::Sync;
 use isthmus_api::pb::sync::{
-    AgentMessage, Delta, JoinRequest, JoinResponse, PrimaryMessage, Service, agent_message,
+    AgentMessage, Delta, Heartbeat, JoinRequest, JoinResponse, PrimaryMessage, RenewRequest,
+    RenewResponse, Service, agent_message,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::records::{
-    ClusterRecord, EndpointRecord, HeartbeatRecord, PortRecord, ServiceRecord, now_unix,
+    ClusterRecord, EndpointRecord, HeartbeatRecord, IntermediateRecord, PortRecord, ServiceRecord,
+    now_unix,
 };
 use crate::store::{Compare, Op, keys};
 use crate::{Shared, auth, tokens};
@@ -49,6 +51,88 @@ impl Sync for SyncService {
         result.map(Response::new)
     }
 
+    async fn renew_intermediate(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<RenewResponse>, Status> {
+        let peer = auth::agent(
+            &self.shared,
+            request.peer_certs().as_deref().map(|v| v.as_slice()),
+        )?;
+        let csr = request.into_inner().csr_pem;
+        let key = keys::cluster(&peer.cluster);
+        for _ in 0..5 {
+            let kv = self
+                .shared
+                .store
+                .get(&key)
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?
+                .ok_or_else(|| Status::permission_denied("the cluster is no longer registered"))?;
+            let mut rec: ClusterRecord = serde_json::from_slice(&kv.value)
+                .map_err(|e| Status::internal(format!("cluster record is corrupt: {e}")))?;
+            let ca = self.shared.ca();
+            let issued = ca
+                .authority
+                .sign_intermediate(&csr, &peer.cluster)
+                .map_err(|e| Status::invalid_argument(format!("intermediate CSR: {e}")))?;
+            let fingerprint = isthmus_ca::pem::fingerprint(&issued.der);
+            if let Some(old) = rec.current_intermediate.take() {
+                rec.replaced_intermediates.push(old);
+            }
+            rec.intermediates.push(fingerprint.clone());
+            rec.current_intermediate = Some(IntermediateRecord {
+                fingerprint: fingerprint.clone(),
+                pem: issued.pem.clone(),
+                serial_hex: issued.serial_hex.clone(),
+                root: ca.root_fingerprint(),
+                not_after_unix: issued.not_after_unix,
+                issued_unix: now_unix(),
+            });
+            rec.reissue_requested = false;
+            let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
+            let (ok, _) = self
+                .shared
+                .store
+                .txn(
+                    vec![Compare {
+                        key: key.clone(),
+                        mod_revision: kv.mod_revision,
+                    }],
+                    vec![Op::Put {
+                        key: key.clone(),
+                        value,
+                    }],
+                )
+                .await
+                .map_err(|e| Status::unavailable(e.to_string()))?;
+            if !ok {
+                continue;
+            }
+            tracing::info!(
+                audit = true,
+                cluster = %peer.cluster,
+                serial = %issued.serial_hex,
+                fingerprint,
+                root = %ca.root_fingerprint(),
+                not_after = issued.not_after_unix,
+                "cluster intermediate renewed"
+            );
+            self.shared
+                .metrics
+                .intermediates_issued
+                .get_or_create(&vec![("cluster".into(), peer.cluster.clone())])
+                .inc();
+            return Ok(Response::new(RenewResponse {
+                intermediate_pem: format!("{}{}", issued.pem, ca.intermediate_chain_suffix()),
+                trust_bundle_pem: ca.bundle_pem(),
+            }));
+        }
+        Err(Status::aborted(
+            "cluster record kept changing during renewal; retry",
+        ))
+    }
+
     type StreamStream = Pin<Box<dyn Stream<Item = Result<PrimaryMessage, Status>> + Send>>;
 
     async fn stream(
@@ -63,16 +147,53 @@ impl Sync for SyncService {
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);
         let shared = self.shared.clone();
-        let _ = tx
-            .send(Ok(PrimaryMessage {
-                trust_bundle_pem: shared.ca().bundle_pem(),
-                ..Default::default()
-            }))
-            .await;
         tracing::info!(%cluster, "agent stream open");
         tokio::spawn(async move {
+            // The bundle and any renewal request go out first, then again
+            // whenever they change.
+            let mut model = shared.model.clone();
+            let mut pushed = (0u64, false);
             loop {
-                let msg = match inbound.message().await {
+                let (ca, renew) = {
+                    let m = model.borrow_and_update();
+                    (
+                        m.ca.clone(),
+                        m.clusters.get(&cluster).is_some_and(|c| c.reissue_requested),
+                    )
+                };
+                let sequence = ca.as_ref().map(|c| c.sequence).unwrap_or(0);
+                let ask = renew && !pushed.1;
+                if let Some(ca) = ca.filter(|_| sequence > pushed.0 || ask) {
+                    let bundle = match ca.bundle() {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::error!(error = %e, "the stored trust bundle is unusable");
+                            break;
+                        }
+                    };
+                    let msg = PrimaryMessage {
+                        trust_bundle_pem: bundle.to_pem(),
+                        crls_pem: bundle.crls_pem(),
+                        bundle_sequence: sequence,
+                        renew_intermediate: ask,
+                        ..Default::default()
+                    };
+                    if ask {
+                        tracing::info!(%cluster, "asking the agent to renew its intermediate");
+                    }
+                    if tx.send(Ok(msg)).await.is_err() {
+                        break;
+                    }
+                }
+                pushed = (sequence, renew);
+                let msg = tokio::select! {
+                    changed = model.changed() => {
+                        if changed.is_err() { break; }
+                        continue;
+                    }
+                    msg = inbound.message() => msg,
+                };
+                let msg = match msg {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
                     Err(e) => {
@@ -101,7 +222,7 @@ impl Sync for SyncService {
                     }
                     Some(agent_message::Kind::Delta(d)) => apply_delta(&shared, &cluster, d).await,
                     Some(agent_message::Kind::Heartbeat(hb)) => {
-                        heartbeat(&shared, &cluster, hb.agent_version, false).await
+                        heartbeat(&shared, &cluster, Some(hb), false).await
                     }
                     None => Err(Status::invalid_argument("agent message has no kind")),
                 };
@@ -185,8 +306,16 @@ impl SyncService {
             let gateway_secret = tokens::generate();
             rec.join_token_sha256 = None;
             rec.joined_unix = Some(now);
-            rec.intermediates
-                .push(isthmus_ca::pem::fingerprint(&issued.der));
+            let fingerprint = isthmus_ca::pem::fingerprint(&issued.der);
+            rec.intermediates.push(fingerprint.clone());
+            rec.current_intermediate = Some(IntermediateRecord {
+                fingerprint,
+                pem: issued.pem.clone(),
+                serial_hex: issued.serial_hex.clone(),
+                root: ca.root_fingerprint(),
+                not_after_unix: issued.not_after_unix,
+                issued_unix: now,
+            });
             rec.gateway_token_sha256 = Some(tokens::sha256_hex(&gateway_secret));
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
             let (ok, _) = store
@@ -205,7 +334,12 @@ impl SyncService {
             if !ok {
                 continue; // raced with another write; re-check the token
             }
-            tracing::info!(cluster = %req.cluster, serial = %issued.serial_hex, "cluster joined; intermediate issued");
+            tracing::info!(audit = true, cluster = %req.cluster, serial = %issued.serial_hex, not_after = issued.not_after_unix, "cluster joined; intermediate issued");
+            self.shared
+                .metrics
+                .intermediates_issued
+                .get_or_create(&vec![("cluster".into(), req.cluster.clone())])
+                .inc();
             return Ok(JoinResponse {
                 intermediate_pem: format!("{}{}", issued.pem, ca.intermediate_chain_suffix()),
                 trust_bundle_pem: ca.bundle_pem(),
@@ -241,26 +375,39 @@ fn refuse_foreign(shared: &Shared, cluster: &str, claimed: &str) -> Result<Prima
 async fn heartbeat(
     shared: &Shared,
     cluster: &str,
-    agent_version: String,
+    report: Option<Heartbeat>,
     synced: bool,
 ) -> Result<PrimaryMessage, Status> {
     let key = keys::heartbeat(cluster);
     let previous = shared.model.borrow().heartbeats.get(cluster).cloned();
     let now = now_unix();
+    let report = report.unwrap_or_default();
     let rec = HeartbeatRecord {
-        agent_version: if agent_version.is_empty() {
+        agent_version: if report.agent_version.is_empty() {
             previous
                 .as_ref()
                 .map(|p| p.agent_version.clone())
                 .unwrap_or_default()
         } else {
-            agent_version
+            report.agent_version
         },
         last_heartbeat_unix: now,
         last_sync_unix: if synced {
             Some(now)
         } else {
-            previous.and_then(|p| p.last_sync_unix)
+            previous.as_ref().and_then(|p| p.last_sync_unix)
+        },
+        intermediate_fingerprint: if report.intermediate_fingerprint.is_empty() {
+            previous
+                .as_ref()
+                .and_then(|p| p.intermediate_fingerprint.clone())
+        } else {
+            Some(report.intermediate_fingerprint)
+        },
+        bundle_sequence: if report.bundle_sequence == 0 {
+            previous.map(|p| p.bundle_sequence).unwrap_or(0)
+        } else {
+            report.bundle_sequence
         },
     };
     let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
@@ -386,7 +533,7 @@ async fn commit(
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
     }
-    let mut reply = heartbeat(shared, cluster, String::new(), true).await?;
+    let mut reply = heartbeat(shared, cluster, None, true).await?;
     if !errors.is_empty() {
         shared
             .metrics

@@ -3,13 +3,18 @@
 //! published on a `watch` channel so new connections pick it up while
 //! existing ones carry on. If renewal fails, the still-valid certificate
 //! keeps serving and renewal retries with backoff.
+//!
+//! The agent also says when to renew early: its `Watch` stream reports a
+//! new generation whenever the cluster intermediate or the trust bundle
+//! changed (a rotation), and the proxy then fetches a new certificate, with
+//! the new bundle, at once.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use isthmus_api::pb::ca::CreateCertificateRequest;
+use isthmus_api::pb::ca::{CreateCertificateRequest, WatchRequest};
 use isthmus_api::pb::ca::certificate_service_client::CertificateServiceClient;
 use isthmus_ca::{SpiffeId, TrustBundle};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -20,7 +25,10 @@ pub struct Svid {
     pub id: SpiffeId,
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// Roots and CRLs.
     pub bundle: TrustBundle,
+    /// The primary's sequence number of `bundle`.
+    pub bundle_sequence: u64,
     pub not_before_unix: i64,
     pub not_after_unix: i64,
     /// When this proxy received it. Lifetimes are measured from here, not
@@ -77,7 +85,8 @@ impl AgentClient {
             .spiffe_id
             .clone()
             .context("issued certificate has no SPIFFE ID")?;
-        let bundle = TrustBundle::from_pem(id.trust_domain(), &resp.trust_bundle.concat())?;
+        let bundle = TrustBundle::from_pem(id.trust_domain(), &resp.trust_bundle.concat())?
+            .with_crls_pem(&resp.crls)?;
         // Check the certificate with the same verifier peers will use.
         let provider = isthmus_ca::crypto_provider();
         let verified = bundle
@@ -99,10 +108,59 @@ impl AgentClient {
             chain,
             key: isthmus_ca::pem::private_key(&key_pem, "proxy key")?,
             bundle,
+            bundle_sequence: resp.bundle_sequence,
             not_before_unix: leaf.not_before_unix,
             received_unix: now_unix(),
             not_after_unix: leaf.not_after_unix,
         })
+    }
+}
+
+impl AgentClient {
+    /// Follows the agent's `Watch` stream in the background, reconnecting
+    /// when it breaks. The channel changes whenever the agent reports a new
+    /// generation after the first one seen.
+    fn watch_generations(&self) -> watch::Receiver<(u64, String)> {
+        let (tx, rx) = watch::channel((0u64, String::new()));
+        let agent = self.clone();
+        tokio::spawn(async move {
+            let mut last = None;
+            loop {
+                match agent.follow(&tx, &mut last).await {
+                    Ok(()) => tracing::info!("the agent closed its watch stream; reopening"),
+                    Err(e) => tracing::debug!(error = %e, "agent watch failed; retrying"),
+                }
+                if tx.is_closed() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+        rx
+    }
+
+    async fn follow(
+        &self,
+        tx: &watch::Sender<(u64, String)>,
+        last: &mut Option<u64>,
+    ) -> anyhow::Result<()> {
+        let mut client =
+            CertificateServiceClient::new(isthmus_transport::uds_channel(self.socket.clone()));
+        let mut request = tonic::Request::new(WatchRequest {});
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {}", self.token).parse()?);
+        let mut events = client.watch(request).await?.into_inner();
+        while let Some(event) = events.message().await? {
+            // The first event after (re)connecting is the current state; it
+            // means a change only if it differs from what we saw before (an
+            // agent restart also counts).
+            if last.is_some_and(|g| g != event.generation) {
+                tx.send_replace((event.generation, event.reason.clone()));
+            }
+            *last = Some(event.generation);
+        }
+        Ok(())
     }
 }
 
@@ -122,6 +180,7 @@ pub async fn start(agent: AgentClient) -> anyhow::Result<watch::Receiver<Arc<Svi
     };
     tracing::info!(identity = %first.id, not_after = first.not_after_unix, "certificate issued");
     let (tx, rx) = watch::channel(Arc::new(first));
+    let mut generations = agent.watch_generations();
     tokio::spawn(async move {
         loop {
             let (received, not_after) = {
@@ -133,7 +192,13 @@ pub async fn start(agent: AgentClient) -> anyhow::Result<watch::Receiver<Arc<Svi
             let lifetime = (not_after - received).max(1) as f64;
             let at = received as f64 + lifetime * (0.5 - rand::random::<f64>() * 0.1);
             let wait = (at - now_unix() as f64).max(0.0);
-            tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_secs_f64(wait)) => {}
+                Ok(()) = generations.changed() => {
+                    let (generation, reason) = generations.borrow_and_update().clone();
+                    tracing::info!(generation, %reason, "the agent's credentials changed; renewing now");
+                }
+            }
             let mut backoff = Duration::from_millis(500);
             loop {
                 match agent.fetch().await {

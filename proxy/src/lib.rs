@@ -91,18 +91,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     // TLS configs follow the certificate: rebuilt on every renewal.
     let (server_tx, server_rx) = watch::channel(Arc::new(tls::server_config(&svid.borrow())?));
-    let (xds_tls_tx, xds_tls_rx) = watch::channel(Arc::new(xds_tls(&svid.borrow())?));
+    let (xds_tls_tx, xds_tls_rx) = watch::channel(xds_credentials(&svid.borrow())?);
     let mut renewals = svid.clone();
     tokio::spawn(async move {
         while renewals.changed().await.is_ok() {
             let current = renewals.borrow_and_update().clone();
             let built = tls::server_config(&current)
                 .map_err(anyhow::Error::from)
-                .and_then(|s| Ok((s, xds_tls(&current)?)));
+                .and_then(|s| Ok((s, xds_credentials(&current)?)));
             match built {
                 Ok((s, x)) => {
                     server_tx.send_replace(Arc::new(s));
-                    xds_tls_tx.send_replace(Arc::new(x));
+                    xds_tls_tx.send_replace(x);
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "renewed certificate unusable; keeping the previous one")
@@ -115,14 +115,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .node_id
         .clone()
         .unwrap_or_else(|| format!("sidecar~{}~{}", config.cluster, std::process::id()));
-    let initial_tls = xds_tls_rx.borrow().clone();
+    let initial = xds_tls_rx.borrow().clone();
     let xds = isthmus_xds::start(
         isthmus_xds::XdsConfig {
             primary: config.primary.clone(),
-            tls: initial_tls,
+            tls: initial.tls,
             bearer: None,
             node_id,
             cluster: config.cluster.clone(),
+            metadata: initial.metadata,
         },
         Some(xds_tls_rx),
     );
@@ -154,12 +155,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The client config for the xDS stream: our SVID against the mesh roots.
-fn xds_tls(svid: &identity::Svid) -> anyhow::Result<rustls::ClientConfig> {
-    Ok(isthmus_transport::primary_client_config(
-        &svid.bundle.to_pem(),
-        Some(svid.identity()),
-    )?)
+/// The xDS stream's credentials: our SVID against the mesh roots, and the
+/// trust bundle sequence we hold, which the primary tracks for rotations.
+fn xds_credentials(svid: &identity::Svid) -> anyhow::Result<isthmus_xds::XdsCredentials> {
+    let tls =
+        isthmus_transport::primary_client_config(&svid.bundle.to_pem(), Some(svid.identity()))?;
+    Ok(isthmus_xds::XdsCredentials {
+        tls: Arc::new(tls),
+        metadata: [(
+            "BUNDLE_SEQUENCE".to_string(),
+            svid.bundle_sequence.to_string(),
+        )]
+        .into(),
+    })
 }
 
 async fn serve_admin(

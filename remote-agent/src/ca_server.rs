@@ -2,44 +2,146 @@
 //! cluster trade a CSR for a certificate. The caller authenticates with its
 //! workload credential (`authorization: Bearer ...`); the identity issued is
 //! the one the registry binds to that credential, whatever the CSR asks for.
+//!
+//! Each caller identity is rate-limited (a token bucket), so one workload
+//! gone wrong cannot starve the others. Every certificate issued is logged
+//! for audit (serial, identity, cluster, expiry) and counted. `Watch` tells
+//! workloads when the intermediate or the trust bundle changed, so they
+//! fetch a new certificate at once instead of at their renewal time.
 
+use std::num::NonZeroU32;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::Stream;
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 use isthmus_api::pb::ca::certificate_service_server::{
     CertificateService, CertificateServiceServer,
 };
-use isthmus_api::pb::ca::{CreateCertificateRequest, CreateCertificateResponse};
+use isthmus_api::pb::ca::{
+    CreateCertificateRequest, CreateCertificateResponse, WatchEvent, WatchRequest,
+};
 use isthmus_ca::{CaError, SpiffeId};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry as MetricsRegistry;
 use sha2::{Digest, Sha256};
 use tokio::net::UnixListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{UnixListenerStream, WatchStream};
+use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::join::Credentials;
+use crate::join::Live;
 use crate::registry::Registry;
+
+/// Certificates issued and refused, by identity and outcome.
+#[derive(Clone, Default)]
+pub struct Metrics {
+    pub issued: Family<Vec<(String, String)>, Counter>,
+    pub refused: Family<Vec<(String, String)>, Counter>,
+}
+
+impl Metrics {
+    pub fn register(&self, registry: &mut MetricsRegistry) {
+        registry.register(
+            "certificates_issued",
+            "Workload certificates signed, by identity",
+            self.issued.clone(),
+        );
+        registry.register(
+            "certificate_requests_refused",
+            "Workload certificate requests refused, by reason",
+            self.refused.clone(),
+        );
+    }
+}
+
+/// Per-identity limits on certificate requests.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
 
 pub fn serve(
     socket: PathBuf,
-    creds: Arc<Credentials>,
+    creds: Arc<Live>,
     registry: watch::Receiver<Arc<Registry>>,
+    cluster: String,
+    limits: Limits,
+    metrics: Metrics,
 ) -> anyhow::Result<impl std::future::Future<Output = Result<(), tonic::transport::Error>>> {
     // A socket left by a previous run would make bind fail.
     let _ = std::fs::remove_file(&socket);
     let listener = UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "workload CA listening");
+    let limiter = RateLimiter::keyed(Quota::per_second(limits.per_second).allow_burst(limits.burst));
     Ok(tonic::transport::Server::builder()
-        .add_service(CertificateServiceServer::new(CaService { creds, registry }))
+        .add_service(CertificateServiceServer::new(CaService {
+            creds,
+            registry,
+            cluster,
+            limiter: Arc::new(limiter),
+            limits,
+            metrics,
+        }))
         .serve_with_incoming(UnixListenerStream::new(listener)))
 }
 
 struct CaService {
-    creds: Arc<Credentials>,
+    creds: Arc<Live>,
     registry: watch::Receiver<Arc<Registry>>,
+    cluster: String,
+    limiter: Arc<DefaultKeyedRateLimiter<String>>,
+    limits: Limits,
+    metrics: Metrics,
 }
+
+impl CaService {
+    fn refuse(&self, reason: &str, status: Status) -> Status {
+        self.metrics
+            .refused
+            .get_or_create(&vec![("reason".into(), reason.into())])
+            .inc();
+        status
+    }
+
+    /// The workload the bearer credential names: (namespace, account, name).
+    fn caller(&self, metadata: &MetadataMap) -> Result<(String, String, String), Status> {
+        let token = metadata
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                self.refuse(
+                    "unauthenticated",
+                    Status::unauthenticated(
+                        "present the workload credential as 'authorization: Bearer <token>'",
+                    ),
+                )
+            })?;
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        let reg = self.registry.borrow();
+        let w = reg.workload_by_token(&digest).ok_or_else(|| {
+            self.refuse(
+                "unauthenticated",
+                Status::unauthenticated("workload credential is not known to this cluster's registry"),
+            )
+        })?;
+        Ok((
+            w.namespace.clone(),
+            w.service_account.clone(),
+            w.name.clone(),
+        ))
+    }
+}
+
+type WatchResult = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl CertificateService for CaService {
@@ -47,36 +149,23 @@ impl CertificateService for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "present the workload credential as 'authorization: Bearer <token>'",
-                )
-            })?;
-        let digest = hex::encode(Sha256::digest(token.as_bytes()));
-        let (namespace, account, workload) = {
-            let reg = self.registry.borrow();
-            let w = reg.workload_by_token(&digest).ok_or_else(|| {
-                Status::unauthenticated(
-                    "workload credential is not known to this cluster's registry",
-                )
-            })?;
-            (
-                w.namespace.clone(),
-                w.service_account.clone(),
-                w.name.clone(),
-            )
-        };
-        let id = SpiffeId::workload(self.creds.signer.trust_domain(), &namespace, &account)
+        let (namespace, account, workload) = self.caller(request.metadata())?;
+        let creds = self.creds.current();
+        let id = SpiffeId::workload(creds.signer.trust_domain(), &namespace, &account)
             .map_err(|e| Status::internal(e.to_string()))?;
+        if self.limiter.check_key(&id.to_string()).is_err() {
+            tracing::warn!(%workload, identity = %id, "certificate request over the rate limit");
+            return Err(self.refuse(
+                "rate_limited",
+                Status::resource_exhausted(format!(
+                    "{id} asked for certificates faster than {}/s (burst {}); retry later",
+                    self.limits.per_second, self.limits.burst
+                )),
+            ));
+        }
         let req = request.into_inner();
         let ttl = Duration::from_secs(u64::try_from(req.validity_duration).unwrap_or(0));
-        let issued = self
-            .creds
+        let issued = creds
             .signer
             .sign_workload_csr(&req.csr, &id, ttl)
             .map_err(|e| match e {
@@ -84,19 +173,51 @@ impl CertificateService for CaService {
                 | CaError::CsrMalformed
                 | CaError::CsrBadSignature
                 | CaError::CsrUnusable(_)
-                | CaError::TtlTooLong { .. } => Status::invalid_argument(e.to_string()),
+                | CaError::TtlTooLong { .. } => {
+                    self.refuse("bad_request", Status::invalid_argument(e.to_string()))
+                }
                 other => Status::internal(other.to_string()),
             })?;
-        tracing::info!(%workload, identity = %id, serial = %issued.serial_hex, not_after = issued.not_after_unix, "signed workload certificate");
+        tracing::info!(
+            audit = true,
+            cluster = %self.cluster,
+            %workload,
+            identity = %id,
+            serial = %issued.serial_hex,
+            not_after = issued.not_after_unix,
+            intermediate = %creds.intermediate_fingerprint(),
+            "signed workload certificate"
+        );
+        self.metrics
+            .issued
+            .get_or_create(&vec![("identity".into(), id.to_string())])
+            .inc();
         Ok(Response::new(CreateCertificateResponse {
-            cert_chain: vec![issued.pem, self.creds.intermediate_pem.clone()],
-            trust_bundle: self
-                .creds
+            cert_chain: vec![issued.pem, creds.intermediate_pem.clone()],
+            trust_bundle: creds
                 .bundle
                 .roots()
                 .iter()
                 .map(|r| isthmus_ca::pem::encode("CERTIFICATE", r))
                 .collect(),
+            crls: creds.bundle.crls_pem(),
+            bundle_sequence: creds.bundle_sequence,
         }))
+    }
+
+    type WatchStream = WatchResult;
+
+    async fn watch(
+        &self,
+        request: Request<WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.caller(request.metadata())?;
+        let events = WatchStream::new(self.creds.generation.subscribe()).map(|(g, reason)| {
+            Ok(WatchEvent {
+                generation: g,
+                reason: reason.to_string(),
+            })
+        });
+        Ok(Response::new(Box::pin(events)))
     }
 }

@@ -1,7 +1,11 @@
 //! Joining the primary, and the credentials that result.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::watch;
 
 use anyhow::{Context, bail};
 use isthmus_api::pb::sync::JoinRequest;
@@ -14,13 +18,111 @@ use crate::Config;
 /// What an agent holds after joining.
 pub struct Credentials {
     pub signer: Signer,
+    /// Roots and CRLs.
     pub bundle: TrustBundle,
+    /// The intermediate and any CA certificates above it short of the root.
     pub intermediate_pem: String,
+    /// The primary's sequence number of `bundle` (0 before the first update).
+    pub bundle_sequence: u64,
+}
+
+impl Credentials {
+    pub fn intermediate_fingerprint(&self) -> String {
+        self.signer
+            .chain()
+            .first()
+            .map(|c| isthmus_ca::pem::fingerprint(c))
+            .unwrap_or_default()
+    }
+}
+
+/// The agent's credentials as they are now, replaced in place when the
+/// primary sends a new trust bundle or a new intermediate. Every change
+/// bumps `generation`, which workloads watch to fetch new certificates.
+pub struct Live {
+    dir: PathBuf,
+    current: ArcSwap<Credentials>,
+    pub generation: watch::Sender<(u64, &'static str)>,
+}
+
+impl Live {
+    pub fn new(dir: &Path, creds: Credentials) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            current: ArcSwap::from_pointee(creds),
+            generation: watch::channel((1, "start")).0,
+        }
+    }
+
+    pub fn current(&self) -> Arc<Credentials> {
+        self.current.load_full()
+    }
+
+    /// Takes a newer trust bundle from the primary. Returns whether it was
+    /// newer.
+    pub fn update_bundle(
+        &self,
+        roots_pem: &str,
+        crls_pem: &str,
+        sequence: u64,
+    ) -> anyhow::Result<bool> {
+        let cur = self.current();
+        if sequence <= cur.bundle_sequence {
+            return Ok(false);
+        }
+        let bundle =
+            TrustBundle::from_pem(cur.signer.trust_domain(), roots_pem)?.with_crls_pem(crls_pem)?;
+        std::fs::write(self.dir.join(ROOTS), roots_pem)?;
+        std::fs::write(self.dir.join(CRLS), crls_pem)?;
+        std::fs::write(self.dir.join(BUNDLE_SEQUENCE), sequence.to_string())?;
+        let signer = Signer::from_pem(
+            &cur.intermediate_pem,
+            &std::fs::read_to_string(self.dir.join(INTERMEDIATE_KEY))?,
+        )?;
+        self.current.store(Arc::new(Credentials {
+            signer,
+            bundle,
+            intermediate_pem: cur.intermediate_pem.clone(),
+            bundle_sequence: sequence,
+        }));
+        self.bump("trust bundle");
+        Ok(true)
+    }
+
+    /// Installs a new intermediate and its key (written 0600 first, so a
+    /// crash leaves the old pair or the new one, never a mix).
+    pub fn replace_intermediate(&self, intermediate_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+        let cur = self.current();
+        let signer = Signer::from_pem(intermediate_pem, key_pem)?;
+        let tmp_key = self.dir.join(format!("{INTERMEDIATE_KEY}.new"));
+        let tmp_cert = self.dir.join(format!("{INTERMEDIATE}.new"));
+        isthmus_transport::write_private(&tmp_key, key_pem)?;
+        std::fs::write(&tmp_cert, intermediate_pem)?;
+        std::fs::rename(&tmp_cert, self.dir.join(INTERMEDIATE))?;
+        std::fs::rename(&tmp_key, self.dir.join(INTERMEDIATE_KEY))?;
+        self.current.store(Arc::new(Credentials {
+            signer,
+            bundle: cur.bundle.clone(),
+            intermediate_pem: intermediate_pem.to_string(),
+            bundle_sequence: cur.bundle_sequence,
+        }));
+        self.bump("intermediate");
+        Ok(())
+    }
+
+    fn bump(&self, reason: &'static str) {
+        self.generation.send_modify(|(g, r)| {
+            *g += 1;
+            *r = reason;
+        });
+    }
 }
 
 const INTERMEDIATE: &str = "intermediate.pem";
 const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
 const ROOTS: &str = "roots.pem";
+const CRLS: &str = "crls.pem";
+const BUNDLE_SEQUENCE: &str = "bundle-sequence";
 /// The gateway's bearer credential for xDS, for the cluster's gateway to read.
 pub const GATEWAY_TOKEN: &str = "gateway-token";
 
@@ -80,11 +182,17 @@ fn load(dir: &Path) -> anyhow::Result<Credentials> {
     };
     let intermediate_pem = read(INTERMEDIATE)?;
     let signer = Signer::from_pem(&intermediate_pem, &read(INTERMEDIATE_KEY)?)?;
-    let bundle = TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?;
+    let crls = std::fs::read_to_string(dir.join(CRLS)).unwrap_or_default();
+    let bundle = TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?.with_crls_pem(&crls)?;
+    let bundle_sequence = std::fs::read_to_string(dir.join(BUNDLE_SEQUENCE))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
     Ok(Credentials {
         signer,
         bundle,
         intermediate_pem,
+        bundle_sequence,
     })
 }
 

@@ -18,6 +18,7 @@ pub mod registry;
 pub mod sync;
 
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -54,9 +55,15 @@ pub struct Config {
     /// Unix socket for the workload CA. Default: STATE_DIR/ca.sock.
     #[arg(long)]
     pub ca_socket: Option<PathBuf>,
-    /// Admin listener: /ready, /healthz.
+    /// Admin listener: /ready, /healthz, /metrics.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Workload certificate requests each identity may make per second...
+    #[arg(long, default_value = "5", value_parser = clap::value_parser!(NonZeroU32))]
+    pub ca_rate_limit: NonZeroU32,
+    /// ...and in a burst.
+    #[arg(long, default_value = "20", value_parser = clap::value_parser!(NonZeroU32))]
+    pub ca_rate_burst: NonZeroU32,
 }
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -66,8 +73,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
-    let creds = Arc::new(join::ensure_joined(&config).await?);
-    tracing::info!(cluster = %config.cluster, trust_domain = %creds.signer.trust_domain(), "agent holds its cluster intermediate");
+    let creds = Arc::new(join::Live::new(
+        &config.state_dir,
+        join::ensure_joined(&config).await?,
+    ));
+    tracing::info!(cluster = %config.cluster, trust_domain = %creds.current().signer.trust_domain(), "agent holds its cluster intermediate");
 
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Vec::new()));
     // Workload credentials come from the file registry; Kubernetes mode has
@@ -94,12 +104,32 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .ca_socket
         .clone()
         .unwrap_or_else(|| config.state_dir.join("ca.sock"));
-    let ca = ca_server::serve(socket, creds.clone(), reg_rx)?;
+    let ca_metrics = ca_server::Metrics::default();
+    let mut registry = prometheus_client::registry::Registry::with_prefix("isthmus_agent");
+    ca_metrics.register(&mut registry);
+    let registry = Arc::new(registry);
+    let ca = ca_server::serve(
+        socket,
+        creds.clone(),
+        reg_rx,
+        config.cluster.clone(),
+        ca_server::Limits {
+            per_second: config.ca_rate_limit,
+            burst: config.ca_rate_burst,
+        },
+        ca_metrics,
+    )?;
 
     let (ready_tx, ready_rx) = watch::channel(false);
     isthmus_transport::admin::serve(
         config.admin,
-        isthmus_transport::admin::router(ready_rx, "not synced with the primary yet\n"),
+        isthmus_transport::admin::router(ready_rx, "not synced with the primary yet\n").merge(
+            isthmus_transport::admin::metrics_router(move || {
+                let mut out = String::new();
+                let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+                out
+            }),
+        ),
     )
     .await?;
 

@@ -10,20 +10,21 @@ use std::time::Duration;
 
 use isthmus_api::pb::sync::sync_client::SyncClient;
 use isthmus_api::pb::sync::{
-    AgentMessage, Delta, Heartbeat, Service, ServiceRef, Snapshot, agent_message,
+    AgentMessage, Delta, Heartbeat, PrimaryMessage, RenewRequest, Service, ServiceRef, Snapshot,
+    agent_message,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::Config;
-use crate::join::Credentials;
+use crate::join::Live;
 
 const HEARTBEAT: Duration = Duration::from_secs(5);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 pub async fn run(
     config: Config,
-    creds: Arc<Credentials>,
+    creds: Arc<Live>,
     registry: watch::Receiver<Arc<Vec<Service>>>,
     ready: watch::Sender<bool>,
 ) {
@@ -83,20 +84,67 @@ fn delta(cluster: &str, before: &[Service], after: &[Service]) -> Option<AgentMe
     })
 }
 
-fn heartbeat() -> AgentMessage {
+fn heartbeat(live: &Live) -> AgentMessage {
+    let creds = live.current();
     AgentMessage {
         kind: Some(agent_message::Kind::Heartbeat(Heartbeat {
             agent_version: crate::VERSION.to_string(),
+            intermediate_fingerprint: creds.intermediate_fingerprint(),
+            bundle_sequence: creds.bundle_sequence,
         })),
     }
 }
 
+/// What to do about a message from the primary. Returns true when the
+/// stream must be reopened (a new intermediate means a new identity).
+async fn handle(
+    live: &Live,
+    client: &mut SyncClient<tonic::transport::Channel>,
+    tx: &mpsc::Sender<AgentMessage>,
+    m: PrimaryMessage,
+    ready: &watch::Sender<bool>,
+) -> anyhow::Result<bool> {
+    if !m.error.is_empty() {
+        tracing::warn!(error = %m.error, "primary refused part of the registry");
+    }
+    if m.applied_revision > 0 {
+        ready.send_replace(true);
+    }
+    if !m.trust_bundle_pem.is_empty()
+        && live.update_bundle(&m.trust_bundle_pem, &m.crls_pem, m.bundle_sequence)?
+    {
+        tracing::info!(
+            sequence = m.bundle_sequence,
+            roots = live.current().bundle.roots().len(),
+            "trust bundle updated"
+        );
+        // Report at once: a rotation waits for every agent to hold it.
+        tx.send(heartbeat(live)).await?;
+    }
+    if m.renew_intermediate {
+        let (csr, key) = isthmus_ca::issue::generate_csr("isthmus-agent")?;
+        let resp = client
+            .renew_intermediate(RenewRequest { csr_pem: csr })
+            .await
+            .map_err(|s| anyhow::anyhow!("renewing the intermediate: {}", s.message()))?
+            .into_inner();
+        live.replace_intermediate(&resp.intermediate_pem, &key)?;
+        tracing::info!(
+            fingerprint = %live.current().intermediate_fingerprint(),
+            "cluster intermediate replaced; reconnecting with the new identity"
+        );
+        return Ok(true);
+    }
+    Ok(false)
+}
+
 async fn session(
     config: &Config,
-    creds: &Credentials,
+    live: &Live,
     mut registry: watch::Receiver<Arc<Vec<Service>>>,
     ready: &watch::Sender<bool>,
 ) -> anyhow::Result<()> {
+    let creds = live.current();
     let identity = creds.agent_identity()?;
     let tls = isthmus_transport::primary_client_config(&creds.bundle.to_pem(), Some(identity))?;
     let mut client = SyncClient::new(isthmus_transport::tls_channel(
@@ -106,7 +154,7 @@ async fn session(
     let (tx, rx) = mpsc::channel(4);
     let mut sent = registry.borrow_and_update().clone();
     tx.send(snapshot(&config.cluster, &sent)).await?;
-    tx.send(heartbeat()).await?;
+    tx.send(heartbeat(live)).await?;
     let mut inbound = client.stream(ReceiverStream::new(rx)).await?.into_inner();
     tracing::info!(primary = %config.primary, "sync stream open");
     let mut beat = tokio::time::interval(HEARTBEAT);
@@ -122,15 +170,12 @@ async fn session(
                 sent = next;
             }
             _ = beat.tick() => {
-                tx.send(heartbeat()).await?;
+                tx.send(heartbeat(live)).await?;
             }
             msg = inbound.message() => match msg? {
                 Some(m) => {
-                    if !m.error.is_empty() {
-                        tracing::warn!(error = %m.error, "primary refused part of the registry");
-                    }
-                    if m.applied_revision > 0 {
-                        ready.send_replace(true);
+                    if handle(live, &mut client, &tx, m, ready).await? {
+                        return Ok(());
                     }
                 }
                 None => return Ok(()),

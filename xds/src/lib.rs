@@ -10,7 +10,7 @@
 //! disconnect the client reconnects with backoff and keeps serving its last
 //! good config meanwhile.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +105,16 @@ pub struct XdsConfig {
     pub bearer: Option<String>,
     pub node_id: String,
     pub cluster: String,
+    /// Extra node metadata (string values), e.g. `BUNDLE_SEQUENCE`.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// New credentials for the stream. When they change the client reconnects
+/// at once, so the primary sees the certificate the proxy holds now.
+#[derive(Clone)]
+pub struct XdsCredentials {
+    pub tls: Arc<rustls::ClientConfig>,
+    pub metadata: BTreeMap<String, String>,
 }
 
 /// A running xDS client.
@@ -116,21 +126,21 @@ pub struct XdsHandle {
 }
 
 /// Starts the client in the background.
-pub fn start(
-    config: XdsConfig,
-    tls_updates: Option<watch::Receiver<Arc<rustls::ClientConfig>>>,
-) -> XdsHandle {
+pub fn start(config: XdsConfig, updates: Option<watch::Receiver<XdsCredentials>>) -> XdsHandle {
     let snapshot = Arc::new(ArcSwap::from_pointee(Snapshot::default()));
     let (ready_tx, ready) = watch::channel(false);
     let shared = snapshot.clone();
     tokio::spawn(async move {
         let mut config = config;
         let mut backoff = Duration::from_millis(100);
+        let mut updates = updates;
         loop {
-            if let Some(updates) = &tls_updates {
-                config.tls = updates.borrow().clone();
+            if let Some(updates) = &mut updates {
+                let current = updates.borrow_and_update().clone();
+                config.tls = current.tls;
+                config.metadata = current.metadata;
             }
-            match session(&config, &shared, &ready_tx).await {
+            match session(&config, &shared, &ready_tx, updates.as_mut()).await {
                 Ok(()) => backoff = Duration::from_millis(100),
                 Err(e) => {
                     tracing::warn!(primary = %config.primary, error = %e, "xDS stream failed; keeping the last good config")
@@ -145,6 +155,14 @@ pub fn start(
 
 fn node(config: &XdsConfig) -> Node {
     let mut fields = HashMap::new();
+    for (k, v) in &config.metadata {
+        fields.insert(
+            k.clone(),
+            Value {
+                kind: Some(Kind::StringValue(v.clone())),
+            },
+        );
+    }
     fields.insert(
         "CLUSTER_ID".to_string(),
         Value {
@@ -163,6 +181,7 @@ async fn session(
     config: &XdsConfig,
     shared: &ArcSwap<Snapshot>,
     ready: &watch::Sender<bool>,
+    mut updates: Option<&mut watch::Receiver<XdsCredentials>>,
 ) -> anyhow_lite::Result<()> {
     let channel = isthmus_transport::tls_channel(&config.primary, config.tls.clone())?;
     let mut client = AggregatedDiscoveryServiceClient::new(channel);
@@ -185,7 +204,23 @@ async fn session(
         .into_inner();
     let mut eds_names: Option<BTreeSet<String>> = None;
     let mut acked: BTreeSet<String> = BTreeSet::new();
-    while let Some(resp) = inbound.message().await? {
+    loop {
+        let changed = async {
+            match updates.as_mut() {
+                Some(u) => u.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        let resp = tokio::select! {
+            msg = inbound.message() => match msg? {
+                Some(resp) => resp,
+                None => break,
+            },
+            true = changed => {
+                tracing::info!("credentials changed; reopening the xDS stream");
+                return Ok(());
+            }
+        };
         let current = shared.load_full();
         let outcome = apply(&current, &resp);
         let mut ack = DiscoveryRequest {

@@ -151,6 +151,8 @@ pub mod keys {
     pub const CA: &str = "/isthmus/v1/ca/state";
     /// `/isthmus/v1/config/<plural>/<namespace>/<name>`.
     pub const CONFIG: &str = "/isthmus/v1/config/";
+    /// `/isthmus/v1/xds-status/<replica>`: the proxies on each replica.
+    pub const XDS_STATUS: &str = "/isthmus/v1/xds-status/";
     /// `/isthmus/v1/election/<name>`: the leader of each election.
     pub const ELECTIONS: &str = "/isthmus/v1/election/";
 

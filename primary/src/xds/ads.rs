@@ -83,6 +83,10 @@ pub(super) struct Peer {
     pub role: Role,
     pub identity: Option<String>,
     pub node_id: String,
+    /// The certificate the peer connected with: (intermediate fingerprint,
+    /// not-after). Proxies reconnect after every renewal, so this is the
+    /// certificate they hold now.
+    pub certificate: Option<(String, i64)>,
 }
 
 struct Connection {
@@ -96,9 +100,16 @@ impl Peer {
     /// Workloads present their SVID chain; gateways their bearer credential.
     pub fn authenticate<T>(shared: &Arc<Shared>, request: &Request<T>) -> Result<Self, Status> {
         let certs = request.peer_certs();
+        let mut certificate = None;
         let (cluster, role, identity) = match certs.as_deref().filter(|c| !c.is_empty()) {
             Some(certs) => {
                 let peer = auth::workload(shared, Some(certs.as_slice()))?;
+                if let (Some(leaf), Some(intermediate)) = (certs.first(), certs.get(1)) {
+                    let not_after = isthmus_ca::svid::inspect(leaf)
+                        .map(|i| i.not_after_unix)
+                        .unwrap_or(0);
+                    certificate = Some((isthmus_ca::pem::fingerprint(intermediate), not_after));
+                }
                 (peer.cluster, Role::Sidecar, Some(peer.identity.to_string()))
             }
             None => (
@@ -114,6 +125,7 @@ impl Peer {
             role,
             identity,
             node_id: String::new(),
+            certificate,
         })
     }
 
@@ -190,6 +202,28 @@ impl Peer {
             )));
         }
         self.node_id = node.id.clone();
+        let bundle_sequence = node
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get("BUNDLE_SEQUENCE"))
+            .and_then(|v| match &v.kind {
+                Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                    s.parse::<u64>().ok()
+                }
+                Some(envoy_types::pb::google::protobuf::value::Kind::NumberValue(n)) => {
+                    Some(*n as u64)
+                }
+                _ => None,
+            });
+        let model = self.shared.model.borrow().clone();
+        let root = self.certificate.as_ref().and_then(|(fp, _)| {
+            let c = model.clusters.get(&self.cluster)?;
+            c.current_intermediate
+                .iter()
+                .chain(c.replaced_intermediates.iter())
+                .find(|i| &i.fingerprint == fp)
+                .map(|i| i.root.clone())
+        });
         self.shared.proxies.connect(
             self.id,
             ProxyStatus {
@@ -201,6 +235,10 @@ impl Peer {
                 },
                 identity: self.identity.clone(),
                 types: Default::default(),
+                intermediate: self.certificate.as_ref().map(|(fp, _)| fp.clone()),
+                root,
+                certificate_not_after_unix: self.certificate.as_ref().map(|(_, t)| *t),
+                bundle_sequence,
             },
         );
         tracing::info!(node = %node.id, cluster = %self.cluster, identity = ?self.identity, "xDS stream opened");
