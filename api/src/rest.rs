@@ -66,3 +66,97 @@ pub struct LeaderView {
 pub struct ErrorBody {
     pub error: String,
 }
+
+/// `GET /api/v1/ca`: the roots, each cluster's intermediate, how many
+/// connected workloads hold certificates under each, and any rotation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaView {
+    pub trust_domain: String,
+    /// Grows with every change of roots or CRLs.
+    pub bundle_sequence: u64,
+    /// Fingerprint of the root whose CA signs intermediates now.
+    pub signing_root: String,
+    pub roots: Vec<RootView>,
+    pub clusters: Vec<IntermediateView>,
+    pub rotation: Option<RotationView>,
+    /// Connected workloads whose certificate chains to no known root.
+    pub workloads_unknown: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RootView {
+    pub fingerprint: String,
+    pub subject: String,
+    pub not_after_unix: i64,
+    pub imported: bool,
+    pub signing: bool,
+    /// Connected workloads holding a certificate that chains to this root.
+    pub workloads: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct IntermediateView {
+    pub cluster: String,
+    pub fingerprint: Option<String>,
+    pub serial: Option<String>,
+    /// Fingerprint of the root it chains to.
+    pub root: Option<String>,
+    pub not_after_unix: Option<i64>,
+    /// Connected workloads of this cluster holding a certificate from it.
+    pub workloads: u64,
+    /// Workloads of this cluster still on a replaced intermediate.
+    pub workloads_on_replaced: u64,
+    /// `reissuing`, `revoking` or `done`, for the last intermediate rotation.
+    pub rotation: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RotationView {
+    pub from: String,
+    pub to: String,
+    /// 1: trust both roots; 2: re-issue under the new one; 3: drop the old
+    /// one; 4: finished.
+    pub phase: u8,
+    /// The rotation pauses after this phase.
+    pub until: u8,
+    pub rolled_back: bool,
+    pub started_unix: u64,
+    pub phase_started_unix: u64,
+    /// What the current phase still waits for, in words.
+    pub waiting_for: Vec<String>,
+}
+
+/// `POST /api/v1/ca/rotate-root`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RotateRoot {
+    /// Stop after this phase (1 to 3; 0 means 3). Calling again with a
+    /// higher value resumes.
+    #[serde(default)]
+    pub until: u8,
+    /// Undo a rotation that has not reached phase 3.
+    #[serde(default)]
+    pub rollback: bool,
+}
+
+/// `POST /api/v1/ca/import-root`: Istio's plug-in CA files, PEM.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ImportRoot {
+    /// `root-cert.pem`.
+    pub root_cert: String,
+    /// `ca-cert.pem`: the signing CA (may be the root itself).
+    pub ca_cert: String,
+    /// `ca-key.pem`.
+    pub ca_key: String,
+    /// `cert-chain.pem`: from the signing CA up to the root (optional).
+    #[serde(default)]
+    pub cert_chain: String,
+    /// As for rotate-root.
+    #[serde(default)]
+    pub until: u8,
+}

@@ -7,6 +7,8 @@
 //! hidden `component` command runs one Isthmus process; `up` uses it so a
 //! single binary is all a laptop needs.
 
+mod ca;
+
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -55,6 +57,11 @@ struct Conn {
 
 impl Conn {
     fn client(&self) -> anyhow::Result<PrimaryClient> {
+        self.client_with_pins(&[])
+    }
+
+    /// With a token and no CA file, also accept the roots in `pins`.
+    fn client_with_pins(&self, pins: &[String]) -> anyhow::Result<PrimaryClient> {
         if let Some(dir) = &self.state_dir {
             return MeshState::load(dir)?.client();
         }
@@ -67,7 +74,7 @@ impl Conn {
             ),
             None => None,
         };
-        PrimaryClient::new(primary, token, ca.as_deref())
+        PrimaryClient::with_pins(primary, token, ca.as_deref(), pins)
     }
 }
 
@@ -148,6 +155,11 @@ enum Cmd {
         conn: Conn,
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// The mesh CA: status, root and intermediate rotation, import.
+    Ca {
+        #[command(subcommand)]
+        command: ca::CaCmd,
     },
     /// Run one Isthmus process (used by `up`).
     #[command(hide = true)]
@@ -287,6 +299,7 @@ fn main() -> std::process::ExitCode {
 async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Component { component } => component.run().await,
+        Cmd::Ca { command } => ca::run(command).await,
         Cmd::Up {
             template,
             detach,

@@ -9,7 +9,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use isthmus_api::names::check_label;
-use isthmus_api::rest::{ClusterView, ErrorBody, LeaderView, RegisterCluster, Registered};
+use isthmus_api::rest::{
+    CaView, ClusterView, ErrorBody, ImportRoot, LeaderView, RegisterCluster, Registered, RotateRoot,
+};
 
 use crate::records::{ClusterRecord, now_unix};
 use crate::store::{Compare, Op, keys};
@@ -33,6 +35,14 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/api/v1/proxies", get(list_proxies))
         .route("/api/v1/ca/roots", get(roots))
         .route("/api/v1/leader", get(leader))
+        .route("/api/v1/ca", get(ca_status))
+        .route("/api/v1/ca/rotate-root", axum::routing::post(rotate_root))
+        .route("/api/v1/ca/import-root", axum::routing::post(import_root))
+        .route(
+            "/api/v1/ca/rotate-intermediate/{cluster}",
+            axum::routing::post(rotate_intermediate),
+        )
+        .route("/api/v1/trust-bundle", get(trust_bundle))
         .route(
             "/api/v1/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
@@ -60,6 +70,123 @@ async fn leader(
     }))
 }
 
+#[utoipa::path(get, path = "/api/v1/ca", tag = "ca",
+    responses((status = 200, description = "Roots, intermediates, workloads per root, rotation progress", body = CaView),
+               (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn ca_status(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+) -> Result<Json<CaView>, ApiError> {
+    authorize(&shared, &headers)?;
+    Ok(Json(crate::rotation::view(&shared)))
+}
+
+impl From<crate::rotation::RotationError> for ApiError {
+    fn from(e: crate::rotation::RotationError) -> Self {
+        use crate::rotation::RotationError as E;
+        let status = match &e {
+            E::Conflict(_) => StatusCode::CONFLICT,
+            E::Invalid(_) => StatusCode::BAD_REQUEST,
+            E::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
+            E::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError(status, e.to_string())
+    }
+}
+
+#[utoipa::path(post, path = "/api/v1/ca/rotate-root", tag = "ca", request_body = RotateRoot,
+    responses((status = 202, description = "Rotation started, resumed or rolled back; follow it at GET /api/v1/ca", body = CaView),
+               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, description = "Another rotation is in progress, or it is too late to roll back", body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn rotate_root(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Json<RotateRoot>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<CaView>), ApiError> {
+    authorize(&shared, &headers)?;
+    let Json(req) = body.map_err(|e| bad(format!("request body: {}", e.body_text())))?;
+    if req.until > 3 {
+        return Err(bad(format!("until: {} is not a phase (1 to 3)", req.until)));
+    }
+    let active = shared
+        .model
+        .borrow()
+        .ca
+        .as_ref()
+        .and_then(|c| c.rotation.as_ref())
+        .is_some_and(|r| r.phase < 4);
+    let next = if active || req.rollback {
+        None
+    } else {
+        let authority = isthmus_ca::Authority::generate(shared.ca().trust_domain())
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Some((authority, false))
+    };
+    crate::rotation::request_root(&shared, next, req.until, req.rollback).await?;
+    Ok((StatusCode::ACCEPTED, Json(crate::rotation::view(&shared))))
+}
+
+#[utoipa::path(post, path = "/api/v1/ca/import-root", tag = "ca", request_body = ImportRoot,
+    responses((status = 202, description = "The imported CA is being rotated in; follow it at GET /api/v1/ca", body = CaView),
+               (status = 400, description = "The files do not form a usable CA", body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn import_root(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Result<Json<ImportRoot>, axum::extract::rejection::JsonRejection>,
+) -> Result<(StatusCode, Json<CaView>), ApiError> {
+    authorize(&shared, &headers)?;
+    let Json(req) = body.map_err(|e| bad(format!("request body: {}", e.body_text())))?;
+    if req.until > 3 {
+        return Err(bad(format!("until: {} is not a phase (1 to 3)", req.until)));
+    }
+    let chain = if req.cert_chain.trim().is_empty() {
+        req.ca_cert.clone()
+    } else {
+        req.cert_chain.clone()
+    };
+    let authority = isthmus_ca::Authority::from_parts(
+        &req.root_cert,
+        &format!("{}{chain}", req.ca_cert),
+        &req.ca_key,
+        shared.ca().trust_domain(),
+    )
+    .map_err(|e| bad(format!("imported CA: {e}")))?;
+    crate::rotation::request_root(&shared, Some((authority, true)), req.until, false).await?;
+    Ok((StatusCode::ACCEPTED, Json(crate::rotation::view(&shared))))
+}
+
+#[utoipa::path(post, path = "/api/v1/ca/rotate-intermediate/{cluster}", tag = "ca",
+    params(("cluster" = String, Path, description = "Registered cluster name")),
+    responses((status = 202, description = "The cluster's agent is renewing; follow it at GET /api/v1/ca", body = CaView),
+               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 409, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn rotate_intermediate(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(cluster): Path<String>,
+) -> Result<(StatusCode, Json<CaView>), ApiError> {
+    authorize(&shared, &headers)?;
+    check_label(&cluster).map_err(|_| bad(format!("cluster: {cluster:?} is not a DNS label")))?;
+    crate::rotation::request_intermediate(&shared, &cluster).await?;
+    Ok((StatusCode::ACCEPTED, Json(crate::rotation::view(&shared))))
+}
+
+/// How often federated meshes should fetch the bundle again.
+const BUNDLE_REFRESH_HINT: u64 = 300;
+
+#[utoipa::path(get, path = "/api/v1/trust-bundle", tag = "ca",
+    responses((status = 200, description = "The SPIFFE bundle (a JWK set with use=x509-svid) of this trust domain, for federation", content_type = "application/json")))]
+async fn trust_bundle(State(shared): State<Arc<Shared>>) -> Response {
+    let ca = shared.ca();
+    (
+        [("content-type", "application/json")],
+        Json(ca.bundle.to_jwks(ca.record.sequence, BUNDLE_REFRESH_HINT)),
+    )
+        .into_response()
+}
+
 pub struct ApiError(pub StatusCode, pub String);
 
 impl IntoResponse for ApiError {
@@ -84,7 +211,7 @@ pub fn authorize(shared: &Shared, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
-        Some(t) if tokens::matches(t, &shared.admin_token_sha256) => Ok(()),
+        Some(t) if tokens::admin_digest(t) == shared.admin_token_sha256 => Ok(()),
         Some(_) => Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "admin token is not valid".into(),

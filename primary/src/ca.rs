@@ -59,6 +59,15 @@ pub struct RootRotation {
     pub phase_started_unix: u64,
 }
 
+/// A revoked intermediate.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Revoked {
+    pub root: String,
+    pub cluster: String,
+    pub pem: String,
+}
+
 /// The whole CA state, as stored.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -68,9 +77,13 @@ pub struct CaRecord {
     pub roots: Vec<RootEntry>,
     /// Fingerprint of the root whose CA signs intermediates now.
     pub signing: String,
-    /// CRLs (PEM) revoking replaced cluster intermediates.
+    /// CRLs (PEM) revoking replaced cluster intermediates, one per root
+    /// that has revoked any; built from `revoked`.
     #[serde(default)]
     pub crls: Vec<String>,
+    /// Intermediates revoked, with the root whose CA issued them.
+    #[serde(default)]
+    pub revoked: Vec<Revoked>,
     /// Grows with every change proxies must see (roots, CRLs).
     pub sequence: u64,
     #[serde(default)]
@@ -91,6 +104,27 @@ impl CaRecord {
     /// Version string of what proxies must trust.
     pub fn bundle_version(&self) -> String {
         format!("ca-{}", self.sequence)
+    }
+
+    /// Rebuilds `crls` from `revoked`: one CRL per root, signed by its CA.
+    pub fn rebuild_crls(&mut self, kek: &Kek) -> anyhow::Result<()> {
+        let mut crls = Vec::new();
+        for entry in &self.roots {
+            let certs: Vec<_> = self
+                .revoked
+                .iter()
+                .filter(|r| r.root == entry.fingerprint)
+                .filter_map(|r| isthmus_ca::pem::certs(&r.pem, "revoked intermediate").ok())
+                .flatten()
+                .collect();
+            if certs.is_empty() {
+                continue;
+            }
+            let authority = self.authority(entry, kek)?;
+            crls.push(authority.revocation_list(&certs, self.sequence)?);
+        }
+        self.crls = crls;
+        Ok(())
     }
 
     /// Loads a root entry's signing CA.
@@ -189,6 +223,7 @@ impl CaState {
                 signing: root.fingerprint.clone(),
                 roots: vec![root],
                 crls: vec![],
+                revoked: vec![],
                 sequence: 1,
                 rotation: None,
             };

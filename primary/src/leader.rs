@@ -6,7 +6,8 @@
 //! store the single replica always leads):
 //! - sweeping join tokens that expired unused, so a leaked old token is gone
 //!   from the store and the cluster shows `token-expired`;
-//! - compacting the store's history.
+//! - compacting the store's history;
+//! - moving CA rotations on ([`crate::rotation::step`]).
 //!
 //! The sweep's writes carry the leadership fence as well as a compare on the
 //! record they change, so a replica that lost leadership without noticing
@@ -25,6 +26,7 @@ use crate::store::{Compare, Leadership, Op, Store, StoreError, keys};
 pub const ELECTION: &str = "primary";
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 const COMPACT_EVERY: Duration = Duration::from_secs(300);
+const ROTATE_EVERY: Duration = Duration::from_secs(1);
 /// Revisions of history kept for watchers that reconnect.
 const KEEP_REVISIONS: i64 = 10_000;
 
@@ -74,8 +76,14 @@ pub async fn run(shared: Arc<Shared>, me: LeaderRecord, ttl: Duration) {
 async fn jobs(shared: &Shared, leadership: &Leadership) {
     let mut sweep = tokio::time::interval(SWEEP_EVERY);
     let mut compact = tokio::time::interval(COMPACT_EVERY);
+    let mut rotate = tokio::time::interval(ROTATE_EVERY);
     loop {
         tokio::select! {
+            _ = rotate.tick() => {
+                if let Err(e) = crate::rotation::step(shared, leadership).await {
+                    tracing::warn!(error = %e, "rotation step failed; retrying");
+                }
+            }
             _ = sweep.tick() => {
                 match sweep_join_tokens(&*shared.store, leadership).await {
                     Ok(n) if n > 0 => tracing::info!(swept = n, "removed expired join tokens"),

@@ -19,6 +19,7 @@ pub mod leader;
 pub mod model;
 pub mod openapi;
 pub mod records;
+pub mod rotation;
 pub mod store;
 pub mod sync;
 pub mod tokens;
@@ -172,6 +173,7 @@ pub struct Shared {
     /// The CA as this replica holds it now; see [`ca::follow`].
     pub ca_state: Arc<arc_swap::ArcSwap<CaState>>,
     pub kek: Arc<kek::Kek>,
+    /// See [`tokens::admin_digest`].
     pub admin_token_sha256: String,
     pub metrics: Metrics,
     pub proxies: xds::status::Tracker,
@@ -181,9 +183,23 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// The current CA.
+    /// The current CA, as this replica last loaded it.
     pub fn ca(&self) -> Arc<CaState> {
         self.ca_state.load_full()
+    }
+
+    /// The CA as stored right now: for signing, which must use the signer
+    /// the store names even if this replica has not caught up yet.
+    pub async fn ca_fresh(&self) -> anyhow::Result<Arc<CaState>> {
+        let current = self.ca();
+        let Some(kv) = self.store.get(store::keys::CA).await? else {
+            return Ok(current);
+        };
+        let stored: ca::CaRecord = serde_json::from_slice(&kv.value)?;
+        if stored == current.record {
+            return Ok(current);
+        }
+        Ok(Arc::new(CaState::from_record(stored, &self.kek)?))
     }
 }
 
@@ -355,7 +371,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         model: model_rx,
         ca_state,
         kek,
-        admin_token_sha256: tokens::sha256_hex(&admin),
+        admin_token_sha256: tokens::admin_digest(&admin),
         metrics: Metrics::new(),
         proxies: Default::default(),
         crypto,

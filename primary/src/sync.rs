@@ -71,7 +71,11 @@ impl Sync for SyncService {
                 .ok_or_else(|| Status::permission_denied("the cluster is no longer registered"))?;
             let mut rec: ClusterRecord = serde_json::from_slice(&kv.value)
                 .map_err(|e| Status::internal(format!("cluster record is corrupt: {e}")))?;
-            let ca = self.shared.ca();
+            let ca = self
+                .shared
+                .ca_fresh()
+                .await
+                .map_err(|e| Status::unavailable(format!("loading the CA: {e}")))?;
             let issued = ca
                 .authority
                 .sign_intermediate(&csr, &peer.cluster)
@@ -298,7 +302,11 @@ impl SyncService {
                     now - rec.join_token_expires_unix
                 )));
             }
-            let ca = self.shared.ca();
+            let ca = self
+                .shared
+                .ca_fresh()
+                .await
+                .map_err(|e| Status::unavailable(format!("loading the CA: {e}")))?;
             let issued = ca
                 .authority
                 .sign_intermediate(&req.csr_pem, &req.cluster)

@@ -19,3 +19,14 @@ pub fn sha256_hex(secret: &str) -> String {
 pub fn matches(presented: &str, stored_sha256: &str) -> bool {
     sha256_hex(presented) == stored_sha256
 }
+
+/// The digest an admin token is checked by. A token in the join-token form
+/// (`ist1.<secret>.<root sha256>`) is checked by its secret alone: the root
+/// pin after it is for the client, and moves when the root is rotated.
+pub fn admin_digest(token: &str) -> String {
+    let token = token.trim();
+    match isthmus_api::join_token::parse(token) {
+        Some((secret, _)) => sha256_hex(secret),
+        None => sha256_hex(token),
+    }
+}

@@ -21,16 +21,35 @@ impl PrimaryClient {
     /// `ca_pem` (the mesh roots) when given, else against the root whose
     /// fingerprint the token carries (`ist1.<secret>.<root sha256>`).
     pub fn new(base: &str, token: &str, ca_pem: Option<&str>) -> anyhow::Result<Self> {
+        Self::with_pins(base, token, ca_pem, &[])
+    }
+
+    /// As [`PrimaryClient::new`]; without `ca_pem`, the primary may also
+    /// chain to one of `extra_pins` (root fingerprints learned from the
+    /// primary during a root rotation).
+    pub fn with_pins(
+        base: &str,
+        token: &str,
+        ca_pem: Option<&str>,
+        extra_pins: &[String],
+    ) -> anyhow::Result<Self> {
         let tls = match ca_pem {
             Some(pem) => isthmus_transport::primary_client_config(pem, None)?,
             None => {
                 let (_, fp) = isthmus_api::join_token::parse(token.trim()).context(
                     "this token carries no root fingerprint; pass --ca-file with the mesh root",
                 )?;
-                isthmus_transport::pinned_root_client_config(fp)?
+                let mut pins = vec![fp];
+                pins.extend(extra_pins.iter().map(String::as_str));
+                isthmus_transport::pinned_roots_client_config(&pins)?
             }
         };
         Self::build(base, token, tls, None)
+    }
+
+    /// The token this client sends.
+    pub fn token(&self) -> &str {
+        &self.token
     }
 
     /// Talks to a local primary over its Unix API socket (still TLS).
@@ -212,6 +231,52 @@ impl PrimaryClient {
 
     pub async fn proxies(&self) -> anyhow::Result<serde_json::Value> {
         self.call(Method::GET, "/api/v1/proxies", None).await
+    }
+
+    /// Roots, intermediates, workloads per root, rotation progress.
+    pub async fn ca_status(&self) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(Method::GET, "/api/v1/ca", None).await
+    }
+
+    pub async fn rotate_root(
+        &self,
+        req: &isthmus_api::rest::RotateRoot,
+    ) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(
+            Method::POST,
+            "/api/v1/ca/rotate-root",
+            Some(serde_json::to_value(req)?),
+        )
+        .await
+    }
+
+    pub async fn import_root(
+        &self,
+        req: &isthmus_api::rest::ImportRoot,
+    ) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(
+            Method::POST,
+            "/api/v1/ca/import-root",
+            Some(serde_json::to_value(req)?),
+        )
+        .await
+    }
+
+    pub async fn rotate_intermediate(
+        &self,
+        cluster: &str,
+    ) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(
+            Method::POST,
+            &format!("/api/v1/ca/rotate-intermediate/{cluster}"),
+            None,
+        )
+        .await
+    }
+
+    /// The SPIFFE bundle (JWK set).
+    pub async fn trust_bundle(&self) -> anyhow::Result<serde_json::Value> {
+        self.call(Method::GET, "/api/v1/trust-bundle", None).await
     }
 
     /// Which replica answered, and which leads.

@@ -278,9 +278,16 @@ pub fn server_config(
 /// only if that root's SHA-256 equals `root_fingerprint` (from the join
 /// token) and the serving certificate chains to it.
 pub fn pinned_root_client_config(root_fingerprint: &str) -> Result<ClientConfig, TransportError> {
+    pinned_roots_client_config(&[root_fingerprint])
+}
+
+/// As [`pinned_root_client_config`], accepting a chain to any of several
+/// pinned roots (a root rotation, where the client learned the new root's
+/// fingerprint over a connection verified with the old one).
+pub fn pinned_roots_client_config(fingerprints: &[&str]) -> Result<ClientConfig, TransportError> {
     let provider = isthmus_ca::crypto_provider();
     let verifier = Arc::new(PinnedRoot {
-        fingerprint: root_fingerprint.to_ascii_lowercase(),
+        fingerprints: fingerprints.iter().map(|f| f.to_ascii_lowercase()).collect(),
         provider: provider.clone(),
     });
     let mut config = ClientConfig::builder_with_provider(provider)
@@ -294,7 +301,7 @@ pub fn pinned_root_client_config(root_fingerprint: &str) -> Result<ClientConfig,
 
 #[derive(Debug)]
 struct PinnedRoot {
-    fingerprint: String,
+    fingerprints: Vec<String>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 }
 
@@ -307,17 +314,18 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
         ocsp_response: &[u8],
         now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let root = intermediates
-            .iter()
-            .find(|c| isthmus_ca::pem::fingerprint(c) == self.fingerprint)
-            .ok_or_else(|| {
-                rustls::Error::General(
-                    "the primary did not present the root CA named by the join token's fingerprint"
-                        .into(),
-                )
-            })?;
         let mut roots = RootCertStore::empty();
-        roots.add(root.clone().into_owned())?;
+        for c in intermediates
+            .iter()
+            .filter(|c| self.fingerprints.contains(&isthmus_ca::pem::fingerprint(c)))
+        {
+            roots.add(c.clone().into_owned())?;
+        }
+        if roots.is_empty() {
+            return Err(rustls::Error::General(
+                "the primary did not present the root CA named by the token's fingerprint".into(),
+            ));
+        }
         let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(
             Arc::new(roots),
             self.provider.clone(),

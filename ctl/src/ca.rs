@@ -1,0 +1,333 @@
+//! `isthmusctl ca`: status, root and intermediate rotation, importing a CA.
+//!
+//! Rotations run in the primary (its leader moves them on, and they survive
+//! any crash); these commands request one and then follow it, printing each
+//! change of phase and what the phase still waits for. Interrupting the CLI
+//! interrupts nothing: run the same command again to follow (or resume) it.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use isthmus_api::rest::{CaView, ImportRoot, RotateRoot};
+use isthmus_topology::client::PrimaryClient;
+
+use crate::{Conn, Output, now_unix, print};
+
+#[derive(clap::Subcommand)]
+pub enum CaCmd {
+    /// Roots, each cluster's intermediate, expiries, how many connected
+    /// workloads hold certificates under each, and any rotation.
+    Status {
+        #[command(flatten)]
+        conn: Conn,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Replace the mesh root in three phases (trust both; re-issue under the
+    /// new one; drop the old one), with zero downtime. Run it again to
+    /// follow or resume a rotation in progress.
+    RotateRoot {
+        /// Pause after this phase (1 to 3).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+        until: u8,
+        /// Undo a rotation that has not reached phase 3.
+        #[arg(long)]
+        rollback: bool,
+        /// Request only; do not follow the progress.
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Replace one cluster's intermediate, then revoke the old one once no
+    /// workload holds a certificate from it.
+    RotateIntermediate {
+        cluster: String,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Rotate to a CA in Istio's plug-in layout: DIR holds root-cert.pem,
+    /// ca-cert.pem, ca-key.pem and optionally cert-chain.pem.
+    ImportRoot {
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+        until: u8,
+        #[arg(long)]
+        no_wait: bool,
+        #[command(flatten)]
+        conn: Conn,
+    },
+}
+
+fn short(fp: &str) -> &str {
+    &fp[..fp.len().min(12)]
+}
+
+fn expires(unix: i64) -> String {
+    let left = unix - now_unix() as i64;
+    if left < 0 {
+        "expired".into()
+    } else if left > 2 * 86_400 {
+        format!("in {}d", left / 86_400)
+    } else {
+        format!("in {}h{:02}m", left / 3600, (left % 3600) / 60)
+    }
+}
+
+fn phase_name(phase: u8) -> &'static str {
+    match phase {
+        1 => "trust both roots",
+        2 => "re-issue under the new root",
+        3 => "drop the old root",
+        _ => "finished",
+    }
+}
+
+pub fn table(view: &CaView) -> String {
+    let mut s = format!(
+        "trust domain {}, bundle sequence {}\n\n{:<14} {:<11} {:<8} {:<9} {:<10} SUBJECT\n",
+        view.trust_domain, view.bundle_sequence, "ROOT", "EXPIRES", "SIGNING", "IMPORTED", "WORKLOADS"
+    );
+    for r in &view.roots {
+        s += &format!(
+            "{:<14} {:<11} {:<8} {:<9} {:<10} {}\n",
+            short(&r.fingerprint),
+            expires(r.not_after_unix),
+            if r.signing { "yes" } else { "no" },
+            if r.imported { "yes" } else { "no" },
+            r.workloads,
+            r.subject
+        );
+    }
+    if view.workloads_unknown > 0 {
+        s += &format!(
+            "{} connected workloads hold certificates under no trusted root\n",
+            view.workloads_unknown
+        );
+    }
+    s += &format!(
+        "\n{:<10} {:<14} {:<14} {:<11} {:<10} {:<12} ROTATION\n",
+        "CLUSTER", "INTERMEDIATE", "ROOT", "EXPIRES", "WORKLOADS", "ON REPLACED"
+    );
+    for c in &view.clusters {
+        s += &format!(
+            "{:<10} {:<14} {:<14} {:<11} {:<10} {:<12} {}\n",
+            c.cluster,
+            c.fingerprint.as_deref().map(short).unwrap_or("-"),
+            c.root.as_deref().map(short).unwrap_or("-"),
+            c.not_after_unix.map(expires).unwrap_or_else(|| "-".into()),
+            c.workloads,
+            c.workloads_on_replaced,
+            c.rotation.as_deref().unwrap_or("-"),
+        );
+    }
+    if let Some(r) = &view.rotation {
+        s += &format!(
+            "\nroot rotation {} -> {}{}: phase {}/3, {} (until phase {})\n",
+            short(&r.from),
+            short(&r.to),
+            if r.rolled_back { " (rolling back)" } else { "" },
+            r.phase.min(3),
+            phase_name(r.phase),
+            r.until
+        );
+        for w in &r.waiting_for {
+            s += &format!("  waiting for {w}\n");
+        }
+    }
+    s
+}
+
+/// Reconnects as the rotation moves the primary to the new root: with a
+/// token (no CA file), the new root's fingerprint, learned over a
+/// connection verified with the old one, is pinned too.
+struct Follower<'a> {
+    conn: &'a Conn,
+    pins: Vec<String>,
+}
+
+impl Follower<'_> {
+    fn client(&self) -> anyhow::Result<PrimaryClient> {
+        self.conn.client_with_pins(&self.pins)
+    }
+
+    async fn view(&mut self) -> anyhow::Result<CaView> {
+        let view = self.client()?.ca_status().await?;
+        for r in &view.roots {
+            if !self.pins.contains(&r.fingerprint) {
+                self.pins.push(r.fingerprint.clone());
+            }
+        }
+        Ok(view)
+    }
+}
+
+/// Prints the rotation's progress until it finishes or pauses.
+async fn follow_root(conn: &Conn, first: CaView) -> anyhow::Result<()> {
+    let mut f = Follower {
+        conn,
+        pins: first.roots.iter().map(|r| r.fingerprint.clone()).collect(),
+    };
+    let mut last = String::new();
+    let mut view = first;
+    let mut failures = 0;
+    loop {
+        let Some(r) = &view.rotation else {
+            bail!("no root rotation is recorded");
+        };
+        let line = if r.phase >= 4 {
+            format!(
+                "done: root {} replaced {}; every workload holds a certificate under it",
+                short(&r.to),
+                short(&r.from)
+            )
+        } else {
+            format!(
+                "phase {}/3 {}{}",
+                r.phase,
+                phase_name(r.phase),
+                if r.waiting_for.is_empty() {
+                    String::new()
+                } else {
+                    format!(": waiting for {}", r.waiting_for.join("; "))
+                }
+            )
+        };
+        if line != last {
+            println!("{line}");
+            last = line;
+        }
+        let paused = r.phase < 3 && r.phase >= r.until && r.waiting_for.iter().any(|w| w.starts_with("paused"));
+        if r.phase >= 4 || paused {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        match f.view().await {
+            Ok(v) => {
+                view = v;
+                failures = 0;
+            }
+            // The primary may be restarting or moving to the new root.
+            Err(e) if failures < 60 => {
+                failures += 1;
+                tracing::debug!(error = %e, "polling the rotation failed; retrying");
+            }
+            Err(e) => return Err(e.context("lost the primary while following the rotation")),
+        }
+    }
+    if let Some(r) = &view.rotation
+        && r.phase >= 4
+        && conn.state_dir.is_none()
+        && conn.ca_file.is_none()
+        && let Some(token) = &conn.token
+        && let Some((secret, _)) = isthmus_api::join_token::parse(token.trim())
+    {
+        println!(
+            "your admin token now pins the new root:\n  {}",
+            isthmus_api::join_token::format(secret, &view.signing_root)
+        );
+    }
+    Ok(())
+}
+
+fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(dir.join(name))
+        .with_context(|| format!("reading {}", dir.join(name).display()))
+}
+
+pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
+    match cmd {
+        CaCmd::Status { conn, output } => {
+            let view = conn.client()?.ca_status().await?;
+            print(output, &view, || table(&view))
+        }
+        CaCmd::RotateRoot {
+            until,
+            rollback,
+            no_wait,
+            conn,
+        } => {
+            let view = conn
+                .client()?
+                .rotate_root(&RotateRoot { until, rollback })
+                .await?;
+            if let Some(r) = &view.rotation {
+                println!(
+                    "root rotation {} -> {}{}",
+                    short(&r.from),
+                    short(&r.to),
+                    if r.rolled_back { " (rolling back)" } else { "" }
+                );
+            }
+            if no_wait {
+                return Ok(());
+            }
+            follow_root(&conn, view).await
+        }
+        CaCmd::ImportRoot {
+            dir,
+            until,
+            no_wait,
+            conn,
+        } => {
+            let req = ImportRoot {
+                root_cert: read(&dir, "root-cert.pem")?,
+                ca_cert: read(&dir, "ca-cert.pem")?,
+                ca_key: read(&dir, "ca-key.pem")?,
+                cert_chain: read(&dir, "cert-chain.pem").unwrap_or_default(),
+                until,
+            };
+            let view = conn.client()?.import_root(&req).await?;
+            println!("importing the CA from {}", dir.display());
+            if no_wait {
+                return Ok(());
+            }
+            follow_root(&conn, view).await
+        }
+        CaCmd::RotateIntermediate {
+            cluster,
+            no_wait,
+            conn,
+        } => {
+            let client = conn.client()?;
+            client.rotate_intermediate(&cluster).await?;
+            println!("cluster {cluster}: renewing the intermediate");
+            if no_wait {
+                return Ok(());
+            }
+            let mut last = String::new();
+            loop {
+                let view = client.ca_status().await?;
+                let c = view
+                    .clusters
+                    .iter()
+                    .find(|c| c.cluster == cluster)
+                    .context("the cluster disappeared")?;
+                let state = c.rotation.clone().unwrap_or_default();
+                let line = match state.as_str() {
+                    "reissuing" => format!(
+                        "reissuing: {} workloads still on the old intermediate",
+                        c.workloads_on_replaced
+                    ),
+                    "revoking" => "revoking: waiting for every proxy to hold the CRL".into(),
+                    "done" => format!(
+                        "done: intermediate {} in use; the old one is revoked",
+                        c.fingerprint.as_deref().map(short).unwrap_or("-")
+                    ),
+                    other => other.to_string(),
+                };
+                if line != last {
+                    println!("{line}");
+                    last = line;
+                }
+                if state == "done" {
+                    return Ok(());
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}
