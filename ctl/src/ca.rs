@@ -89,7 +89,13 @@ fn phase_name(phase: u8) -> &'static str {
 pub fn table(view: &CaView) -> String {
     let mut s = format!(
         "trust domain {}, bundle sequence {}\n\n{:<14} {:<11} {:<8} {:<9} {:<10} SUBJECT\n",
-        view.trust_domain, view.bundle_sequence, "ROOT", "EXPIRES", "SIGNING", "IMPORTED", "WORKLOADS"
+        view.trust_domain,
+        view.bundle_sequence,
+        "ROOT",
+        "EXPIRES",
+        "SIGNING",
+        "IMPORTED",
+        "WORKLOADS"
     );
     for r in &view.roots {
         s += &format!(
@@ -200,7 +206,9 @@ async fn follow_root(conn: &Conn, first: CaView) -> anyhow::Result<()> {
             println!("{line}");
             last = line;
         }
-        let paused = r.phase < 3 && r.phase >= r.until && r.waiting_for.iter().any(|w| w.starts_with("paused"));
+        let paused = r.phase < 3
+            && r.phase >= r.until
+            && r.waiting_for.iter().any(|w| w.starts_with("paused"));
         if r.phase >= 4 || paused {
             break;
         }

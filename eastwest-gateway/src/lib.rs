@@ -268,7 +268,9 @@ async fn follow_roots(
                 });
                 current = text;
             }
-            Err(e) => tracing::warn!(path = %path.display(), error = %e, "roots file unusable; keeping the previous roots"),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "roots file unusable; keeping the previous roots")
+            }
         }
     }
 }

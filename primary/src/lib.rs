@@ -208,11 +208,7 @@ impl Shared {
 /// every trusted root, so a client that pins a root by fingerprint finds it.
 fn serving_identity(ca: &CaState, names: &[String]) -> anyhow::Result<Identity> {
     let (cert_pem, key_pem) = ca.authority.issue_server_cert(names)?;
-    let chain = format!(
-        "{cert_pem}{}{}",
-        ca.authority.chain_pem(),
-        ca.bundle_pem()
-    );
+    let chain = format!("{cert_pem}{}{}", ca.authority.chain_pem(), ca.bundle_pem());
     Ok(Identity::from_pem(&chain, &key_pem)?)
 }
 

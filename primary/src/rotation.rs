@@ -151,8 +151,7 @@ pub async fn request_root(
                         rec.trust_domain
                     )));
                 }
-                let entry =
-                    crate::ca::entry(authority, &shared.kek, imported).map_err(internal)?;
+                let entry = crate::ca::entry(authority, &shared.kek, imported).map_err(internal)?;
                 if rec.roots.iter().any(|r| r.fingerprint == entry.fingerprint) {
                     return Err(RotationError::Conflict(
                         "that root is already trusted".into(),
@@ -193,7 +192,11 @@ pub async fn request_intermediate(shared: &Shared, cluster: &str) -> Result<(), 
         let current = c.current_intermediate.clone().ok_or_else(|| {
             RotationError::Conflict(format!("cluster {cluster:?} has not joined yet"))
         })?;
-        if let Some(r) = c.intermediate_rotation.as_ref().filter(|r| r.state != "done") {
+        if let Some(r) = c
+            .intermediate_rotation
+            .as_ref()
+            .filter(|r| r.state != "done")
+        {
             return Err(RotationError::Conflict(format!(
                 "cluster {cluster:?} is already rotating its intermediate ({})",
                 r.state
@@ -277,7 +280,10 @@ async fn enter_phase_2(
         let Ok(mut c) = serde_json::from_slice::<ClusterRecord>(&kv.value) else {
             continue;
         };
-        let under_new = c.current_intermediate.as_ref().is_some_and(|i| i.root == to);
+        let under_new = c
+            .current_intermediate
+            .as_ref()
+            .is_some_and(|i| i.root == to);
         if c.joined_unix.is_some() && !under_new {
             c.reissue_requested = true;
             compares.push(Compare {
@@ -347,7 +353,10 @@ impl Census {
             .map(|c| c.name.clone())
             .collect::<Vec<_>>();
         if !agents.is_empty() {
-            out.push(format!("agents of {} to hold the new bundle", agents.join(", ")));
+            out.push(format!(
+                "agents of {} to hold the new bundle",
+                agents.join(", ")
+            ));
         }
         let proxies = self
             .sidecars
@@ -441,7 +450,10 @@ pub async fn step(shared: &Shared, leadership: &Leadership) -> Result<bool, Rota
         let mut ca_changed = false;
         match r.state.as_str() {
             "reissuing" => {
-                let replaced = c.current_intermediate.as_ref().is_some_and(|i| i.fingerprint != r.old);
+                let replaced = c
+                    .current_intermediate
+                    .as_ref()
+                    .is_some_and(|i| i.fingerprint != r.old);
                 let agent_moved = census
                     .model
                     .heartbeats
@@ -461,7 +473,8 @@ pub async fn step(shared: &Shared, leadership: &Leadership) -> Result<bool, Rota
                     .find(|i| i.fingerprint == r.old)
                     .cloned();
                 next.intermediates.retain(|fp| *fp != r.old);
-                next.replaced_intermediates.retain(|i| i.fingerprint != r.old);
+                next.replaced_intermediates
+                    .retain(|i| i.fingerprint != r.old);
                 if let Some(old) = old
                     && rec.roots.iter().any(|e| e.fingerprint == old.root)
                 {
@@ -559,7 +572,9 @@ async fn rearm(shared: &Shared, leadership: &Leadership, to: &str) -> Result<(),
         };
         let stuck = c.joined_unix.is_some()
             && !c.reissue_requested
-            && c.current_intermediate.as_ref().is_some_and(|i| i.root != to);
+            && c.current_intermediate
+                .as_ref()
+                .is_some_and(|i| i.root != to);
         if !stuck {
             continue;
         }
@@ -627,7 +642,9 @@ pub fn view(shared: &Shared) -> CaView {
             let mine: Vec<&ProxyStatus> = census.cluster_sidecars(&c.name).collect();
             let on_current = mine
                 .iter()
-                .filter(|p| current.is_some_and(|i| p.intermediate.as_deref() == Some(&i.fingerprint)))
+                .filter(|p| {
+                    current.is_some_and(|i| p.intermediate.as_deref() == Some(&i.fingerprint))
+                })
                 .count() as u64;
             IntermediateView {
                 cluster: c.name.clone(),

@@ -162,7 +162,9 @@ impl Sync for SyncService {
                     let m = model.borrow_and_update();
                     (
                         m.ca.clone(),
-                        m.clusters.get(&cluster).is_some_and(|c| c.reissue_requested),
+                        m.clusters
+                            .get(&cluster)
+                            .is_some_and(|c| c.reissue_requested),
                     )
                 };
                 let sequence = ca.as_ref().map(|c| c.sequence).unwrap_or(0);

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
-use isthmus_api::pb::ca::{CreateCertificateRequest, WatchRequest};
 use isthmus_api::pb::ca::certificate_service_client::CertificateServiceClient;
+use isthmus_api::pb::ca::{CreateCertificateRequest, WatchRequest};
 use isthmus_ca::{SpiffeId, TrustBundle};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use tokio::sync::watch;

@@ -80,7 +80,8 @@ pub fn serve(
     let listener = UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "workload CA listening");
-    let limiter = RateLimiter::keyed(Quota::per_second(limits.per_second).allow_burst(limits.burst));
+    let limiter =
+        RateLimiter::keyed(Quota::per_second(limits.per_second).allow_burst(limits.burst));
     Ok(tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(CaService {
             creds,
@@ -130,7 +131,9 @@ impl CaService {
         let w = reg.workload_by_token(&digest).ok_or_else(|| {
             self.refuse(
                 "unauthenticated",
-                Status::unauthenticated("workload credential is not known to this cluster's registry"),
+                Status::unauthenticated(
+                    "workload credential is not known to this cluster's registry",
+                ),
             )
         })?;
         Ok((

@@ -91,7 +91,11 @@ impl Live {
 
     /// Installs a new intermediate and its key (written 0600 first, so a
     /// crash leaves the old pair or the new one, never a mix).
-    pub fn replace_intermediate(&self, intermediate_pem: &str, key_pem: &str) -> anyhow::Result<()> {
+    pub fn replace_intermediate(
+        &self,
+        intermediate_pem: &str,
+        key_pem: &str,
+    ) -> anyhow::Result<()> {
         let cur = self.current();
         let signer = Signer::from_pem(intermediate_pem, key_pem)?;
         let tmp_key = self.dir.join(format!("{INTERMEDIATE_KEY}.new"));
@@ -183,7 +187,8 @@ fn load(dir: &Path) -> anyhow::Result<Credentials> {
     let intermediate_pem = read(INTERMEDIATE)?;
     let signer = Signer::from_pem(&intermediate_pem, &read(INTERMEDIATE_KEY)?)?;
     let crls = std::fs::read_to_string(dir.join(CRLS)).unwrap_or_default();
-    let bundle = TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?.with_crls_pem(&crls)?;
+    let bundle =
+        TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?.with_crls_pem(&crls)?;
     let bundle_sequence = std::fs::read_to_string(dir.join(BUNDLE_SEQUENCE))
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -440,3 +440,103 @@ impl InProcessPrimary {
         Ok((tx, inbound))
     }
 }
+
+/// Steady request load through a sidecar: `workers` kept-alive connections,
+/// each sending `per_worker` requests a second, until [`Load::stop`].
+pub struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    workers: Vec<tokio::task::JoinHandle<LoadReport>>,
+    started: Instant,
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    pub sent: u64,
+    pub failures: Vec<String>,
+    /// `"cluster"` values seen in echo responses.
+    pub clusters: std::collections::BTreeSet<String>,
+    pub elapsed: Duration,
+}
+
+impl LoadReport {
+    pub fn rate(&self) -> f64 {
+        self.sent as f64 / self.elapsed.as_secs_f64().max(0.001)
+    }
+}
+
+impl Load {
+    pub fn start(
+        ns: Option<String>,
+        outbound: SocketAddr,
+        url: &str,
+        workers: usize,
+        per_worker: u32,
+    ) -> Self {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..workers)
+            .map(|_| {
+                let (stop, ns, url) = (stop.clone(), ns.clone(), url.to_string());
+                tokio::spawn(async move {
+                    let mut report = LoadReport::default();
+                    let mut session: Option<probe::Session> = None;
+                    let mut tick =
+                        tokio::time::interval(Duration::from_secs_f64(1.0 / per_worker as f64));
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        tick.tick().await;
+                        report.sent += 1;
+                        let result = async {
+                            if session.is_none() {
+                                session =
+                                    Some(probe::Session::connect(ns.as_deref(), outbound).await?);
+                            }
+                            match session.as_mut() {
+                                Some(s) => s.get(&url).await,
+                                None => bail!("no session"),
+                            }
+                        }
+                        .await;
+                        match result {
+                            Ok((200, body)) => {
+                                if let Some(c) = body
+                                    .split("\"cluster\": \"")
+                                    .nth(1)
+                                    .and_then(|r| r.split('"').next())
+                                {
+                                    report.clusters.insert(c.to_string());
+                                }
+                            }
+                            other => {
+                                session = None;
+                                report
+                                    .failures
+                                    .push(format!("request {}: {other:?}", report.sent));
+                            }
+                        }
+                    }
+                    report
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            workers: handles,
+            started: Instant::now(),
+        }
+    }
+
+    /// Stops every worker and sums what they saw.
+    pub async fn stop(self) -> LoadReport {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut total = LoadReport::default();
+        for w in self.workers {
+            if let Ok(r) = w.await {
+                total.sent += r.sent;
+                total.failures.extend(r.failures);
+                total.clusters.extend(r.clusters);
+            }
+        }
+        total.elapsed = self.started.elapsed();
+        total
+    }
+}

@@ -287,7 +287,10 @@ pub fn pinned_root_client_config(root_fingerprint: &str) -> Result<ClientConfig,
 pub fn pinned_roots_client_config(fingerprints: &[&str]) -> Result<ClientConfig, TransportError> {
     let provider = isthmus_ca::crypto_provider();
     let verifier = Arc::new(PinnedRoot {
-        fingerprints: fingerprints.iter().map(|f| f.to_ascii_lowercase()).collect(),
+        fingerprints: fingerprints
+            .iter()
+            .map(|f| f.to_ascii_lowercase())
+            .collect(),
         provider: provider.clone(),
     });
     let mut config = ClientConfig::builder_with_provider(provider)
