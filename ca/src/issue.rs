@@ -153,6 +153,14 @@ impl Authority {
         let mut chain =
             pem::certs(chain_pem, "signing certificate").map_err(|e| bad("CA chain", &e))?;
         chain.retain(|c| c != &anchor);
+        // The same certificate given twice (ca-cert.pem and cert-chain.pem
+        // both hold it) counts once.
+        let mut seen = Vec::new();
+        chain.retain(|c| {
+            let new = !seen.contains(c);
+            seen.push(c.clone());
+            new
+        });
         let cert = chain.first().cloned().unwrap_or_else(|| anchor.clone());
         svid::validate(&anchor, SvidKind::Signing)?;
         svid::validate(&cert, SvidKind::Signing)?;

@@ -61,10 +61,20 @@ impl Metrics {
 }
 
 /// Per-identity limits on certificate requests.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
-    pub per_second: NonZeroU32,
-    pub burst: NonZeroU32,
+    pub quota: Quota,
+    /// How the limit reads in a refusal, e.g. "5/s (burst 20)".
+    pub describe: String,
+}
+
+impl Limits {
+    pub fn per_second(rate: NonZeroU32, burst: NonZeroU32) -> Self {
+        Self {
+            quota: Quota::per_second(rate).allow_burst(burst),
+            describe: format!("{rate}/s (burst {burst})"),
+        }
+    }
 }
 
 pub fn serve(
@@ -80,8 +90,7 @@ pub fn serve(
     let listener = UnixListener::bind(&socket)
         .map_err(|e| anyhow::anyhow!("binding {}: {e}", socket.display()))?;
     tracing::info!(socket = %socket.display(), "workload CA listening");
-    let limiter =
-        RateLimiter::keyed(Quota::per_second(limits.per_second).allow_burst(limits.burst));
+    let limiter = RateLimiter::keyed(limits.quota);
     Ok(tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(CaService {
             creds,
@@ -161,8 +170,8 @@ impl CertificateService for CaService {
             return Err(self.refuse(
                 "rate_limited",
                 Status::resource_exhausted(format!(
-                    "{id} asked for certificates faster than {}/s (burst {}); retry later",
-                    self.limits.per_second, self.limits.burst
+                    "{id} asked for certificates faster than {}; retry later",
+                    self.limits.describe
                 )),
             ));
         }

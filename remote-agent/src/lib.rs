@@ -113,10 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         creds.clone(),
         reg_rx,
         config.cluster.clone(),
-        ca_server::Limits {
-            per_second: config.ca_rate_limit,
-            burst: config.ca_rate_burst,
-        },
+        ca_server::Limits::per_second(config.ca_rate_limit, config.ca_rate_burst),
         ca_metrics,
     )?;
 

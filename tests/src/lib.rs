@@ -309,6 +309,10 @@ pub fn now_unix() -> u64 {
 pub struct InProcessPrimary {
     /// `https://127.0.0.1:PORT` of the gRPC listener.
     pub grpc: String,
+    /// `https://127.0.0.1:PORT` of the REST API.
+    pub http: String,
+    /// The admin token as first minted (pinning the first root).
+    pub admin_token: String,
     /// The REST client, holding the admin token.
     pub api: isthmus_topology::client::PrimaryClient,
     /// SHA-256 of the mesh root, as join tokens carry it.
@@ -365,6 +369,8 @@ impl InProcessPrimary {
             .expect("the admin token carries the root fingerprint");
         Self {
             grpc: format!("https://{grpc}"),
+            http: format!("https://{http}"),
+            admin_token: token.trim().to_string(),
             api,
             root_fp: fp,
             _dir: dir,
@@ -397,8 +403,11 @@ impl InProcessPrimary {
         cluster: &str,
         token: &str,
     ) -> Result<(JoinResponse, String), tonic::Status> {
-        let tls = isthmus_transport::pinned_root_client_config(&self.root_fp)
-            .expect("a pinned TLS config");
+        // Like a real agent: trust the root the token names.
+        let pin = isthmus_api::join_token::parse(token)
+            .map(|(_, fp)| fp.to_string())
+            .unwrap_or_else(|| self.root_fp.clone());
+        let tls = isthmus_transport::pinned_root_client_config(&pin).expect("a pinned TLS config");
         let channel =
             isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).expect("a gRPC channel");
         let (csr, key) = isthmus_ca::issue::generate_csr("test agent").expect("a CSR");
