@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs `isthmusctl up multi-network --detach`, executes the command it prints
 # last, checks the echo answered with the caller's SPIFFE ID, and checks that
-# `down` leaves no process and no network namespace behind.
+# `down` leaves no process and no network namespace behind. On the way it
+# applies config and rotates the root and an intermediate through the CLI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state=$(mktemp -d)
@@ -25,6 +26,26 @@ if sed 's/weight: 10/weight: 20/' samples/config/echo-canary.yaml | cargo run -q
 fi
 grep -q 'spec.http\[0\].route\[1\].weight: weights must sum to 100' "$out.err" || { echo "smoke: no field path in: $(cat "$out.err")"; exit 1; }
 
+# The CA commands: a full root rotation and an intermediate rotation, then
+# the status shows one root (the new one) holding all three workloads, and a
+# request still crosses the mesh.
+ctl() { cargo run -q -p isthmusctl -- "$@" --state-dir "$state"; }
+old_root=$(ctl ca status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["signingRoot"])')
+ctl ca rotate-root | tee "$out"
+grep -q '^done: root' "$out" || { echo "smoke: ca rotate-root did not finish"; exit 1; }
+ctl ca rotate-intermediate east | tee "$out"
+grep -q '^done: intermediate' "$out" || { echo "smoke: ca rotate-intermediate did not finish"; exit 1; }
+ctl ca status -o json | python3 -c '
+import json, sys
+v = json.load(sys.stdin)
+old = sys.argv[1]
+assert [r["fingerprint"] for r in v["roots"]] == [v["signingRoot"]] != [old], v["roots"]
+assert v["roots"][0]["workloads"] == 3, v["roots"]
+assert all(c["root"] == v["signingRoot"] for c in v["clusters"]), v["clusters"]
+' "$old_root" || { echo "smoke: ca status after the rotations is wrong"; exit 1; }
+ctl ca status
+bash -c "$cmd" | grep -q 'URI=spiffe://cluster.local/ns/demo/sa/client' || { echo "smoke: no request after the rotations"; exit 1; }
+
 status=$(cargo run -q -p isthmusctl -- status --state-dir "$state" -o json)
 pids=$(python3 -c 'import json,sys; print(" ".join(str(c["pid"]) for c in json.load(sys.stdin)["components"]))' <<<"$status")
 prefixes=$(python3 -c 'import json,sys; print(" ".join(sorted({c["netns"].split("-")[0] for c in json.load(sys.stdin)["components"] if c["netns"]})))' <<<"$status")
@@ -38,4 +59,4 @@ done
 for p in $prefixes; do
   if ls /run/netns 2>/dev/null | grep -q "^$p-"; then echo "smoke: namespaces $p-* remain after down"; exit 1; fi
 done
-echo "smoke: up, request, status and down behaved"
+echo "smoke: up, request, config, CA rotation, status and down behaved"

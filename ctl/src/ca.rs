@@ -131,15 +131,24 @@ pub fn table(view: &CaView) -> String {
         );
     }
     if let Some(r) = &view.rotation {
-        s += &format!(
-            "\nroot rotation {} -> {}{}: phase {}/3, {} (until phase {})\n",
-            short(&r.from),
-            short(&r.to),
-            if r.rolled_back { " (rolling back)" } else { "" },
-            r.phase.min(3),
-            phase_name(r.phase),
-            r.until
-        );
+        s += &if r.phase >= 4 {
+            format!(
+                "\nlast root rotation {} -> {}{}: finished\n",
+                short(&r.from),
+                short(&r.to),
+                if r.rolled_back { " (rolled back)" } else { "" },
+            )
+        } else {
+            format!(
+                "\nroot rotation {} -> {}{}: phase {}/3, {} (until phase {})\n",
+                short(&r.from),
+                short(&r.to),
+                if r.rolled_back { " (rolling back)" } else { "" },
+                r.phase,
+                phase_name(r.phase),
+                r.until
+            )
+        };
         for w in &r.waiting_for {
             s += &format!("  waiting for {w}\n");
         }
@@ -301,6 +310,13 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             conn,
         } => {
             let client = conn.client()?;
+            let old = client
+                .ca_status()
+                .await?
+                .clusters
+                .iter()
+                .find(|c| c.cluster == cluster)
+                .and_then(|c| c.fingerprint.clone());
             client.rotate_intermediate(&cluster).await?;
             println!("cluster {cluster}: renewing the intermediate");
             if no_wait {
@@ -316,6 +332,9 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
                     .context("the cluster disappeared")?;
                 let state = c.rotation.clone().unwrap_or_default();
                 let line = match state.as_str() {
+                    "reissuing" if c.fingerprint == old => {
+                        "reissuing: waiting for the agent's new intermediate".into()
+                    }
                     "reissuing" => format!(
                         "reissuing: {} workloads still on the old intermediate",
                         c.workloads_on_replaced
