@@ -166,16 +166,28 @@ impl Authority {
         svid::validate(&cert, SvidKind::Signing)?;
         let key = KeyPair::from_pem(key_pem).map_err(|e| bad("CA key", &e))?;
         let issuer = Issuer::from_ca_cert_der(&cert, key)?;
-        // Proof by use: a leaf signed with the key must verify through the
-        // chain to the anchor. That fails if the key is not the signing
-        // certificate's, or if the chain does not lead to the root.
+        // Proof by use: a cluster intermediate signed with the key, and a
+        // leaf under it, must verify through the chain to the anchor. That
+        // fails if the key is not the signing certificate's, if the chain
+        // does not lead to the root, or if a pathLen leaves no room for
+        // cluster intermediates.
+        let probe_ca_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let probe_ca_params = ca_params(
+            "Isthmus import probe",
+            Duration::from_secs(600),
+            BasicConstraints::Constrained(0),
+        );
+        let probe_ca = probe_ca_params.signed_by(&probe_ca_key, &issuer)?;
+        let probe_issuer = Issuer::from_ca_cert_der(probe_ca.der(), probe_ca_key)?;
         let probe_key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
         set_validity(&mut params, Duration::from_secs(600));
         params.is_ca = IsCa::ExplicitNoCa;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        let probe = params.signed_by(&probe_key, &issuer)?;
+        let probe = params.signed_by(&probe_key, &probe_issuer)?;
+        let mut probe_path = vec![probe_ca.der().clone()];
+        probe_path.extend(chain.iter().cloned());
         let anchors = [
             webpki::anchor_from_trusted_cert(&anchor).map_err(|e| bad("root certificate", &e))?
         ];
@@ -185,7 +197,7 @@ impl Authority {
         ee.verify_for_usage(
             algs.all,
             &anchors,
-            &chain,
+            &probe_path,
             rustls_pki_types::UnixTime::now(),
             webpki::KeyUsage::client_auth(),
             None,
@@ -193,7 +205,7 @@ impl Authority {
         )
         .map_err(|e| {
             bad(
-                "the CA key does not match the signing certificate, or the chain does not lead to the root",
+                "the CA key does not match the signing certificate, the chain does not lead to the root, or a pathLen leaves no room for cluster intermediates",
                 &e,
             )
         })?;
