@@ -5,7 +5,7 @@ use utoipa::{Modify, OpenApi};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Isthmus primary API", description = "Cluster registry, mesh config (Istio kinds) and status. Every /api/v1 call but openapi.json and ca/roots needs the admin bearer token."),
+    info(title = "Isthmus primary API", description = "Cluster registry, mesh config (Istio kinds), CA operations and status. Every /api/v1 call but openapi.json, ca/roots and trust-bundle needs the admin bearer token."),
     paths(
         crate::api::register_cluster,
         crate::api::list_clusters,
