@@ -29,15 +29,19 @@ fn openssl_made_plug_in_cas_import_and_sign() {
         assert!(key.starts_with(key_header), "{dir}: fixture key format");
         let ca = Authority::from_parts(
             &read(dir, "root-cert.pem"),
-            &format!("{}{}", read(dir, "ca-cert.pem"), read(dir, "cert-chain.pem")),
+            &format!(
+                "{}{}",
+                read(dir, "ca-cert.pem"),
+                read(dir, "cert-chain.pem")
+            ),
             &key,
             "cluster.local",
         )
         .unwrap_or_else(|e| panic!("{dir}: {e}"));
         let (csr, inter_key) = isthmus_ca::issue::generate_csr("east").unwrap();
         let inter = ca.sign_intermediate(&csr, "east").unwrap();
-        let signer = Signer::from_pem(&format!("{}{}", inter.pem, ca.chain_pem()), &inter_key)
-            .unwrap();
+        let signer =
+            Signer::from_pem(&format!("{}{}", inter.pem, ca.chain_pem()), &inter_key).unwrap();
         assert_eq!(signer.chain().len(), 2, "{dir}: intermediate, then the CA");
         let id = SpiffeId::workload("cluster.local", "demo", "echo").unwrap();
         let (leaf, _) = signer.issue_workload(&id, Duration::ZERO).unwrap();

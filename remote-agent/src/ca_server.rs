@@ -1,7 +1,10 @@
 //! `isthmus.ca.v1.CertificateService` on a Unix socket: workloads of this
-//! cluster trade a CSR for a certificate. The caller authenticates with its
-//! workload credential (`authorization: Bearer ...`); the identity issued is
-//! the one the registry binds to that credential, whatever the CSR asks for.
+//! cluster trade a CSR for a certificate. The caller authenticates with a
+//! bearer credential (`authorization: Bearer ...`): in file-registry mode,
+//! the workload token the registry binds (by digest) to a namespace and
+//! service account; in Kubernetes mode, its projected service-account token,
+//! checked by a TokenReview ([`crate::tokenreview`]). The identity issued is
+//! the one the credential names, whatever the CSR asks for.
 //!
 //! Each caller identity is rate-limited (a token bucket), so one workload
 //! gone wrong cannot starve the others. Every certificate issued is logged
@@ -77,10 +80,19 @@ impl Limits {
     }
 }
 
+/// How callers prove who they are.
+#[derive(Clone)]
+pub enum WorkloadAuth {
+    /// Workload tokens listed (as digests) in the file registry.
+    Registry(watch::Receiver<Arc<Registry>>),
+    /// Projected service-account tokens, reviewed by the API server.
+    Kubernetes(Arc<crate::tokenreview::TokenReviewer>),
+}
+
 pub fn serve(
     socket: PathBuf,
     creds: Arc<Live>,
-    registry: watch::Receiver<Arc<Registry>>,
+    auth: WorkloadAuth,
     cluster: String,
     limits: Limits,
     metrics: Metrics,
@@ -94,7 +106,7 @@ pub fn serve(
     Ok(tonic::transport::Server::builder()
         .add_service(CertificateServiceServer::new(CaService {
             creds,
-            registry,
+            auth,
             cluster,
             limiter: Arc::new(limiter),
             limits,
@@ -105,7 +117,7 @@ pub fn serve(
 
 struct CaService {
     creds: Arc<Live>,
-    registry: watch::Receiver<Arc<Registry>>,
+    auth: WorkloadAuth,
     cluster: String,
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
     limits: Limits,
@@ -122,7 +134,7 @@ impl CaService {
     }
 
     /// The workload the bearer credential names: (namespace, account, name).
-    fn caller(&self, metadata: &MetadataMap) -> Result<(String, String, String), Status> {
+    async fn caller(&self, metadata: &MetadataMap) -> Result<(String, String, String), Status> {
         let token = metadata
             .get("authorization")
             .and_then(|v| v.to_str().ok())
@@ -135,8 +147,25 @@ impl CaService {
                     ),
                 )
             })?;
+        let registry = match &self.auth {
+            WorkloadAuth::Registry(r) => r,
+            WorkloadAuth::Kubernetes(reviewer) => {
+                return match reviewer.review(token).await {
+                    Ok((ns, sa)) => {
+                        let name = format!("{ns}/{sa}");
+                        Ok((ns, sa, name))
+                    }
+                    Err(e @ crate::tokenreview::ReviewError::Unavailable(_)) => {
+                        Err(self.refuse("unavailable", Status::unavailable(e.to_string())))
+                    }
+                    Err(e) => {
+                        Err(self.refuse("unauthenticated", Status::unauthenticated(e.to_string())))
+                    }
+                };
+            }
+        };
         let digest = hex::encode(Sha256::digest(token.as_bytes()));
-        let reg = self.registry.borrow();
+        let reg = registry.borrow();
         let w = reg.workload_by_token(&digest).ok_or_else(|| {
             self.refuse(
                 "unauthenticated",
@@ -161,7 +190,7 @@ impl CertificateService for CaService {
         &self,
         request: Request<CreateCertificateRequest>,
     ) -> Result<Response<CreateCertificateResponse>, Status> {
-        let (namespace, account, workload) = self.caller(request.metadata())?;
+        let (namespace, account, workload) = self.caller(request.metadata()).await?;
         let creds = self.creds.current();
         let id = SpiffeId::workload(creds.signer.trust_domain(), &namespace, &account)
             .map_err(|e| Status::internal(e.to_string()))?;
@@ -223,7 +252,7 @@ impl CertificateService for CaService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        self.caller(request.metadata())?;
+        self.caller(request.metadata()).await?;
         let events = WatchStream::new(self.creds.generation.subscribe()).map(|(g, reason)| {
             Ok(WatchEvent {
                 generation: g,

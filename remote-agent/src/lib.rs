@@ -16,6 +16,7 @@ pub mod join;
 pub mod kubernetes;
 pub mod registry;
 pub mod sync;
+pub mod tokenreview;
 
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -50,8 +51,13 @@ pub struct Config {
     )]
     pub registry: Option<PathBuf>,
     /// Discover from the Kubernetes API (in-cluster config or KUBECONFIG).
+    /// Workloads then authenticate with projected service-account tokens.
     #[arg(long)]
     pub kubernetes: bool,
+    /// The audience workloads' projected tokens must be bound to
+    /// (Kubernetes mode).
+    #[arg(long, default_value = "isthmus-ca")]
+    pub token_audience: String,
     /// Unix socket for the workload CA. Default: STATE_DIR/ca.sock.
     #[arg(long)]
     pub ca_socket: Option<PathBuf>,
@@ -80,23 +86,26 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(cluster = %config.cluster, trust_domain = %creds.current().signer.trust_domain(), "agent holds its cluster intermediate");
 
     let (snap_tx, snap_rx) = watch::channel(Arc::new(Vec::new()));
-    // Workload credentials come from the file registry; Kubernetes mode has
-    // none yet (TokenReview is not built), so its CA refuses every caller.
-    let reg_rx = match &config.registry {
+    // Workload credentials: tokens in the file registry, or projected
+    // service-account tokens checked by TokenReview.
+    let auth = match &config.registry {
         Some(path) => {
             let initial = registry::Registry::load(path)?;
             snap_tx.send_replace(Arc::new(initial.snapshot()));
             let (reg_tx, reg_rx) = watch::channel(Arc::new(initial));
             tokio::spawn(watch_registry(path.clone(), reg_tx));
             tokio::spawn(publish_registry(reg_rx.clone(), snap_tx));
-            reg_rx
+            ca_server::WorkloadAuth::Registry(reg_rx)
         }
         None => {
             let client = kube::Client::try_default()
                 .await
                 .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            tokio::spawn(kubernetes::run(client, snap_tx));
-            watch::channel(Arc::new(registry::Registry::default())).1
+            tokio::spawn(kubernetes::run(client.clone(), snap_tx));
+            ca_server::WorkloadAuth::Kubernetes(Arc::new(tokenreview::TokenReviewer::new(
+                client,
+                &config.token_audience,
+            )))
         }
     };
 
@@ -111,7 +120,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let ca = ca_server::serve(
         socket,
         creds.clone(),
-        reg_rx,
+        auth,
         config.cluster.clone(),
         ca_server::Limits::per_second(config.ca_rate_limit, config.ca_rate_burst),
         ca_metrics,

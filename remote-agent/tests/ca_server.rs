@@ -88,7 +88,7 @@ async fn rate_limits_are_per_identity_and_watch_reports_changes() {
     let server = ca_server::serve(
         socket.clone(),
         live.clone(),
-        reg_rx,
+        ca_server::WorkloadAuth::Registry(reg_rx),
         "east".into(),
         limits,
         metrics.clone(),
