@@ -82,6 +82,17 @@ pub struct CaView {
     pub rotation: Option<RotationView>,
     /// Connected workloads whose certificate chains to no known root.
     pub workloads_unknown: u64,
+    /// Other trust domains this mesh federates with.
+    #[serde(default)]
+    pub federated: Vec<FederatedView>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FederatedView {
+    pub trust_domain: String,
+    /// SHA-256 fingerprints of its roots.
+    pub roots: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]

@@ -683,4 +683,68 @@ mod tests {
         );
         assert!(verify(&revoking, &leaf_chain(&new)).is_ok());
     }
+
+    /// Multi-mesh: a peer of a federated trust domain verifies against that
+    /// domain's roots only; the bundles are never merged.
+    #[test]
+    fn federated_trust_domains_are_kept_apart() {
+        let ours = Authority::generate("cluster.local").unwrap();
+        let theirs = Authority::generate("other.mesh").unwrap();
+        let signer_of = |root: &Authority| {
+            let (csr, key) = generate_csr("x").unwrap();
+            let inter = root.sign_intermediate(&csr, "x").unwrap();
+            Signer::from_pem(&inter.pem, &key).unwrap()
+        };
+        let their_signer = signer_of(&theirs);
+        let foreign = crate::TrustBundle::from_jwks(
+            "other.mesh",
+            &crate::TrustBundle::from_der("other.mesh", vec![theirs.cert().clone()])
+                .unwrap()
+                .to_jwks(1, 60),
+        )
+        .unwrap();
+        let bundle = crate::TrustBundle::from_der("cluster.local", vec![ours.cert().clone()])
+            .unwrap()
+            .with_federated(vec![foreign]);
+        let chain = |signer: &Signer, id: &str| {
+            let id = SpiffeId::parse(id).unwrap();
+            let leaf = signer
+                .sign_leaf(&KeyPair::generate().unwrap(), &id, Duration::from_secs(600))
+                .unwrap();
+            let mut c = vec![leaf.der];
+            c.extend(signer.chain().iter().cloned());
+            c
+        };
+        // Their workload, through their roots.
+        let id = verify(
+            &bundle,
+            &chain(&their_signer, "spiffe://other.mesh/ns/shop/sa/cart"),
+        )
+        .unwrap();
+        assert_eq!(id.as_str(), "spiffe://other.mesh/ns/shop/sa/cart");
+        // Their root cannot vouch for our trust domain...
+        let err = verify(
+            &bundle,
+            &chain(&their_signer, "spiffe://cluster.local/ns/demo/sa/client"),
+        )
+        .unwrap_err();
+        assert!(format!("{err:?}").contains("UnknownIssuer"), "{err:?}");
+        // ...nor ours for theirs.
+        let our_signer = signer_of(&ours);
+        assert!(
+            verify(
+                &bundle,
+                &chain(&our_signer, "spiffe://other.mesh/ns/shop/sa/cart")
+            )
+            .is_err()
+        );
+        // A domain we do not federate with is refused by name.
+        let stranger = Authority::generate("stranger.mesh").unwrap();
+        let err = verify(
+            &bundle,
+            &chain(&signer_of(&stranger), "spiffe://stranger.mesh/ns/a/sa/b"),
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("does not federate"), "{err}");
+    }
 }

@@ -31,6 +31,11 @@ pub struct TrustBundle {
     anchors: Arc<Vec<TrustAnchor<'static>>>,
     crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
     crl_ders: Vec<Vec<u8>>,
+    /// Other trust domains this one federates with, each with its own
+    /// roots. A peer is verified only against the bundle of the trust domain
+    /// its SPIFFE ID names: bundles are never merged, so a foreign root
+    /// cannot vouch for an identity in this trust domain, nor ours for theirs.
+    federated: Arc<std::collections::BTreeMap<String, TrustBundle>>,
 }
 
 impl fmt::Debug for TrustBundle {
@@ -79,7 +84,59 @@ impl TrustBundle {
             anchors: Arc::new(anchors),
             crls: Arc::new(Vec::new()),
             crl_ders: Vec::new(),
+            federated: Arc::new(Default::default()),
         })
+    }
+
+    /// The same bundle, also trusting peers of other trust domains, each
+    /// only through its own roots.
+    pub fn with_federated(mut self, federated: Vec<TrustBundle>) -> Self {
+        self.federated = Arc::new(
+            federated
+                .into_iter()
+                .filter(|b| b.trust_domain != self.trust_domain)
+                .map(|b| (b.trust_domain.clone(), b))
+                .collect(),
+        );
+        self
+    }
+
+    /// The federated trust domains and their bundles.
+    pub fn federated(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.federated.values()
+    }
+
+    /// Reads a SPIFFE bundle (a JWK set, as `to_jwks` writes) for
+    /// `trust_domain`: the roots are the `x5c` of its `x509-svid` keys.
+    pub fn from_jwks(trust_domain: &str, jwks: &serde_json::Value) -> Result<Self, BundleError> {
+        use base64::Engine;
+        let keys = jwks["keys"]
+            .as_array()
+            .ok_or_else(|| BundleError::BadRoot {
+                index: 0,
+                reason: "a SPIFFE bundle needs a \"keys\" array".into(),
+            })?;
+        let mut roots = Vec::new();
+        for (index, key) in keys.iter().enumerate() {
+            if key["use"] != "x509-svid" {
+                continue;
+            }
+            let der = key["x5c"][0]
+                .as_str()
+                .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                .ok_or_else(|| BundleError::BadRoot {
+                    index,
+                    reason: "keys[].x5c[0] is not base64 DER".into(),
+                })?;
+            roots.push(CertificateDer::from(der));
+        }
+        if roots.is_empty() {
+            return Err(BundleError::BadRoot {
+                index: 0,
+                reason: "the bundle has no x509-svid key".into(),
+            });
+        }
+        Self::from_der(trust_domain, roots)
     }
 
     /// The same bundle, also refusing what the CRLs in `pem_text` revoke.
@@ -147,7 +204,8 @@ impl TrustBundle {
         pem::encode_certs(&self.roots)
     }
 
-    /// Validates a peer's chain and returns its SPIFFE ID.
+    /// Validates a peer's chain and returns its SPIFFE ID. A peer of a
+    /// federated trust domain is verified against that domain's bundle.
     pub fn verify(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -156,6 +214,19 @@ impl TrustBundle {
         usage: webpki::KeyUsage,
         algs: &WebPkiSupportedAlgorithms,
     ) -> Result<SpiffeId, rustls::Error> {
+        let claimed = svid::inspect(end_entity)
+            .ok()
+            .and_then(|i| i.spiffe_id)
+            .map(|id| id.trust_domain().to_string());
+        if let Some(td) = claimed.filter(|td| *td != self.trust_domain) {
+            return match self.federated.get(&td) {
+                Some(foreign) => foreign.verify(end_entity, intermediates, now, usage, algs),
+                None => Err(other(format!(
+                    "peer is in trust domain {td}, which {} does not federate with",
+                    self.trust_domain
+                ))),
+            };
+        }
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
         let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
         // Every certificate in the chain is checked against the CRLs; one

@@ -49,6 +49,23 @@ pub enum CaCmd {
         #[command(flatten)]
         conn: Conn,
     },
+    /// Federate with another mesh's trust domain: its workloads are then
+    /// verified against its roots (and only those), given as the SPIFFE
+    /// bundle its primary serves at /api/v1/trust-bundle.
+    Federate {
+        trust_domain: String,
+        /// The SPIFFE bundle (JSON); `-` reads stdin.
+        #[arg(long)]
+        bundle: PathBuf,
+        #[command(flatten)]
+        conn: Conn,
+    },
+    /// Stop federating with a trust domain.
+    Unfederate {
+        trust_domain: String,
+        #[command(flatten)]
+        conn: Conn,
+    },
     /// Rotate to a CA in Istio's plug-in layout: DIR holds root-cert.pem,
     /// ca-cert.pem, ca-key.pem and optionally cert-chain.pem.
     ImportRoot {
@@ -129,6 +146,21 @@ pub fn table(view: &CaView) -> String {
             c.workloads_on_replaced,
             c.rotation.as_deref().unwrap_or("-"),
         );
+    }
+    for f in &view.federated {
+        s += &format!(
+            "\nfederated with {} ({} roots: {})",
+            f.trust_domain,
+            f.roots.len(),
+            f.roots
+                .iter()
+                .map(|r| short(r))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if !view.federated.is_empty() {
+        s += "\n";
     }
     if let Some(r) = &view.rotation {
         s += &if r.phase >= 4 {
@@ -257,6 +289,39 @@ fn read(dir: &Path, name: &str) -> anyhow::Result<String> {
 
 pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
     match cmd {
+        CaCmd::Federate {
+            trust_domain,
+            bundle,
+            conn,
+        } => {
+            let text = if bundle.as_os_str() == "-" {
+                let mut t = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut t)?;
+                t
+            } else {
+                std::fs::read_to_string(&bundle)
+                    .with_context(|| format!("reading {}", bundle.display()))?
+            };
+            let jwks: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not a SPIFFE bundle (JSON)", bundle.display()))?;
+            let view = conn.client()?.federate(&trust_domain, &jwks).await?;
+            let roots = view
+                .federated
+                .iter()
+                .find(|f| f.trust_domain == trust_domain)
+                .map(|f| f.roots.len())
+                .unwrap_or(0);
+            println!(
+                "federated with {trust_domain} ({roots} roots); proxies get it with bundle sequence {}",
+                view.bundle_sequence
+            );
+            Ok(())
+        }
+        CaCmd::Unfederate { trust_domain, conn } => {
+            conn.client()?.unfederate(&trust_domain).await?;
+            println!("no longer federated with {trust_domain}");
+            Ok(())
+        }
         CaCmd::Status { conn, output } => {
             let view = conn.client()?.ca_status().await?;
             print(output, &view, || table(&view))

@@ -44,6 +44,10 @@ pub fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/api/v1/trust-bundle", get(trust_bundle))
         .route(
+            "/api/v1/ca/federation/{trust_domain}",
+            axum::routing::put(federate).delete(unfederate),
+        )
+        .route(
             "/api/v1/openapi.json",
             get(|| async { Json(crate::openapi::document()) }),
         )
@@ -171,6 +175,41 @@ async fn rotate_intermediate(
     check_label(&cluster).map_err(|_| bad(format!("cluster: {cluster:?} is not a DNS label")))?;
     crate::rotation::request_intermediate(&shared, &cluster).await?;
     Ok((StatusCode::ACCEPTED, Json(crate::rotation::view(&shared))))
+}
+
+#[utoipa::path(put, path = "/api/v1/ca/federation/{trust_domain}", tag = "ca",
+    params(("trust_domain" = String, Path, description = "The other mesh's trust domain")),
+    request_body(content = String, description = "Its SPIFFE bundle (the JWK set its /api/v1/trust-bundle serves)", content_type = "application/json"),
+    responses((status = 200, description = "Federated; workloads of that domain are verified against these roots only", body = CaView),
+               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn federate(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(trust_domain): Path<String>,
+    body: Result<Json<serde_json::Value>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<CaView>, ApiError> {
+    authorize(&shared, &headers)?;
+    let Json(jwks) = body.map_err(|e| bad(format!("request body: {}", e.body_text())))?;
+    let bundle = isthmus_ca::TrustBundle::from_jwks(&trust_domain, &jwks)
+        .map_err(|e| bad(format!("SPIFFE bundle: {e}")))?;
+    crate::rotation::federate(&shared, &trust_domain, Some(bundle)).await?;
+    Ok(Json(crate::rotation::view(&shared)))
+}
+
+#[utoipa::path(delete, path = "/api/v1/ca/federation/{trust_domain}", tag = "ca",
+    params(("trust_domain" = String, Path, description = "The other mesh's trust domain")),
+    responses((status = 200, description = "No longer federated", body = CaView),
+               (status = 400, body = ErrorBody), (status = 401, body = ErrorBody)),
+    security(("bearer" = [])))]
+async fn unfederate(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(trust_domain): Path<String>,
+) -> Result<Json<CaView>, ApiError> {
+    authorize(&shared, &headers)?;
+    crate::rotation::federate(&shared, &trust_domain, None).await?;
+    Ok(Json(crate::rotation::view(&shared)))
 }
 
 /// How often federated meshes should fetch the bundle again.

@@ -88,6 +88,10 @@ pub struct CaRecord {
     pub sequence: u64,
     #[serde(default)]
     pub rotation: Option<RootRotation>,
+    /// Other trust domains this mesh federates with: name -> their roots
+    /// (PEM). Kept apart from `roots`, never merged.
+    #[serde(default)]
+    pub federated: std::collections::BTreeMap<String, String>,
 }
 
 impl CaRecord {
@@ -95,10 +99,18 @@ impl CaRecord {
         self.roots.iter().find(|r| r.fingerprint == self.signing)
     }
 
-    /// The trust bundle: every root, and the CRLs.
+    /// The trust bundle: every root, the CRLs, and the federated domains'
+    /// bundles beside it.
     pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
         let pem: String = self.roots.iter().map(|r| r.root_pem.as_str()).collect();
-        Ok(TrustBundle::from_pem(&self.trust_domain, &pem)?.with_crls_pem(&self.crls.concat())?)
+        let federated = self
+            .federated
+            .iter()
+            .map(|(td, pem)| TrustBundle::from_pem(td, pem))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(TrustBundle::from_pem(&self.trust_domain, &pem)?
+            .with_crls_pem(&self.crls.concat())?
+            .with_federated(federated))
     }
 
     /// Version string of what proxies must trust.
@@ -226,6 +238,7 @@ impl CaState {
                 revoked: vec![],
                 sequence: 1,
                 rotation: None,
+                federated: Default::default(),
             };
             let (created, _) = store
                 .txn(

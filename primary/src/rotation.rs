@@ -25,7 +25,7 @@
 
 use std::collections::BTreeMap;
 
-use isthmus_api::rest::{CaView, IntermediateView, RootView, RotationView};
+use isthmus_api::rest::{CaView, FederatedView, IntermediateView, RootView, RotationView};
 use isthmus_ca::Authority;
 
 use crate::Shared;
@@ -686,5 +686,61 @@ pub fn view(shared: &Shared) -> CaView {
             },
         }),
         workloads_unknown: unknown,
+        federated: rec
+            .federated
+            .iter()
+            .map(|(td, pem)| FederatedView {
+                trust_domain: td.clone(),
+                roots: isthmus_ca::pem::certs(pem, "federated roots")
+                    .map(|c| c.iter().map(|d| isthmus_ca::pem::fingerprint(d)).collect())
+                    .unwrap_or_default(),
+            })
+            .collect(),
     }
+}
+
+/// Federates with `trust_domain` (its bundle's roots), replaces its
+/// bundle, or (with `None`) stops federating with it. Proxies get the change
+/// with the next bundle sequence.
+pub async fn federate(
+    shared: &Shared,
+    trust_domain: &str,
+    bundle: Option<isthmus_ca::TrustBundle>,
+) -> Result<(), RotationError> {
+    isthmus_ca::SpiffeId::parse(&format!("spiffe://{trust_domain}")).map_err(|e| {
+        RotationError::Invalid(format!("{trust_domain:?} is not a trust domain: {e}"))
+    })?;
+    for _ in 0..5 {
+        let (mut rec, kv) = load_ca(shared).await?;
+        if trust_domain == rec.trust_domain {
+            return Err(RotationError::Invalid(format!(
+                "{trust_domain} is this mesh's own trust domain; rotate its root instead"
+            )));
+        }
+        match &bundle {
+            Some(b) => {
+                rec.federated.insert(trust_domain.to_string(), b.to_pem());
+            }
+            None => {
+                if rec.federated.remove(trust_domain).is_none() {
+                    return Err(RotationError::Invalid(format!(
+                        "this mesh does not federate with {trust_domain}"
+                    )));
+                }
+            }
+        }
+        rec.sequence += 1;
+        if commit(shared, &kv, vec![], vec![put_ca(&rec)?]).await? {
+            tracing::info!(
+                audit = true,
+                trust_domain,
+                federated = bundle.is_some(),
+                "federation changed"
+            );
+            return Ok(());
+        }
+    }
+    Err(RotationError::Conflict(
+        "the CA record kept changing; retry".into(),
+    ))
 }

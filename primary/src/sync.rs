@@ -182,6 +182,7 @@ impl Sync for SyncService {
                         crls_pem: bundle.crls_pem(),
                         bundle_sequence: sequence,
                         renew_intermediate: ask,
+                        federated_bundles: ca.federated.clone().into_iter().collect(),
                         ..Default::default()
                     };
                     if ask {

@@ -85,8 +85,14 @@ impl AgentClient {
             .spiffe_id
             .clone()
             .context("issued certificate has no SPIFFE ID")?;
+        let federated = resp
+            .federated_bundles
+            .iter()
+            .map(|(td, pem)| TrustBundle::from_pem(td, pem))
+            .collect::<Result<Vec<_>, _>>()?;
         let bundle = TrustBundle::from_pem(id.trust_domain(), &resp.trust_bundle.concat())?
-            .with_crls_pem(&resp.crls)?;
+            .with_crls_pem(&resp.crls)?
+            .with_federated(federated);
         // Check the certificate with the same verifier peers will use.
         let provider = isthmus_ca::crypto_provider();
         let verified = bundle

@@ -243,6 +243,11 @@ impl CertificateService for CaService {
                 .collect(),
             crls: creds.bundle.crls_pem(),
             bundle_sequence: creds.bundle_sequence,
+            federated_bundles: creds
+                .bundle
+                .federated()
+                .map(|b| (b.trust_domain().to_string(), b.to_pem()))
+                .collect(),
         }))
     }
 

@@ -1,5 +1,6 @@
 //! Joining the primary, and the credentials that result.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -64,16 +65,17 @@ impl Live {
         &self,
         roots_pem: &str,
         crls_pem: &str,
+        federated: &BTreeMap<String, String>,
         sequence: u64,
     ) -> anyhow::Result<bool> {
         let cur = self.current();
         if sequence <= cur.bundle_sequence {
             return Ok(false);
         }
-        let bundle =
-            TrustBundle::from_pem(cur.signer.trust_domain(), roots_pem)?.with_crls_pem(crls_pem)?;
+        let bundle = bundle(cur.signer.trust_domain(), roots_pem, crls_pem, federated)?;
         std::fs::write(self.dir.join(ROOTS), roots_pem)?;
         std::fs::write(self.dir.join(CRLS), crls_pem)?;
+        std::fs::write(self.dir.join(FEDERATED), serde_json::to_vec(federated)?)?;
         std::fs::write(self.dir.join(BUNDLE_SEQUENCE), sequence.to_string())?;
         let signer = Signer::from_pem(
             &cur.intermediate_pem,
@@ -127,6 +129,24 @@ const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
 const ROOTS: &str = "roots.pem";
 const CRLS: &str = "crls.pem";
 const BUNDLE_SEQUENCE: &str = "bundle-sequence";
+/// Federated trust domains' roots, JSON: name -> PEM.
+const FEDERATED: &str = "federated.json";
+
+/// Our roots and CRLs, with the federated domains' bundles beside them.
+fn bundle(
+    trust_domain: &str,
+    roots_pem: &str,
+    crls_pem: &str,
+    federated: &BTreeMap<String, String>,
+) -> anyhow::Result<TrustBundle> {
+    let federated = federated
+        .iter()
+        .map(|(td, pem)| TrustBundle::from_pem(td, pem))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(TrustBundle::from_pem(trust_domain, roots_pem)?
+        .with_crls_pem(crls_pem)?
+        .with_federated(federated))
+}
 /// The gateway's bearer credential for xDS, for the cluster's gateway to read.
 pub const GATEWAY_TOKEN: &str = "gateway-token";
 
@@ -187,8 +207,12 @@ fn load(dir: &Path) -> anyhow::Result<Credentials> {
     let intermediate_pem = read(INTERMEDIATE)?;
     let signer = Signer::from_pem(&intermediate_pem, &read(INTERMEDIATE_KEY)?)?;
     let crls = std::fs::read_to_string(dir.join(CRLS)).unwrap_or_default();
-    let bundle =
-        TrustBundle::from_pem(signer.trust_domain(), &read(ROOTS)?)?.with_crls_pem(&crls)?;
+    let federated: BTreeMap<String, String> = match std::fs::read(dir.join(FEDERATED)) {
+        Ok(raw) => serde_json::from_slice(&raw)
+            .with_context(|| format!("{} is corrupt", dir.join(FEDERATED).display()))?,
+        Err(_) => BTreeMap::new(),
+    };
+    let bundle = bundle(signer.trust_domain(), &read(ROOTS)?, &crls, &federated)?;
     let bundle_sequence = std::fs::read_to_string(dir.join(BUNDLE_SEQUENCE))
         .ok()
         .and_then(|s| s.trim().parse().ok())

@@ -111,7 +111,15 @@ async fn handle(
         ready.send_replace(true);
     }
     if !m.trust_bundle_pem.is_empty()
-        && live.update_bundle(&m.trust_bundle_pem, &m.crls_pem, m.bundle_sequence)?
+        && live.update_bundle(
+            &m.trust_bundle_pem,
+            &m.crls_pem,
+            &m.federated_bundles
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            m.bundle_sequence,
+        )?
     {
         tracing::info!(
             sequence = m.bundle_sequence,

@@ -148,9 +148,14 @@ async fn rate_limits_are_per_identity_and_watch_reports_changes() {
     // intermediate, and certificates then come from it.
     let next = Authority::generate("cluster.local").unwrap();
     let roots = format!("{}{}", root.cert_pem(), next.cert_pem());
-    assert!(live.update_bundle(&roots, "", 2).unwrap());
     assert!(
-        !live.update_bundle(&roots, "", 2).unwrap(),
+        live.update_bundle(&roots, "", &Default::default(), 2)
+            .unwrap()
+    );
+    assert!(
+        !live
+            .update_bundle(&roots, "", &Default::default(), 2)
+            .unwrap(),
         "an old sequence is ignored"
     );
     let bundle_event = tokio::time::timeout(Duration::from_secs(10), events.message())

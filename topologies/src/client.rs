@@ -274,6 +274,32 @@ impl PrimaryClient {
         .await
     }
 
+    /// Federates with `trust_domain`, given its SPIFFE bundle (JWK set).
+    pub async fn federate(
+        &self,
+        trust_domain: &str,
+        bundle: &serde_json::Value,
+    ) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(
+            Method::PUT,
+            &format!("/api/v1/ca/federation/{trust_domain}"),
+            Some(bundle.clone()),
+        )
+        .await
+    }
+
+    pub async fn unfederate(
+        &self,
+        trust_domain: &str,
+    ) -> anyhow::Result<isthmus_api::rest::CaView> {
+        self.call(
+            Method::DELETE,
+            &format!("/api/v1/ca/federation/{trust_domain}"),
+            None,
+        )
+        .await
+    }
+
     /// The SPIFFE bundle (JWK set).
     pub async fn trust_bundle(&self) -> anyhow::Result<serde_json::Value> {
         self.call(Method::GET, "/api/v1/trust-bundle", None).await
