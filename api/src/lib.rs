@@ -50,6 +50,10 @@ pub mod type_urls {
         "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
     pub const SNI_CLUSTER: &str =
         "type.googleapis.com/envoy.extensions.filters.network.sni_cluster.v3.SniCluster";
+    pub const DOWNSTREAM_TLS: &str =
+        "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+    pub const HTTP_CONNECTION_MANAGER: &str = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+    pub const ROUTER: &str = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router";
     pub const TCP_PROXY: &str =
         "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
 }

@@ -98,6 +98,10 @@ enum Cmd {
         /// a short one shows renewal at work.
         #[arg(long)]
         cert_ttl: Option<u64>,
+        /// The proxies: isthmus-proxy and isthmus-gateway, or Envoy 1.40
+        /// (from scripts/install-deps.sh's .venv) as every sidecar and gateway.
+        #[arg(long, value_enum, default_value = "isthmus")]
+        data_plane: runner::DataPlane,
     },
     /// Stop a local mesh and remove its network namespaces.
     Down {
@@ -306,6 +310,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             state_dir,
             net,
             cert_ttl,
+            data_plane,
         } => {
             let exe = std::env::current_exe().context("locating isthmusctl")?;
             let state = runner::up(UpOptions {
@@ -314,6 +319,8 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 mode: net,
                 exe,
                 cert_ttl_seconds: cert_ttl,
+                data_plane,
+                swap_data_plane: vec![],
             })
             .await?;
             let dir = state.state_dir.display().to_string();
@@ -557,8 +564,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             let proxies = conn.client()?.proxies().await?;
             print(output, &proxies, || {
                 let mut s = format!(
-                    "{:<36} {:<8} {:<9} {:<22} {}\n",
-                    "NODE", "CLUSTER", "ROLE", "CLUSTERS (CDS)", "ENDPOINTS (EDS)"
+                    "{:<36} {:<8} {:<9} {:<15} {:<16} {:<16} {}\n",
+                    "NODE",
+                    "CLUSTER",
+                    "ROLE",
+                    "CLUSTERS (CDS)",
+                    "ENDPOINTS (EDS)",
+                    "LISTENERS (LDS)",
+                    "ROUTES (RDS)"
                 );
                 for p in proxies.as_array().into_iter().flatten() {
                     let state = |t: &str| {
@@ -574,12 +587,14 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                         }
                     };
                     s += &format!(
-                        "{:<36} {:<8} {:<9} {:<22} {}\n",
+                        "{:<36} {:<8} {:<9} {:<15} {:<16} {:<16} {}\n",
                         p["nodeId"].as_str().unwrap_or("-"),
                         p["cluster"].as_str().unwrap_or("-"),
                         p["role"].as_str().unwrap_or("-"),
                         state("Cluster"),
-                        state("ClusterLoadAssignment")
+                        state("ClusterLoadAssignment"),
+                        state("Listener"),
+                        state("RouteConfiguration")
                     );
                 }
                 s

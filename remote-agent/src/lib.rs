@@ -15,6 +15,7 @@ pub mod ca_server;
 pub mod join;
 pub mod kubernetes;
 pub mod registry;
+pub mod sds;
 pub mod sync;
 pub mod tokenreview;
 
@@ -61,6 +62,10 @@ pub struct Config {
     /// Unix socket for the workload CA. Default: STATE_DIR/ca.sock.
     #[arg(long)]
     pub ca_socket: Option<PathBuf>,
+    /// Directory for the per-workload SDS sockets Envoy sidecars use
+    /// (`<workload>.sock`; file-registry mode). Default: STATE_DIR/sds.
+    #[arg(long)]
+    pub sds_dir: Option<PathBuf>,
     /// Admin listener: /ready, /healthz, /metrics.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
@@ -95,6 +100,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             let (reg_tx, reg_rx) = watch::channel(Arc::new(initial));
             tokio::spawn(watch_registry(path.clone(), reg_tx));
             tokio::spawn(publish_registry(reg_rx.clone(), snap_tx));
+            let sds_dir = config
+                .sds_dir
+                .clone()
+                .unwrap_or_else(|| config.state_dir.join("sds"));
+            tokio::spawn(sds::run(sds_dir, creds.clone(), reg_rx.clone()));
             ca_server::WorkloadAuth::Registry(reg_rx)
         }
         None => {

@@ -60,6 +60,27 @@ impl Mesh {
         node: &str,
         cert_ttl_seconds: Option<u64>,
     ) -> anyhow::Result<Self> {
+        Self::up_data_plane(
+            template,
+            mode,
+            node,
+            cert_ttl_seconds,
+            runner::DataPlane::Isthmus,
+            vec![],
+        )
+        .await
+    }
+
+    /// As [`Mesh::up_template`], choosing the data plane, with the proxies
+    /// named in `swap` on the other one.
+    pub async fn up_data_plane(
+        template: &str,
+        mode: NetMode,
+        node: &str,
+        cert_ttl_seconds: Option<u64>,
+        data_plane: runner::DataPlane,
+        swap: Vec<String>,
+    ) -> anyhow::Result<Self> {
         isthmus_ca::install_crypto_provider();
         let dir = tempfile::Builder::new().prefix("isthmus-e2e-").tempdir()?;
         let state = runner::up(UpOptions {
@@ -68,6 +89,8 @@ impl Mesh {
             mode,
             exe: PathBuf::from(node),
             cert_ttl_seconds,
+            data_plane,
+            swap_data_plane: swap,
         })
         .await?;
         Ok(Self { state, dir })

@@ -2,7 +2,9 @@
 //! (app and sidecar) dies without leaving the registry. Outlier detection,
 //! which the primary turns on by itself, ejects it; retries carry the
 //! requests that hit it; traffic moves to west through west's gateway with
-//! no client-visible error, and returns when east is back. Needs root.
+//! no client-visible error, and returns when east is back. The same test runs
+//! with isthmus-proxy and isthmus-gateway, and with Envoy 1.40 as every
+//! sidecar and gateway. Needs root.
 
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -13,7 +15,7 @@ use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};
 use isthmus_topology::netns;
-use isthmus_topology::runner::{self, NetMode};
+use isthmus_topology::runner::{self, DataPlane, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
@@ -28,13 +30,37 @@ fn cluster_of(body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_fails_over_to_west_without_errors_and_comes_back() {
+    failover(DataPlane::Isthmus).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn traffic_fails_over_with_envoy_as_every_proxy() {
+    failover(DataPlane::Envoy).await;
+}
+
+async fn failover(data_plane: DataPlane) {
     if !netns::available() {
-        eprintln!(
-            "SKIPPED traffic_fails_over_to_west_without_errors_and_comes_back: network namespaces need root and iproute2"
-        );
+        eprintln!("SKIPPED failover ({data_plane:?}): network namespaces need root and iproute2");
         return;
     }
-    let mut mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
+    if data_plane == DataPlane::Envoy && isthmus_topology::envoy::binary().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
+        );
+        eprintln!("SKIPPED failover (Envoy): no envoy binary (run scripts/install-deps.sh)");
+        return;
+    }
+    let mut mesh = Mesh::up_data_plane(
+        "multi-network",
+        NetMode::Netns,
+        NODE,
+        None,
+        data_plane,
+        vec![],
+    )
+    .await
+    .expect("mesh starts");
     let (status, body) = mesh
         .get("proxy-client-east", "outbound", URL)
         .await
@@ -45,11 +71,12 @@ async fn traffic_fails_over_to_west_without_errors_and_comes_back() {
         "same zone first"
     );
     let (_, dump) = mesh
-        .get("proxy-client-east", "admin", "/config_dump")
+        .get("proxy-client-east", "admin", "/config_dump?include_eds")
         .await
         .unwrap();
     assert!(
-        dump.contains("198.51.100.10:15006") && dump.contains("192.0.2.11:15443"),
+        // East's sidecar directly, and west's gateway.
+        dump.contains("198.51.100.10") && dump.contains("192.0.2.11"),
         "{dump}"
     );
 

@@ -127,6 +127,17 @@ impl MeshState {
     }
 }
 
+/// Which proxies a local mesh runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DataPlane {
+    /// isthmus-proxy sidecars and isthmus-gateway gateways.
+    #[default]
+    Isthmus,
+    /// Envoy for every sidecar and gateway, configured by the primary.
+    Envoy,
+}
+
 pub struct UpOptions {
     pub template: String,
     pub state_dir: PathBuf,
@@ -136,6 +147,16 @@ pub struct UpOptions {
     /// Lifetime of the sidecars' certificates in seconds; None for the CA
     /// default (24 h). Short lifetimes show renewal at work.
     pub cert_ttl_seconds: Option<u64>,
+    pub data_plane: DataPlane,
+    /// Workloads (by name) and gateways (`gateway-CLUSTER`) that run the
+    /// other data plane: mixed meshes for interop.
+    pub swap_data_plane: Vec<String>,
+}
+
+impl UpOptions {
+    fn envoy_for(&self, name: &str) -> bool {
+        (self.data_plane == DataPlane::Envoy) != self.swap_data_plane.iter().any(|n| n == name)
+    }
 }
 
 /// Addresses for one run.
@@ -455,29 +476,51 @@ async fn start(
         let gw_listen = SocketAddr::new(IpAddr::V4(gw), ports::GATEWAY);
         let gw_admin = SocketAddr::new(IpAddr::V4(gw), ports::ADMIN);
         let gw_metrics = SocketAddr::new(IpAddr::V4(gw), ports::METRICS);
-        let args = vec![
-            "gateway".into(),
-            "--primary".into(),
-            state.primary_grpc.clone(),
-            "--cluster".into(),
-            cluster.name.clone(),
-            "--token-file".into(),
-            agent_dir.join("gateway-token").display().to_string(),
-            "--roots".into(),
-            agent_dir.join("roots.pem").display().to_string(),
-            "--listen".into(),
-            gw_listen.to_string(),
-            "--admin".into(),
-            gw_admin.to_string(),
-            "--metrics".into(),
-            gw_metrics.to_string(),
-        ];
-        let listeners = BTreeMap::from([
-            ("gateway".into(), gw_listen.to_string()),
-            ("admin".into(), gw_admin.to_string()),
-            ("metrics".into(), gw_metrics.to_string()),
-        ]);
-        let component = spawner.spawn(spec(&name, "gateway", listeners), args)?;
+        let component = if opts.envoy_for(&name) {
+            let token = std::fs::read_to_string(agent_dir.join("gateway-token"))?;
+            let bootstrap = crate::envoy::gateway_bootstrap(
+                &cluster.name,
+                &gw.to_string(),
+                gw_admin,
+                &state.primary_grpc,
+                &token,
+                &agent_dir.join("roots.pem"),
+            )?;
+            let listeners = BTreeMap::from([
+                ("gateway".into(), gw_listen.to_string()),
+                ("admin".into(), gw_admin.to_string()),
+            ]);
+            spawn_envoy(
+                &spawner,
+                spec(&name, "gateway", listeners),
+                &cdir,
+                &bootstrap,
+            )?
+        } else {
+            let args = vec![
+                "gateway".into(),
+                "--primary".into(),
+                state.primary_grpc.clone(),
+                "--cluster".into(),
+                cluster.name.clone(),
+                "--token-file".into(),
+                agent_dir.join("gateway-token").display().to_string(),
+                "--roots".into(),
+                agent_dir.join("roots.pem").display().to_string(),
+                "--listen".into(),
+                gw_listen.to_string(),
+                "--admin".into(),
+                gw_admin.to_string(),
+                "--metrics".into(),
+                gw_metrics.to_string(),
+            ];
+            let listeners = BTreeMap::from([
+                ("gateway".into(), gw_listen.to_string()),
+                ("admin".into(), gw_admin.to_string()),
+                ("metrics".into(), gw_metrics.to_string()),
+            ]);
+            spawner.spawn(spec(&name, "gateway", listeners), args)?
+        };
         let pid = component.pid;
         state.components.push(component);
         state.save()?;
@@ -514,6 +557,7 @@ async fn start(
                 proxy_args.push(flag.into());
                 proxy_args.push(listen(port).to_string());
             }
+            let mut apps: Vec<(u16, SocketAddr)> = Vec::new();
             if let Some(app) = &w.app {
                 let port = tpl
                     .services
@@ -523,6 +567,7 @@ async fn start(
                     .unwrap_or(8080);
                 proxy_args.push("--app".into());
                 proxy_args.push(format!("{port}={app_addr}"));
+                apps.push((port, app_addr));
                 let name = format!("{app}-{}", cluster.name);
                 let args = vec![
                     "echo".into(),
@@ -545,7 +590,22 @@ async fn start(
                 ("admin".into(), listen(ports::ADMIN).to_string()),
                 ("metrics".into(), listen(ports::METRICS).to_string()),
             ]);
-            let component = spawner.spawn(spec(&name, "proxy", listeners), proxy_args)?;
+            let component = if opts.envoy_for(&w.name) {
+                let bootstrap = crate::envoy::sidecar_bootstrap(
+                    &format!("sidecar~{}~{}", cluster.name, w.name),
+                    &cluster.name,
+                    &addr.to_string(),
+                    &apps,
+                    listen(ports::ADMIN),
+                    &state.primary_grpc,
+                    &agent_dir.join("sds").join(format!("{}.sock", w.name)),
+                )?;
+                let mut listeners = listeners;
+                listeners.remove("metrics");
+                spawn_envoy(&spawner, spec(&name, "proxy", listeners), &cdir, &bootstrap)?
+            } else {
+                spawner.spawn(spec(&name, "proxy", listeners), proxy_args)?
+            };
             let pid = component.pid;
             state.components.push(component);
             state.save()?;
@@ -585,6 +645,27 @@ async fn start(
         }
     }
     Ok(())
+}
+
+/// Writes `bootstrap` beside the cluster's files and starts Envoy with it.
+fn spawn_envoy(
+    spawner: &Spawner,
+    spec: Spec,
+    cdir: &Path,
+    bootstrap: &str,
+) -> anyhow::Result<Component> {
+    let dir = cdir.join("envoy");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("{}.yaml", spec.name));
+    std::fs::write(&path, bootstrap).with_context(|| format!("writing {}", path.display()))?;
+    let args = vec![
+        "-c".into(),
+        path.display().to_string(),
+        "--disable-hot-restart".into(),
+        "--log-level".into(),
+        "warning".into(),
+    ];
+    spawner.spawn_program(spec, Some(crate::envoy::binary()?), args)
 }
 
 /// Starts the etcd that primary replicas share (Debian's etcd-server), in

@@ -87,6 +87,8 @@ pub(super) struct Peer {
     /// not-after). Proxies reconnect after every renewal, so this is the
     /// certificate they hold now.
     pub certificate: Option<(String, i64)>,
+    /// What an Envoy sidecar's node metadata says about it.
+    pub node_info: generate::NodeInfo,
 }
 
 struct Connection {
@@ -126,6 +128,7 @@ impl Peer {
             identity,
             node_id: String::new(),
             certificate,
+            node_info: Default::default(),
         })
     }
 
@@ -173,7 +176,13 @@ impl Peer {
         let me = model.clusters.get(&self.cluster).ok_or_else(|| {
             Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster))
         })?;
-        Ok(generate::generate(&model, self.role, me, type_url))
+        Ok(generate::generate(
+            &model,
+            self.role,
+            me,
+            &self.node_info,
+            type_url,
+        ))
     }
 
     pub fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
@@ -202,6 +211,23 @@ impl Peer {
             )));
         }
         self.node_id = node.id.clone();
+        let meta = |key: &str| {
+            node.metadata
+                .as_ref()
+                .and_then(|m| m.fields.get(key))
+                .and_then(|v| match &v.kind {
+                    Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
+                        Some(s.clone())
+                    }
+                    _ => None,
+                })
+        };
+        self.node_info = generate::NodeInfo {
+            instance_ip: meta("INSTANCE_IP").filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()),
+            apps: meta("APPS")
+                .map(|a| generate::NodeInfo::parse_apps(&a))
+                .unwrap_or_default(),
+        };
         let bundle_sequence = node
             .metadata
             .as_ref()
@@ -277,9 +303,18 @@ impl Connection {
                             let _ = self.tx.send(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.peer.cluster)))).await;
                             break;
                         }
-                        let types: Vec<String> = self.types.keys().cloned().collect();
+                        // Clusters first; a changed cluster is re-warmed by
+                        // Envoy, which then waits for its endpoints, so they
+                        // follow even when they did not change.
+                        let mut types: Vec<String> = self.types.keys().cloned().collect();
+                        types.sort_by_key(|t| push_order(t));
+                        let mut clusters_sent = false;
                         for t in types {
-                            if self.push(&t, false).await.is_err() { break; }
+                            let force = clusters_sent && t == type_urls::ENDPOINT;
+                            match self.push(&t, force).await {
+                                Ok(sent) => clusters_sent |= sent && t == type_urls::CLUSTER,
+                                Err(_) => break,
+                            }
                         }
                     }
                 }
@@ -325,18 +360,24 @@ impl Connection {
     }
 
     /// Sends the current resources of `type_url` if they changed (or always,
-    /// when `force`).
-    async fn push(&mut self, type_url: &str, force: bool) -> Result<(), Status> {
+    /// when `force`). Returns whether it sent.
+    async fn push(&mut self, type_url: &str, force: bool) -> Result<bool, Status> {
         let mut resources: Resources = self.peer.resources(type_url)?;
         let Some(state) = self.types.get_mut(type_url) else {
-            return Ok(());
+            return Ok(false);
         };
+        // Endpoints and routes are not wildcard types: a request naming
+        // nothing subscribes to nothing (Envoy sends one when its last EDS
+        // cluster goes), and a response would go unanswered.
+        if state.names.is_none() && [type_urls::ENDPOINT, type_urls::ROUTE].contains(&type_url) {
+            return Ok(false);
+        }
         if let Some(names) = &state.names {
             resources.retain(|name, _| names.contains(name));
         }
         let version = digest(&resources);
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
-            return Ok(());
+            return Ok(false);
         }
         self.nonce += 1;
         state.nonce = self.nonce.to_string();
@@ -361,7 +402,20 @@ impl Connection {
         self.tx
             .send(Ok(response))
             .await
-            .map_err(|_| Status::cancelled("proxy went away"))
+            .map_err(|_| Status::cancelled("proxy went away"))?;
+        Ok(true)
+    }
+}
+
+/// The order Envoy needs updates in: clusters before their endpoints,
+/// listeners before their routes.
+pub(super) fn push_order(type_url: &str) -> u8 {
+    match type_url {
+        type_urls::CLUSTER => 0,
+        type_urls::ENDPOINT => 1,
+        type_urls::LISTENER => 2,
+        type_urls::ROUTE => 3,
+        _ => 4,
     }
 }
 

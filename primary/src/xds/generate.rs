@@ -55,21 +55,56 @@ pub enum Role {
     Gateway,
 }
 
+/// What an Envoy sidecar says about itself in its node metadata, which its
+/// listeners need: `INSTANCE_IP` (its address) and `APPS` (`PORT=IP:PORT`,
+/// comma-separated: the local app behind each inbound port). isthmus-proxy
+/// sends neither and subscribes to neither listeners nor routes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeInfo {
+    pub instance_ip: Option<String>,
+    pub apps: Vec<(u16, String)>,
+}
+
+impl NodeInfo {
+    pub fn parse_apps(text: &str) -> Vec<(u16, String)> {
+        text.split(',')
+            .filter_map(|pair| {
+                let (port, addr) = pair.trim().split_once('=')?;
+                let port = port.parse().ok()?;
+                addr.parse::<std::net::SocketAddr>().ok()?;
+                Some((port, addr.to_string()))
+            })
+            .collect()
+    }
+}
+
 /// Resources of one type for one proxy, by name.
 pub type Resources = BTreeMap<String, Any>;
 
-pub fn generate(model: &Model, role: Role, me: &ClusterRecord, type_url: &str) -> Resources {
+pub fn generate(
+    model: &Model,
+    role: Role,
+    me: &ClusterRecord,
+    node: &NodeInfo,
+    type_url: &str,
+) -> Resources {
     match (role, type_url) {
-        (Role::Sidecar, type_urls::CLUSTER) => sidecar_clusters(model),
+        (Role::Sidecar, type_urls::CLUSTER) => {
+            let mut clusters = sidecar_clusters(model);
+            clusters.extend(crate::xds::sidecar::inbound_clusters(node));
+            clusters
+        }
         (Role::Sidecar, type_urls::ENDPOINT) => sidecar_endpoints(model, me),
+        (Role::Sidecar, type_urls::LISTENER) => crate::xds::sidecar::listeners(model, me, node),
+        (Role::Sidecar, type_urls::ROUTE) => crate::xds::sidecar::routes(model),
         (Role::Gateway, type_urls::CLUSTER) => gateway_clusters(model, me),
         (Role::Gateway, type_urls::ENDPOINT) => gateway_endpoints(model, me),
-        (Role::Gateway, type_urls::LISTENER) => gateway_listeners(),
+        (Role::Gateway, type_urls::LISTENER) => gateway_listeners(node),
         _ => Resources::new(),
     }
 }
 
-fn any<M: Message>(type_url: &str, m: &M) -> Any {
+pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.to_string(),
         value: m.encode_to_vec(),
@@ -77,7 +112,7 @@ fn any<M: Message>(type_url: &str, m: &M) -> Any {
 }
 
 /// Each service port in the mesh, with everything reported for it.
-fn service_ports(
+pub(crate) fn service_ports(
     model: &Model,
 ) -> impl Iterator<Item = (ServiceKey, &str, &BTreeMap<String, ServiceRecord>)> {
     model.services.iter().flat_map(|((ns, name), per_cluster)| {
@@ -96,7 +131,7 @@ fn service_ports(
     })
 }
 
-fn ads() -> ConfigSource {
+pub(crate) fn ads() -> ConfigSource {
     ConfigSource {
         config_source_specifier: Some(ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
         resource_api_version: ApiVersion::V3 as i32,
@@ -104,7 +139,7 @@ fn ads() -> ConfigSource {
     }
 }
 
-fn sds(name: &str) -> SdsSecretConfig {
+pub(crate) fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
         name: name.to_string(),
         sds_config: Some(ConfigSource {
@@ -239,7 +274,7 @@ pub fn implicit_outlier_detection() -> OutlierDetection {
     }
 }
 
-fn socket(ip: &str, port: u16) -> Address {
+pub(crate) fn socket(ip: &str, port: u16) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: ip.to_string(),
@@ -249,7 +284,7 @@ fn socket(ip: &str, port: u16) -> Address {
     }
 }
 
-fn lb_endpoint(ip: &str, port: u16, weight: u32) -> LbEndpoint {
+pub(crate) fn lb_endpoint(ip: &str, port: u16, weight: u32) -> LbEndpoint {
     LbEndpoint {
         host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
             address: Some(socket(ip, port)),
@@ -421,7 +456,7 @@ fn gateway_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
 /// The gateway's listener: TLS inspector, then `sni_cluster` picks the
 /// cluster named by the SNI and `tcp_proxy` splices to it. A name with no
 /// such cluster is closed before anything is dialled.
-fn gateway_listeners() -> Resources {
+fn gateway_listeners(node: &NodeInfo) -> Resources {
     use envoy_types::pb::envoy::config::listener::v3::{
         Filter, FilterChain, Listener, ListenerFilter, filter, listener_filter,
     };
@@ -440,7 +475,10 @@ fn gateway_listeners() -> Resources {
     };
     let listener = Listener {
         name: name.clone(),
-        address: Some(socket("0.0.0.0", isthmus_api::ports::GATEWAY)),
+        address: Some(socket(
+            node.instance_ip.as_deref().unwrap_or("0.0.0.0"),
+            isthmus_api::ports::GATEWAY,
+        )),
         listener_filters: vec![ListenerFilter {
             name: "envoy.filters.listener.tls_inspector".into(),
             config_type: Some(listener_filter::ConfigType::TypedConfig(any(

@@ -8,4 +8,5 @@
 pub mod ads;
 pub mod delta;
 pub mod generate;
+pub mod sidecar;
 pub mod status;
