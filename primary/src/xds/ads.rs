@@ -375,6 +375,12 @@ impl Connection {
         if let Some(names) = &state.names {
             resources.retain(|name, _| names.contains(name));
         }
+        // A forced resend of endpoints is for clusters Envoy is warming; if
+        // none of its subscriptions remain (the clusters went), Envoy will
+        // unsubscribe and would leave the response unanswered.
+        if force && resources.is_empty() && type_url == type_urls::ENDPOINT {
+            return Ok(false);
+        }
         let version = digest(&resources);
         if !force && state.sent_version.as_deref() == Some(version.as_str()) {
             return Ok(false);

