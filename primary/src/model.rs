@@ -33,6 +33,10 @@ pub struct Model {
     pub ca: Option<crate::ca::CaRecord>,
     /// Replica name → the proxies connected to it, as it last published.
     pub xds_status: BTreeMap<String, crate::xds::status::ReplicaStatus>,
+    /// VirtualServices, with their namespace, in name order.
+    pub virtual_services: Vec<(String, isthmus_api::config::istio::VirtualService)>,
+    /// DestinationRules, with their namespace, in name order.
+    pub destination_rules: Vec<(String, isthmus_api::config::istio::DestinationRule)>,
 }
 
 impl Model {
@@ -43,7 +47,29 @@ impl Model {
             ..Default::default()
         };
         for (key, value) in kv {
-            if let Some(replica) = key.strip_prefix(keys::XDS_STATUS) {
+            if let Some(rest) = key.strip_prefix(keys::CONFIG) {
+                let Some((plural, rest)) = rest.split_once('/') else {
+                    continue;
+                };
+                let Some((ns, _)) = rest.split_once('/') else {
+                    continue;
+                };
+                let Ok(r) = serde_json::from_slice::<isthmus_api::config::Resource>(value) else {
+                    tracing::error!(key, "skipping a corrupt config object");
+                    continue;
+                };
+                match plural {
+                    "virtualservices" => match serde_json::from_value(r.spec) {
+                        Ok(vs) => m.virtual_services.push((ns.to_string(), vs)),
+                        Err(e) => tracing::error!(key, error = %e, "skipping a VirtualService"),
+                    },
+                    "destinationrules" => match serde_json::from_value(r.spec) {
+                        Ok(dr) => m.destination_rules.push((ns.to_string(), dr)),
+                        Err(e) => tracing::error!(key, error = %e, "skipping a DestinationRule"),
+                    },
+                    _ => {}
+                }
+            } else if let Some(replica) = key.strip_prefix(keys::XDS_STATUS) {
                 if let Ok(s) = serde_json::from_slice(value) {
                     m.xds_status.insert(replica.to_string(), s);
                 }

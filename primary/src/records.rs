@@ -104,6 +104,8 @@ pub struct EndpointRecord {
     pub inbound_port: u16,
     pub service_account: String,
     pub ready: bool,
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
 }
 
 pub fn now_unix() -> u64 {

@@ -29,6 +29,7 @@ use crate::{Shared, auth, tokens};
 /// Upper bounds on what one agent may report.
 const MAX_SERVICES: usize = 10_000;
 const MAX_ENDPOINTS_PER_SERVICE: usize = 10_000;
+const MAX_LABELS: usize = 64;
 
 pub struct SyncService {
     pub shared: Arc<Shared>,
@@ -606,12 +607,32 @@ fn validate_service(svc: Service) -> Result<ServiceRecord, String> {
                 e.service_account
             )
         })?;
+        if e.labels.len() > MAX_LABELS {
+            return Err(format!(
+                "endpoints[{i}].labels: {} labels; at most {MAX_LABELS} are accepted",
+                e.labels.len()
+            ));
+        }
+        if let Some((k, _)) = e
+            .labels
+            .iter()
+            .find(|(k, v)| k.is_empty() || k.len() > 317 || v.len() > 63)
+        {
+            return Err(format!(
+                "endpoints[{i}].labels[{k:?}]: keys must be 1 to 317 bytes and values at most 63, as in Kubernetes"
+            ));
+        }
         endpoints.push(EndpointRecord {
             workload: e.workload.clone(),
             address: e.address.clone(),
             inbound_port,
             service_account: e.service_account.clone(),
             ready: e.ready,
+            labels: e
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
         });
     }
     Ok(ServiceRecord {

@@ -93,6 +93,15 @@ pub fn snapshot(
             ((p.namespace().unwrap_or_default(), p.name_any()), sa)
         })
         .collect();
+    let pod_labels: BTreeMap<(String, String), BTreeMap<String, String>> = pods
+        .iter()
+        .map(|p| {
+            (
+                (p.namespace().unwrap_or_default(), p.name_any()),
+                p.labels().clone(),
+            )
+        })
+        .collect();
     let mut out: Vec<Service> = services
         .iter()
         .map(|s| {
@@ -134,6 +143,11 @@ pub fn snapshot(
                             inbound_port: u32::from(isthmus_api::ports::INBOUND),
                             service_account: account.clone(),
                             ready,
+                            labels: workload
+                                .as_ref()
+                                .and_then(|w| pod_labels.get(&(namespace.clone(), w.clone())))
+                                .map(|l| l.clone().into_iter().collect())
+                                .unwrap_or_default(),
                         });
                     }
                 }

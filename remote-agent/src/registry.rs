@@ -183,6 +183,7 @@ impl Registry {
                         inbound_port: u32::from(w.inbound_port),
                         service_account: w.service_account.clone(),
                         ready: w.ready,
+                        labels: w.labels.clone().into_iter().collect(),
                     })
                     .collect(),
             })

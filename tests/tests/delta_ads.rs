@@ -44,6 +44,7 @@ fn service(name: &str, addresses: &[&str]) -> Service {
                 inbound_port: 15006,
                 service_account: name.into(),
                 ready: true,
+                labels: Default::default(),
             })
             .collect(),
     }

@@ -33,6 +33,7 @@ fn snapshot(cluster: &str, service: &str) -> AgentMessage {
                     inbound_port: 15006,
                     service_account: "echo".into(),
                     ready: true,
+                    labels: Default::default(),
                 }],
             }],
         })),

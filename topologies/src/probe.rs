@@ -16,6 +16,16 @@ pub async fn get(
     addr: SocketAddr,
     target: &str,
 ) -> anyhow::Result<(u16, String)> {
+    get_with(ns, addr, target, &[]).await
+}
+
+/// As [`get`], with extra request headers.
+pub async fn get_with(
+    ns: Option<&str>,
+    addr: SocketAddr,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(u16, String)> {
     let stream = crate::netns::connect(ns, addr)
         .await
         .with_context(|| format!("connecting to {addr}"))?;
@@ -31,9 +41,11 @@ pub async fn get(
     } else {
         addr.to_string()
     };
-    let req = hyper::Request::get(target)
-        .header("host", host)
-        .body(Empty::<Bytes>::new())?;
+    let mut req = hyper::Request::get(target).header("host", host);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
     let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
         .await
         .context("request timed out")??;

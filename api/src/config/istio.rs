@@ -117,107 +117,108 @@ pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
 
 // === VirtualService ===
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct VirtualService {
+pub struct VirtualService {
     #[serde(default)]
-    hosts: Vec<String>,
+    pub hosts: Vec<String>,
     #[serde(default)]
-    gateways: Vec<String>,
+    pub gateways: Vec<String>,
     #[serde(default)]
-    http: Vec<HttpRoute>,
+    pub http: Vec<HttpRoute>,
     #[serde(default)]
-    tcp: Vec<TcpRoute>,
+    pub tcp: Vec<TcpRoute>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct HttpRoute {
-    name: Option<String>,
+pub struct HttpRoute {
+    pub name: Option<String>,
     #[serde(default, rename = "match")]
-    matches: Vec<HttpMatch>,
+    pub matches: Vec<HttpMatch>,
     #[serde(default)]
-    route: Vec<RouteDestination>,
-    redirect: Option<Value>,
-    direct_response: Option<Value>,
-    timeout: Option<String>,
-    retries: Option<Retries>,
-    fault: Option<Fault>,
-    mirror: Option<Destination>,
-    mirror_percentage: Option<Percent>,
+    pub route: Vec<RouteDestination>,
+    pub redirect: Option<Value>,
+    pub direct_response: Option<Value>,
+    pub timeout: Option<String>,
+    pub retries: Option<Retries>,
+    pub fault: Option<Fault>,
+    pub mirror: Option<Destination>,
+    pub mirror_percentage: Option<Percent>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct HttpMatch {
-    uri: Option<StringMatch>,
-    method: Option<StringMatch>,
+pub struct HttpMatch {
+    pub uri: Option<StringMatch>,
+    pub method: Option<StringMatch>,
     #[serde(default)]
-    headers: BTreeMap<String, StringMatch>,
-    port: Option<u32>,
+    pub headers: BTreeMap<String, StringMatch>,
+    pub port: Option<u32>,
 }
 
-#[derive(Deserialize)]
-struct StringMatch {
-    exact: Option<String>,
-    prefix: Option<String>,
-    regex: Option<String>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct StringMatch {
+    pub exact: Option<String>,
+    pub prefix: Option<String>,
+    pub regex: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct RouteDestination {
-    destination: Option<Destination>,
-    weight: Option<i64>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct RouteDestination {
+    pub destination: Option<Destination>,
+    pub weight: Option<i64>,
 }
 
-#[derive(Deserialize)]
-struct Destination {
-    host: String,
-    subset: Option<String>,
-    port: Option<PortSelector>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct Destination {
+    pub host: String,
+    pub subset: Option<String>,
+    pub port: Option<PortSelector>,
 }
 
-#[derive(Deserialize)]
-struct PortSelector {
-    number: u32,
+#[derive(Debug, Clone, Deserialize)]
+pub struct PortSelector {
+    pub number: u32,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Retries {
-    attempts: Option<i64>,
-    per_try_timeout: Option<String>,
+pub struct Retries {
+    pub attempts: Option<i64>,
+    pub per_try_timeout: Option<String>,
+    pub retry_on: Option<String>,
 }
 
-#[derive(Deserialize)]
-struct Fault {
-    delay: Option<Delay>,
-    abort: Option<Abort>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct Fault {
+    pub delay: Option<Delay>,
+    pub abort: Option<Abort>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Delay {
-    percentage: Option<Percent>,
-    fixed_delay: Option<String>,
+pub struct Delay {
+    pub percentage: Option<Percent>,
+    pub fixed_delay: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Abort {
-    percentage: Option<Percent>,
-    http_status: Option<i64>,
+pub struct Abort {
+    pub percentage: Option<Percent>,
+    pub http_status: Option<i64>,
 }
 
-#[derive(Deserialize)]
-struct Percent {
-    value: f64,
+#[derive(Debug, Clone, Deserialize)]
+pub struct Percent {
+    pub value: f64,
 }
 
-#[derive(Deserialize)]
-struct TcpRoute {
+#[derive(Debug, Clone, Deserialize)]
+pub struct TcpRoute {
     #[serde(default)]
-    route: Vec<RouteDestination>,
+    pub route: Vec<RouteDestination>,
 }
 
 fn string_match(e: &mut Errors, path: &str, m: &StringMatch) {
@@ -382,51 +383,75 @@ fn virtual_service(s: &VirtualService, ns: &str, ctx: &Context, e: &mut Errors) 
 
 // === DestinationRule ===
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct DestinationRule {
+pub struct DestinationRule {
     #[serde(default)]
-    host: String,
-    traffic_policy: Option<TrafficPolicy>,
+    pub host: String,
+    pub traffic_policy: Option<TrafficPolicy>,
     #[serde(default)]
-    subsets: Vec<Subset>,
+    pub subsets: Vec<Subset>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct Subset {
+pub struct Subset {
     #[serde(default)]
-    name: String,
-    traffic_policy: Option<TrafficPolicy>,
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub traffic_policy: Option<TrafficPolicy>,
 }
 
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct TrafficPolicy {
-    load_balancer: Option<LoadBalancer>,
-    outlier_detection: Option<OutlierDetection>,
-    tls: Option<ClientTls>,
+pub struct TrafficPolicy {
+    pub load_balancer: Option<LoadBalancer>,
+    pub connection_pool: Option<ConnectionPool>,
+    pub outlier_detection: Option<OutlierDetection>,
+    pub tls: Option<ClientTls>,
 }
 
-#[derive(Deserialize)]
-struct LoadBalancer {
-    simple: Option<String>,
-}
-
-#[derive(Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct OutlierDetection {
+pub struct ConnectionPool {
+    pub tcp: Option<TcpSettings>,
+    pub http: Option<HttpSettings>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TcpSettings {
+    pub max_connections: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpSettings {
+    pub http1_max_pending_requests: Option<i64>,
+    pub http2_max_requests: Option<i64>,
+    pub max_retries: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct LoadBalancer {
+    pub simple: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct OutlierDetection {
     #[serde(rename = "consecutive5xxErrors")]
-    consecutive_5xx_errors: Option<i64>,
-    consecutive_gateway_errors: Option<i64>,
-    interval: Option<String>,
-    base_ejection_time: Option<String>,
-    max_ejection_percent: Option<i64>,
+    pub consecutive_5xx_errors: Option<i64>,
+    pub consecutive_gateway_errors: Option<i64>,
+    pub interval: Option<String>,
+    pub base_ejection_time: Option<String>,
+    pub max_ejection_percent: Option<i64>,
 }
 
-#[derive(Deserialize)]
-struct ClientTls {
-    mode: Option<String>,
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClientTls {
+    pub mode: Option<String>,
 }
 
 fn traffic_policy(e: &mut Errors, p: &str, t: &TrafficPolicy) {

@@ -7,9 +7,13 @@
 //! listed directly; each other network is one locality holding its gateways,
 //! weighted by how many endpoints stand behind them. Priorities follow
 //! locality: same zone, same region, same network, then other networks.
+//! A DestinationRule adds one cluster per subset (`outbound|PORT|SUBSET|FQDN`,
+//! SNI `outbound_.PORT_.SUBSET_.FQDN`, only endpoints with the subset's
+//! labels) and its traffic policy: load balancer, connection pool (as
+//! circuit breakers) and outlier detection, which replaces the implicit one.
 //!
-//! Gateways get one plain EDS cluster per exported service port, named by the
-//! SNI it answers to, holding only their own network's endpoints, and (for
+//! Gateways get one plain EDS cluster per exported service port and subset,
+//! named by the SNI it answers to, holding only their own network's endpoints, and (for
 //! Envoy) one passthrough listener on 15443 that reads the SNI with the TLS
 //! inspector and sends the connection to the cluster of that name, Istio's
 //! AUTO_PASSTHROUGH. isthmus-gateway does the same without asking for it.
@@ -36,7 +40,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
-use isthmus_api::names::{ServiceKey, service_fqdn};
+use isthmus_api::config::istio::{DestinationRule, TrafficPolicy};
+use isthmus_api::names::{ServiceKey, check_label, service_fqdn};
 use isthmus_api::{DEFAULT_CLUSTER_DOMAIN, type_urls};
 use prost::Message;
 
@@ -108,6 +113,104 @@ pub(crate) fn any<M: Message>(type_url: &str, m: &M) -> Any {
     Any {
         type_url: type_url.to_string(),
         value: m.encode_to_vec(),
+    }
+}
+
+/// A host as a VirtualService or DestinationRule in namespace `ns` names
+/// it: `echo` and `echo.demo` are short for `echo.demo.svc.cluster.local`.
+pub(crate) fn resolve_host(host: &str, ns: &str) -> String {
+    match host.matches('.').count() {
+        0 => service_fqdn(host, ns, DEFAULT_CLUSTER_DOMAIN),
+        1 => format!("{host}.svc.{DEFAULT_CLUSTER_DOMAIN}"),
+        _ => host.to_string(),
+    }
+}
+
+/// The DestinationRule for a service, if any (the first by namespace and
+/// name, as stored).
+pub(crate) fn destination_rule<'a>(model: &'a Model, fqdn: &str) -> Option<&'a DestinationRule> {
+    model
+        .destination_rules
+        .iter()
+        .find(|(ns, dr)| resolve_host(&dr.host, ns) == fqdn)
+        .map(|(_, dr)| dr)
+}
+
+/// The service key with each of its DestinationRule's subsets (and their
+/// labels); the plain key first, with no labels.
+pub(crate) fn with_subsets(
+    model: &Model,
+    key: &ServiceKey,
+) -> Vec<(ServiceKey, BTreeMap<String, String>)> {
+    let mut out = vec![(key.clone(), BTreeMap::new())];
+    if let Some(dr) = destination_rule(model, &key.fqdn) {
+        for s in dr.subsets.iter().filter(|s| check_label(&s.name).is_ok()) {
+            let mut k = key.clone();
+            k.subset = s.name.clone();
+            out.push((k, s.labels.clone()));
+        }
+    }
+    out
+}
+
+fn matches_labels(have: &BTreeMap<String, String>, want: &BTreeMap<String, String>) -> bool {
+    want.iter().all(|(k, v)| have.get(k) == Some(v))
+}
+
+/// A DestinationRule's traffic policy on a cluster: load balancing, the
+/// connection pool (as circuit breakers), and outlier detection, which
+/// replaces the implicit one.
+fn apply_policy(cluster: &mut Cluster, p: &TrafficPolicy) {
+    use envoy_types::pb::envoy::config::cluster::v3::CircuitBreakers;
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::Thresholds;
+    if let Some(simple) = p.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+        cluster.lb_policy = match simple {
+            "LEAST_REQUEST" | "LEAST_CONN" => LbPolicy::LeastRequest,
+            "RANDOM" => LbPolicy::Random,
+            _ => LbPolicy::RoundRobin,
+        } as i32;
+    }
+    if let Some(pool) = &p.connection_pool {
+        let u = |v: Option<i64>| {
+            v.and_then(|v| u32::try_from(v).ok())
+                .map(|value| UInt32Value { value })
+        };
+        cluster.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: u(pool.tcp.as_ref().and_then(|t| t.max_connections)),
+                max_pending_requests: u(pool
+                    .http
+                    .as_ref()
+                    .and_then(|h| h.http1_max_pending_requests)),
+                max_requests: u(pool.http.as_ref().and_then(|h| h.http2_max_requests)),
+                max_retries: u(pool.http.as_ref().and_then(|h| h.max_retries)),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    if let Some(o) = &p.outlier_detection {
+        let dur = |s: &Option<String>, default: i64| {
+            let d = s
+                .as_deref()
+                .and_then(isthmus_api::config::istio::parse_duration)
+                .unwrap_or(std::time::Duration::from_secs(default as u64));
+            Duration {
+                seconds: d.as_secs() as i64,
+                nanos: d.subsec_nanos() as i32,
+            }
+        };
+        let u = |v: Option<i64>, d: u32| UInt32Value {
+            value: v.and_then(|v| u32::try_from(v).ok()).unwrap_or(d),
+        };
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: Some(u(o.consecutive_5xx_errors, 5)),
+            consecutive_gateway_failure: o.consecutive_gateway_errors.map(|v| u(Some(v), 0)),
+            interval: Some(dur(&o.interval, 10)),
+            base_ejection_time: Some(dur(&o.base_ejection_time, 30)),
+            max_ejection_percent: Some(u(o.max_ejection_percent, 10)),
+            ..Default::default()
+        });
     }
 }
 
@@ -191,12 +294,42 @@ fn sidecar_clusters(model: &Model) -> Resources {
         .map(|c| c.trust_domain.clone())
         .unwrap_or_else(|| isthmus_api::DEFAULT_TRUST_DOMAIN.to_string());
     service_ports(model)
-        .map(|(key, ns, per_cluster)| {
+        .flat_map(|(key, ns, per_cluster)| {
             let sans: BTreeSet<String> = per_cluster
                 .values()
                 .flat_map(|s| s.endpoints.iter().map(|e| e.service_account.clone()))
                 .map(|sa| format!("spiffe://{td}/ns/{ns}/sa/{sa}"))
                 .collect();
+            let dr = destination_rule(model, &key.fqdn);
+            let failover = failover_applies(per_cluster, key.port);
+            with_subsets(model, &key)
+                .into_iter()
+                .map(|(key, _)| {
+                    let mut cluster = mesh_cluster(&key, &sans, failover);
+                    if let Some(p) = dr.and_then(|d| d.traffic_policy.as_ref()) {
+                        apply_policy(&mut cluster, p);
+                    }
+                    let subset_policy = dr.and_then(|d| {
+                        d.subsets
+                            .iter()
+                            .find(|s| s.name == key.subset)
+                            .and_then(|s| s.traffic_policy.as_ref())
+                    });
+                    if let Some(p) = subset_policy {
+                        apply_policy(&mut cluster, p);
+                    }
+                    (key.cluster_name(), any(type_urls::CLUSTER, &cluster))
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// An outbound cluster with mesh mTLS: the key's SNI, certificates from
+/// SDS, and the service's SPIFFE identities as the allowed server SANs.
+fn mesh_cluster(key: &ServiceKey, sans: &BTreeSet<String>, failover: bool) -> Cluster {
+    {
+        {
             let tls = UpstreamTlsContext {
                 sni: key.sni(),
                 common_tls_context: Some(CommonTlsContext {
@@ -206,7 +339,8 @@ fn sidecar_clusters(model: &Model) -> Resources {
                             CombinedCertificateValidationContext {
                                 default_validation_context: Some(CertificateValidationContext {
                                     match_typed_subject_alt_names: sans
-                                        .into_iter()
+                                        .iter()
+                                        .cloned()
                                         .map(|san| SubjectAltNameMatcher {
                                             san_type: SanType::Uri as i32,
                                             matcher: Some(StringMatcher {
@@ -234,14 +368,13 @@ fn sidecar_clusters(model: &Model) -> Resources {
                     &tls,
                 ))),
             };
-            let name = key.cluster_name();
-            let mut cluster = eds_cluster(name.clone(), Some(socket));
-            if failover_applies(per_cluster, key.port) {
+            let mut cluster = eds_cluster(key.cluster_name(), Some(socket));
+            if failover {
                 cluster.outlier_detection = Some(implicit_outlier_detection());
             }
-            (name, any(type_urls::CLUSTER, &cluster))
-        })
-        .collect()
+            cluster
+        }
+    }
 }
 
 /// Failover applies when a service port has endpoints in more than one
@@ -321,16 +454,41 @@ fn raw_priority(me: &ClusterRecord, other: &ClusterRecord) -> u32 {
 
 fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
     service_ports(model)
-        .map(|(key, _, per_cluster)| {
+        .flat_map(|(key, _, per_cluster)| {
+            with_subsets(model, &key)
+                .into_iter()
+                .map(|(key, labels)| assignment(model, me, &key, per_cluster, &labels))
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+/// The endpoints of one cluster (a service port, or a subset of it: only
+/// endpoints carrying `labels`) as `me` sees them.
+fn assignment(
+    model: &Model,
+    me: &ClusterRecord,
+    key: &ServiceKey,
+    per_cluster: &BTreeMap<String, ServiceRecord>,
+    labels: &BTreeMap<String, String>,
+) -> (String, Any) {
+    {
+        {
             let mut groups: Vec<(u32, LocalityLbEndpoints)> = Vec::new();
             // Remote networks: network → (endpoint count, gateways, locality).
             let mut remote: BTreeMap<&str, (u32, BTreeSet<&str>, Locality)> = BTreeMap::new();
             for (cluster_name, svc) in per_cluster {
-                let Some(c) = model.clusters.get(cluster_name) else { continue };
+                let Some(c) = model.clusters.get(cluster_name) else {
+                    continue;
+                };
                 if !svc.ports.iter().any(|p| p.port == key.port) {
                     continue;
                 }
-                let ready: Vec<_> = svc.endpoints.iter().filter(|e| e.ready).collect();
+                let ready: Vec<_> = svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready && matches_labels(&e.labels, labels))
+                    .collect();
                 if ready.is_empty() {
                     continue;
                 }
@@ -339,8 +497,13 @@ fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
                         raw_priority(me, c),
                         LocalityLbEndpoints {
                             locality: Some(locality(c)),
-                            lb_endpoints: ready.iter().map(|e| lb_endpoint(&e.address, e.inbound_port, 1)).collect(),
-                            load_balancing_weight: Some(UInt32Value { value: ready.len() as u32 }),
+                            lb_endpoints: ready
+                                .iter()
+                                .map(|e| lb_endpoint(&e.address, e.inbound_port, 1))
+                                .collect(),
+                            load_balancing_weight: Some(UInt32Value {
+                                value: ready.len() as u32,
+                            }),
                             ..Default::default()
                         },
                     ));
@@ -391,8 +554,8 @@ fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
                 ..Default::default()
             };
             (name, any(type_urls::ENDPOINT, &cla))
-        })
-        .collect()
+        }
+    }
 }
 
 /// Service ports with ready endpoints on the gateway's network, by SNI.
@@ -402,18 +565,25 @@ fn gateway_targets<'a>(
 ) -> BTreeMap<String, Vec<(&'a str, u16)>> {
     let mut out: BTreeMap<String, Vec<(&str, u16)>> = BTreeMap::new();
     for (key, _, per_cluster) in service_ports(model) {
-        for (cluster_name, svc) in per_cluster {
-            let on_my_network = model
-                .clusters
-                .get(cluster_name)
-                .is_some_and(|c| c.network == me.network);
-            if !on_my_network || !svc.ports.iter().any(|p| p.port == key.port) {
-                continue;
-            }
-            for e in svc.endpoints.iter().filter(|e| e.ready) {
-                out.entry(key.sni())
-                    .or_default()
-                    .push((&e.address, e.inbound_port));
+        // Subsets too, by their own SNI, as Istio's AUTO_PASSTHROUGH does.
+        for (key, labels) in with_subsets(model, &key) {
+            for (cluster_name, svc) in per_cluster {
+                let on_my_network = model
+                    .clusters
+                    .get(cluster_name)
+                    .is_some_and(|c| c.network == me.network);
+                if !on_my_network || !svc.ports.iter().any(|p| p.port == key.port) {
+                    continue;
+                }
+                for e in svc
+                    .endpoints
+                    .iter()
+                    .filter(|e| e.ready && matches_labels(&e.labels, &labels))
+                {
+                    out.entry(key.sni())
+                        .or_default()
+                        .push((&e.address, e.inbound_port));
+                }
             }
         }
     }

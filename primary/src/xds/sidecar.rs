@@ -3,8 +3,12 @@
 //! - `outbound_15001` on the sidecar's address: HTTP from the local app
 //!   (plain, or in proxy form as `curl -x` sends it), routed by the `outbound`
 //!   route table: one virtual host per service port (`FQDN:PORT`, and `FQDN`
-//!   for port 80) to `outbound|PORT||FQDN`, with retries on connection
-//!   failures so an endpoint that dies mid-failover costs no request.
+//!   for port 80). Without a VirtualService it goes to `outbound|PORT||FQDN`
+//!   with retries on connection failures, so an endpoint that dies
+//!   mid-failover costs no request. With one, its `http` routes: URI, header
+//!   and method matches, weighted destinations (subsets are the
+//!   DestinationRule's clusters), timeout, retries, fault injection (delay,
+//!   abort) and mirroring.
 //! - `inbound_15006` on the sidecar's address: mesh mTLS (certificate and
 //!   roots from the agent's SDS, a client SPIFFE certificate required),
 //!   one filter chain per local app port, chosen by the SNI
@@ -39,6 +43,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
+use isthmus_api::config::istio;
 use isthmus_api::ports;
 use isthmus_api::type_urls;
 
@@ -116,7 +121,10 @@ fn served_snis(model: &Model, me: &ClusterRecord, ip: &str) -> BTreeMap<u16, Vec
                 && s.endpoints.iter().any(|e| e.address == ip)
         });
         if mine {
-            out.entry(key.port).or_default().push(key.sni());
+            // Callers of a subset name it in the SNI too.
+            for (k, _) in super::generate::with_subsets(model, &key) {
+                out.entry(key.port).or_default().push(k.sni());
+            }
         }
     }
     out
@@ -134,7 +142,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
             config_source: Some(ads()),
             route_config_name: OUTBOUND_ROUTE.into(),
         })),
-        http_filters: vec![router()],
+        http_filters: vec![fault_filter(), router()],
         ..Default::default()
     };
     let name = format!("outbound_{}", ports::OUTBOUND);
@@ -342,6 +350,256 @@ fn default_retries() -> RetryPolicy {
     }
 }
 
+/// A fraction of a million, from Istio's percentage (0 to 100).
+fn fraction(percent: Option<f64>) -> envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+    let p = percent.unwrap_or(100.0).clamp(0.0, 100.0);
+    envoy_types::pb::envoy::r#type::v3::FractionalPercent {
+        numerator: (p * 10_000.0).round() as u32,
+        denominator:
+            envoy_types::pb::envoy::r#type::v3::fractional_percent::DenominatorType::Million as i32,
+    }
+}
+
+fn proto_duration(text: &Option<String>) -> Option<Duration> {
+    let d = isthmus_api::config::istio::parse_duration(text.as_deref()?)?;
+    Some(Duration {
+        seconds: d.as_secs() as i64,
+        nanos: d.subsec_nanos() as i32,
+    })
+}
+
+fn string_matcher(m: &istio::StringMatch) -> Option<StringMatcher> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+    let pattern = if let Some(e) = &m.exact {
+        MatchPattern::Exact(e.clone())
+    } else if let Some(p) = &m.prefix {
+        MatchPattern::Prefix(p.clone())
+    } else if let Some(r) = &m.regex {
+        MatchPattern::SafeRegex(RegexMatcher {
+            regex: r.clone(),
+            ..Default::default()
+        })
+    } else {
+        return None;
+    };
+    Some(StringMatcher {
+        match_pattern: Some(pattern),
+        ..Default::default()
+    })
+}
+
+fn header(
+    name: &str,
+    m: &istio::StringMatch,
+) -> Option<envoy_types::pb::envoy::config::route::v3::HeaderMatcher> {
+    use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
+    Some(HeaderMatcher {
+        name: name.to_string(),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+            string_matcher(m)?,
+        )),
+        ..Default::default()
+    })
+}
+
+fn http_match(m: Option<&istio::HttpMatch>) -> RouteMatch {
+    use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+    let mut out = RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+        ..Default::default()
+    };
+    let Some(m) = m else { return out };
+    if let Some(uri) = &m.uri {
+        let spec = if let Some(e) = &uri.exact {
+            Some(route_match::PathSpecifier::Path(e.clone()))
+        } else if let Some(p) = &uri.prefix {
+            Some(route_match::PathSpecifier::Prefix(p.clone()))
+        } else {
+            uri.regex.as_ref().map(|r| {
+                route_match::PathSpecifier::SafeRegex(RegexMatcher {
+                    regex: r.clone(),
+                    ..Default::default()
+                })
+            })
+        };
+        if spec.is_some() {
+            out.path_specifier = spec;
+        }
+    }
+    for (name, sm) in &m.headers {
+        out.headers.extend(header(name, sm));
+    }
+    if let Some(method) = &m.method {
+        out.headers.extend(header(":method", method));
+    }
+    out
+}
+
+const FAULT_FILTER: &str = "envoy.filters.http.fault";
+const FAULT_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault";
+
+/// The fault filter, inert unless a route configures it.
+fn fault_filter() -> HttpFilter {
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
+    HttpFilter {
+        name: FAULT_FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            FAULT_TYPE,
+            &HttpFault::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The routes of one VirtualService `http` entry, for service port `port`:
+/// one per match (or one matching everything), with weighted destinations,
+/// timeout, retries, fault injection and mirroring.
+fn vs_routes(http: &istio::HttpRoute, vs_ns: &str, port: u16) -> Vec<Route> {
+    use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+    use envoy_types::pb::envoy::config::route::v3::route_action::RequestMirrorPolicy;
+    use envoy_types::pb::envoy::config::route::v3::{
+        WeightedCluster, weighted_cluster::ClusterWeight,
+    };
+    use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+        FaultAbort, HttpFault, fault_abort,
+    };
+
+    let cluster_of = |d: &istio::Destination| {
+        isthmus_api::names::ServiceKey {
+            fqdn: super::generate::resolve_host(&d.host, vs_ns),
+            port: d
+                .port
+                .as_ref()
+                .and_then(|p| u16::try_from(p.number).ok())
+                .unwrap_or(port),
+            subset: d.subset.clone().unwrap_or_default(),
+        }
+        .cluster_name()
+    };
+    let single = http.route.len() == 1;
+    let destinations: Vec<(String, u32)> = http
+        .route
+        .iter()
+        .filter_map(|r| {
+            let d = r.destination.as_ref()?;
+            let weight = r.weight.and_then(|w| u32::try_from(w).ok());
+            Some((
+                cluster_of(d),
+                weight.unwrap_or(if single { 100 } else { 0 }),
+            ))
+        })
+        .filter(|(_, w)| *w > 0 || single)
+        .collect();
+    let cluster_specifier = match destinations.as_slice() {
+        [] => return vec![],
+        [(only, _)] => route_action::ClusterSpecifier::Cluster(only.clone()),
+        many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: many
+                .iter()
+                .map(|(name, w)| ClusterWeight {
+                    name: name.clone(),
+                    weight: Some(UInt32Value { value: *w }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+    };
+    let retry_policy = match &http.retries {
+        None => Some(default_retries()),
+        Some(r) if r.attempts == Some(0) => None,
+        Some(r) => Some(RetryPolicy {
+            retry_on: r.retry_on.clone().unwrap_or_else(|| {
+                "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into()
+            }),
+            num_retries: Some(UInt32Value {
+                value: r.attempts.and_then(|a| u32::try_from(a).ok()).unwrap_or(2),
+            }),
+            per_try_timeout: proto_duration(&r.per_try_timeout),
+            ..default_retries()
+        }),
+    };
+    let request_mirror_policies = http
+        .mirror
+        .as_ref()
+        .map(|m| RequestMirrorPolicy {
+            cluster: cluster_of(m),
+            runtime_fraction: Some(RuntimeFractionalPercent {
+                default_value: Some(fraction(http.mirror_percentage.as_ref().map(|p| p.value))),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .into_iter()
+        .collect();
+    let action = RouteAction {
+        cluster_specifier: Some(cluster_specifier),
+        timeout: proto_duration(&http.timeout),
+        retry_policy,
+        request_mirror_policies,
+        ..Default::default()
+    };
+    let mut per_filter = std::collections::HashMap::new();
+    if let Some(f) = &http.fault {
+        let fault = HttpFault {
+            delay: f.delay.as_ref().map(|d| FaultDelay {
+                percentage: Some(fraction(d.percentage.as_ref().map(|p| p.value))),
+                fault_delay_secifier: proto_duration(&d.fixed_delay)
+                    .map(fault_delay::FaultDelaySecifier::FixedDelay),
+            }),
+            abort: f.abort.as_ref().map(|a| FaultAbort {
+                percentage: Some(fraction(a.percentage.as_ref().map(|p| p.value))),
+                error_type: a
+                    .http_status
+                    .and_then(|s| u32::try_from(s).ok())
+                    .map(fault_abort::ErrorType::HttpStatus),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        per_filter.insert(FAULT_FILTER.to_string(), any(FAULT_TYPE, &fault));
+    }
+    let matches: Vec<Option<&istio::HttpMatch>> = if http.matches.is_empty() {
+        vec![None]
+    } else {
+        http.matches
+            .iter()
+            .filter(|m| m.port.is_none_or(|p| p == u32::from(port)))
+            .map(Some)
+            .collect()
+    };
+    matches
+        .into_iter()
+        .map(|m| Route {
+            name: http.name.clone().unwrap_or_default(),
+            r#match: Some(http_match(m)),
+            action: Some(route::Action::Route(action.clone())),
+            typed_per_filter_config: per_filter.clone(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The VirtualService that routes `fqdn` for sidecars (`gateways` empty or
+/// naming `mesh`), the first by namespace and name.
+fn virtual_service<'a>(
+    model: &'a Model,
+    fqdn: &str,
+) -> Option<(&'a str, &'a istio::VirtualService)> {
+    model
+        .virtual_services
+        .iter()
+        .find(|(ns, vs)| {
+            (vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh"))
+                && vs
+                    .hosts
+                    .iter()
+                    .any(|h| super::generate::resolve_host(h, ns) == fqdn)
+        })
+        .map(|(ns, vs)| (ns.as_str(), vs))
+}
+
 pub fn routes(model: &Model) -> Resources {
     let virtual_hosts = service_ports(model)
         .map(|(key, _, _)| {
@@ -350,13 +608,21 @@ pub fn routes(model: &Model) -> Resources {
             if key.port == 80 {
                 domains.push(fqdn.clone());
             }
-            VirtualHost {
-                name: format!("{fqdn}:{}", key.port),
-                domains,
-                routes: vec![
+            let routes = match virtual_service(model, &fqdn) {
+                Some((ns, vs)) => vs
+                    .http
+                    .iter()
+                    .flat_map(|h| vs_routes(h, ns, key.port))
+                    .collect(),
+                None => vec![
                     safe_method_route(&key.cluster_name()),
                     route_to(&key.cluster_name(), Some(default_retries())),
                 ],
+            };
+            VirtualHost {
+                name: format!("{fqdn}:{}", key.port),
+                domains,
+                routes,
                 ..Default::default()
             }
         })

@@ -1,0 +1,207 @@
+//! Config turned into proxy config: a DestinationRule's subsets (by workload
+//! labels: east's echo is `version: v1`, west's `v2`) and a VirtualService's
+//! header match, weights, fault injection, retries, timeout and mirroring
+//! become Envoy routes and subset clusters. Requests then go where the rules
+//! say, across networks for the subset that lives in west. Then the whole
+//! valid corpus (every kind) is applied, and every proxy ACKs every type:
+//! Envoy sidecars and gateways, and, on the isthmus data plane,
+//! isthmus-proxy and isthmus-gateway. Needs root for network namespaces.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use isthmus_e2e::{Mesh, eventually};
+use isthmus_topology::netns;
+use isthmus_topology::probe;
+use isthmus_topology::runner::{DataPlane, NetMode};
+
+const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
+const PATIENCE: Duration = Duration::from_secs(60);
+const CORPUS: &str = include_str!("../fixtures/valid-corpus.yaml");
+
+const RULES: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 100}, http: {http2MaxRequests: 1000, maxRetries: 5}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: LEAST_REQUEST}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: echo, namespace: demo}
+spec:
+  hosts: [echo]
+  http:
+  - name: canary
+    match: [{headers: {x-canary: {exact: "true"}}}]
+    route: [{destination: {host: echo, subset: v2}}]
+  - name: teapot
+    match: [{uri: {prefix: /teapot}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: echo, subset: v1}}]
+  - name: default
+    route:
+    - {destination: {host: echo, subset: v1}, weight: 100}
+    - {destination: {host: echo, subset: v2}, weight: 0}
+    timeout: 5s
+    retries: {attempts: 2, perTryTimeout: 2s}
+    mirror: {host: echo, subset: v2}
+    mirrorPercentage: {value: 100}
+"#;
+
+fn skip(test: &str, envoy: bool) -> bool {
+    if !netns::available() {
+        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
+        return true;
+    }
+    if envoy && isthmus_topology::envoy::binary().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
+        );
+        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
+        return true;
+    }
+    false
+}
+
+async fn ask(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
+    probe::get_with(
+        mesh.netns("proxy-client-east"),
+        mesh.listener("proxy-client-east", "outbound"),
+        &format!("http://echo.demo.svc.cluster.local:8080{path}"),
+        headers,
+    )
+    .await
+    .ok()
+}
+
+/// Every proxy is connected and has ACKed everything it was sent.
+async fn all_synced(mesh: &Mesh) {
+    let client = mesh.state.client().unwrap();
+    eventually("every proxy to ACK every type", PATIENCE, || async {
+        let proxies = client.proxies().await.ok()?;
+        let proxies = proxies.as_array()?;
+        let synced = proxies.len() == 5
+            && proxies.iter().all(|p| {
+                p["types"].as_object().is_some_and(|types| {
+                    !types.is_empty()
+                        && types
+                            .values()
+                            .all(|t| t["nack"].is_null() && t["ackedVersion"] == t["sentVersion"])
+                })
+            });
+        synced.then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_services_and_destination_rules_route_envoy_traffic() {
+    if skip(
+        "virtual_services_and_destination_rules_route_envoy_traffic",
+        true,
+    ) {
+        return;
+    }
+    let mesh = Mesh::up_data_plane(
+        "multi-network",
+        NetMode::Netns,
+        NODE,
+        None,
+        DataPlane::Envoy,
+        vec![],
+    )
+    .await
+    .expect("mesh starts");
+    let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200);
+    assert!(
+        body.contains("\"cluster\": \"east\""),
+        "same zone first: {body}"
+    );
+
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(RULES.to_string())
+        .await
+        .unwrap();
+    // The canary header goes to v2, which lives only in west: across networks.
+    eventually("the canary route to reach west", PATIENCE, || async {
+        let (s, body) = ask(&mesh, "/", &[("x-canary", "true")]).await?;
+        (s == 200 && body.contains("\"cluster\": \"west\"")).then_some(())
+    })
+    .await;
+    eventually("the teapot fault to apply", PATIENCE, || async {
+        let (s, _) = ask(&mesh, "/teapot", &[]).await?;
+        (s == 418).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        let (s, body) = ask(&mesh, "/", &[("x-canary", "true")]).await.unwrap();
+        assert!(
+            s == 200 && body.contains("\"cluster\": \"west\""),
+            "{s} {body}"
+        );
+        let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
+        assert!(
+            s == 200 && body.contains("\"cluster\": \"east\""),
+            "v1 is east: {s} {body}"
+        );
+    }
+    // Envoy holds the subset clusters, and mirrored the default route to v2.
+    let (_, stats) = mesh
+        .get("proxy-client-east", "admin", "/stats")
+        .await
+        .unwrap();
+    let mirrored = isthmus_e2e::counter_value(
+        &stats.replace(": ", " "),
+        "cluster.outbound|8080|v2|echo.demo.svc.cluster.local.upstream_rq_total",
+        &[],
+    );
+    assert!(mirrored >= 10.0, "v2 got the mirrored requests: {mirrored}");
+    all_synced(&mesh).await;
+
+    // The whole valid corpus: every kind, and Envoy ACKs all that follows.
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(CORPUS.to_string())
+        .await
+        .unwrap();
+    all_synced(&mesh).await;
+    for proxy in ["proxy-client-east", "proxy-echo-west"] {
+        let (_, stats) = mesh.get(proxy, "admin", "/stats").await.unwrap();
+        for line in stats.lines().filter(|l| l.contains("update_rejected")) {
+            assert!(line.ends_with(": 0"), "{proxy} rejected an update: {line}");
+        }
+    }
+    let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "traffic still flows under the corpus");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn isthmus_proxies_ack_the_whole_corpus() {
+    if skip("isthmus_proxies_ack_the_whole_corpus", false) {
+        return;
+    }
+    let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
+    for docs in [RULES, CORPUS] {
+        mesh.state
+            .client()
+            .unwrap()
+            .apply(docs.to_string())
+            .await
+            .unwrap();
+        all_synced(&mesh).await;
+    }
+    let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "{body}");
+}
