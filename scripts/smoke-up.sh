@@ -26,6 +26,10 @@ if sed 's/weight: 10/weight: 20/' samples/config/echo-canary.yaml | cargo run -q
 fi
 grep -q 'spec.http\[0\].route\[1\].weight: weights must sum to 100' "$out.err" || { echo "smoke: no field path in: $(cat "$out.err")"; exit 1; }
 
+# proxy-config shows what a proxy holds.
+cargo run -q -p isthmusctl -- proxy-config client-east clusters --state-dir "$state" | grep -q 'outbound|8080||echo.demo.svc.cluster.local' \
+  || { echo "smoke: proxy-config shows no echo cluster"; exit 1; }
+
 # The CA commands: a full root rotation and an intermediate rotation, then
 # the status shows one root (the new one) holding all three workloads, and a
 # request still crosses the mesh.

@@ -160,6 +160,20 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// What one proxy of a local mesh holds: its listeners, routes,
+    /// clusters, endpoints or secrets, from its admin endpoint (Envoy's
+    /// config dump; isthmus-proxy's own). Secrets show no private key.
+    ProxyConfig {
+        /// The proxy: a workload (`client-east`), `gateway-east`, or a
+        /// component name from `status`.
+        proxy: String,
+        #[arg(value_enum)]
+        what: isthmus_topology::inspect::ProxyConfigKind,
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "json")]
+        output: Output,
+    },
     /// The mesh CA: status, root and intermediate rotation, import.
     Ca {
         #[command(subcommand)]
@@ -304,6 +318,23 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Component { component } => component.run().await,
         Cmd::Ca { command } => ca::run(command).await,
+        Cmd::ProxyConfig {
+            proxy,
+            what,
+            state_dir,
+            output,
+        } => {
+            let value = isthmus_topology::inspect::proxy_config(&state_dir, &proxy, what).await?;
+            print(
+                if output == Output::Table {
+                    Output::Json
+                } else {
+                    output
+                },
+                &value,
+                String::new,
+            )
+        }
         Cmd::Up {
             template,
             detach,

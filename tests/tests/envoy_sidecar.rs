@@ -118,6 +118,16 @@ async fn envoy_as_every_sidecar_and_gateway() {
         assert!(dump.contains(dynamic), "Envoy has no {dynamic}");
     }
     assert!(dump.contains("outbound|8080||echo.demo.svc.cluster.local"));
+    // proxy-config reads the same, by kind.
+    use isthmus_topology::inspect::{ProxyConfigKind, proxy_config};
+    let show = |what| proxy_config(mesh.dir(), "client-east", what);
+    let listeners = show(ProxyConfigKind::Listeners).await.unwrap().to_string();
+    assert!(listeners.contains("outbound_15001"), "{listeners}");
+    let routes = show(ProxyConfigKind::Routes).await.unwrap().to_string();
+    assert!(routes.contains("echo.demo.svc.cluster.local:8080"), "{routes}");
+    let secrets = show(ProxyConfigKind::Secrets).await.unwrap().to_string();
+    assert!(secrets.contains("ROOTCA") && secrets.contains("\"default\""), "{secrets}");
+    assert!(!secrets.contains("PRIVATE KEY"), "a private key left the proxy: {secrets}");
     cross_network(&mesh).await;
     // Envoy's own view: every xDS update accepted, none rejected.
     let (_, stats) = mesh

@@ -7,6 +7,7 @@
 pub mod client;
 pub mod component;
 pub mod envoy;
+pub mod inspect;
 pub mod netns;
 pub mod probe;
 pub mod runner;

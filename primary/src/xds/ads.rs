@@ -296,6 +296,10 @@ impl Connection {
                 },
                 changed = model.changed() => {
                     if changed.is_err() { break; }
+                    if model.borrow_and_update().config_revision != seen_revision {
+                        // A burst of changes becomes one push.
+                        tokio::time::sleep(PUSH_DEBOUNCE).await;
+                    }
                     let revision = model.borrow_and_update().config_revision;
                     if revision != seen_revision {
                         seen_revision = revision;
@@ -412,6 +416,11 @@ impl Connection {
         Ok(true)
     }
 }
+
+/// How long a push waits after a change, so that a burst of changes (an
+/// agent's snapshot, an `apply` of many documents) reaches each proxy as one
+/// push. Istio waits 100 ms.
+pub(super) const PUSH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The order Envoy needs updates in: clusters before their endpoints,
 /// listeners before their routes.

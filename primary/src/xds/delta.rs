@@ -53,11 +53,14 @@ pub(super) async fn run(
             },
             changed = model.changed() => {
                 if changed.is_err() { break; }
+                if model.borrow_and_update().config_revision == seen { continue; }
+                // A burst of changes becomes one push.
+                tokio::time::sleep(super::ads::PUSH_DEBOUNCE).await;
                 let revision = model.borrow_and_update().config_revision;
-                if revision == seen { continue; }
                 seen = revision;
                 let mut result = Ok(());
-                let names: Vec<String> = types.keys().cloned().collect();
+                let mut names: Vec<String> = types.keys().cloned().collect();
+                names.sort_by_key(|t| super::ads::push_order(t));
                 for t in names {
                     if let Some(state) = types.get_mut(&t) {
                         result = push(&peer, &t, state, &mut nonce, &tx, false).await;
