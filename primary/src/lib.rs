@@ -180,6 +180,8 @@ pub struct Shared {
     pub crypto: Arc<rustls::crypto::CryptoProvider>,
     /// This replica's name in leader election.
     pub replica: String,
+    /// Generated xDS resources, shared by proxies that get the same.
+    pub xds_cache: xds::generate::Cache,
 }
 
 impl Shared {
@@ -372,6 +374,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         proxies: Default::default(),
         crypto,
         replica: replica.clone(),
+        xds_cache: Default::default(),
     });
     tokio::spawn(xds::status::publish(shared.clone()));
     tokio::spawn(leader::run(

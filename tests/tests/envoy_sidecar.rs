@@ -124,10 +124,19 @@ async fn envoy_as_every_sidecar_and_gateway() {
     let listeners = show(ProxyConfigKind::Listeners).await.unwrap().to_string();
     assert!(listeners.contains("outbound_15001"), "{listeners}");
     let routes = show(ProxyConfigKind::Routes).await.unwrap().to_string();
-    assert!(routes.contains("echo.demo.svc.cluster.local:8080"), "{routes}");
+    assert!(
+        routes.contains("echo.demo.svc.cluster.local:8080"),
+        "{routes}"
+    );
     let secrets = show(ProxyConfigKind::Secrets).await.unwrap().to_string();
-    assert!(secrets.contains("ROOTCA") && secrets.contains("\"default\""), "{secrets}");
-    assert!(!secrets.contains("PRIVATE KEY"), "a private key left the proxy: {secrets}");
+    assert!(
+        secrets.contains("ROOTCA") && secrets.contains("\"default\""),
+        "{secrets}"
+    );
+    assert!(
+        !secrets.contains("PRIVATE KEY"),
+        "a private key left the proxy: {secrets}"
+    );
     cross_network(&mesh).await;
     // Envoy's own view: every xDS update accepted, none rejected.
     let (_, stats) = mesh

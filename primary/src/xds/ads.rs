@@ -170,19 +170,27 @@ impl Peer {
         });
     }
 
-    /// The current resources of a type for this peer.
-    pub fn resources(&self, type_url: &str) -> Result<Resources, Status> {
+    /// The current resources of a type for this peer, with their versions
+    /// (shared with every peer that gets the same).
+    pub fn generated(&self, type_url: &str) -> Result<Arc<generate::Generated>, Status> {
         let model = self.shared.model.borrow().clone();
         let me = model.clusters.get(&self.cluster).ok_or_else(|| {
             Status::permission_denied(format!("cluster {:?} was deregistered", self.cluster))
         })?;
-        Ok(generate::generate(
-            &model,
-            self.role,
-            me,
-            &self.node_info,
-            type_url,
-        ))
+        Ok(self
+            .shared
+            .xds_cache
+            .get(&model, self.role, me, &self.node_info, type_url))
+    }
+
+    /// The current resources of a type for this peer.
+    pub fn resources(&self, type_url: &str) -> Result<Resources, Status> {
+        Ok(self
+            .generated(type_url)?
+            .resources
+            .iter()
+            .map(|(name, (any, _))| (name.clone(), any.clone()))
+            .collect())
     }
 
     pub fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {

@@ -7,7 +7,7 @@
 //! say what it still holds, so unchanged resources are not sent again. A
 //! NACK is recorded and the client keeps what it had.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
-use super::ads::{Peer, digest, short};
+use super::ads::{Peer, short};
 
 #[derive(Default)]
 struct TypeState {
@@ -136,28 +136,29 @@ async fn push(
     tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     always: bool,
 ) -> Result<(), Status> {
-    let mut current = peer.resources(type_url)?;
-    if !state.wildcard {
-        current.retain(|name, _| state.names.contains(name));
+    let generated = peer.generated(type_url)?;
+    let wanted = |name: &String| state.wildcard || state.names.contains(name);
+    // The system version: a digest of the versions this peer is sent.
+    let mut h = Sha256::new();
+    for (name, (_, version)) in generated.resources.iter().filter(|(n, _)| wanted(n)) {
+        h.update(name.as_bytes());
+        h.update(version.as_bytes());
     }
-    let system_version = digest(&current);
-    let versions: BTreeMap<String, String> = current
-        .iter()
-        .map(|(name, any)| (name.clone(), hex::encode(&Sha256::digest(&any.value)[..8])))
-        .collect();
+    let system_version = hex::encode(&h.finalize()[..8]);
     let removed: Vec<String> = state
         .held
         .keys()
-        .filter(|name| !current.contains_key(*name))
+        .filter(|name| !generated.resources.contains_key(*name) || !wanted(name))
         .cloned()
         .collect();
-    let resources: Vec<Resource> = current
-        .into_iter()
-        .filter(|(name, _)| state.held.get(name) != versions.get(name))
-        .map(|(name, any)| Resource {
-            version: versions.get(&name).cloned().unwrap_or_default(),
-            name,
-            resource: Some(any),
+    let resources: Vec<Resource> = generated
+        .resources
+        .iter()
+        .filter(|(name, (_, version))| wanted(name) && state.held.get(*name) != Some(version))
+        .map(|(name, (any, version))| Resource {
+            version: version.clone(),
+            name: name.clone(),
+            resource: Some(any.clone()),
             ..Default::default()
         })
         .collect();

@@ -54,7 +54,7 @@ pub const SDS_CLUSTER: &str = "sds-grpc";
 pub const SDS_CERT: &str = "default";
 pub const SDS_ROOT: &str = "ROOTCA";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Role {
     Sidecar,
     Gateway,
@@ -64,7 +64,7 @@ pub enum Role {
 /// listeners need: `INSTANCE_IP` (its address) and `APPS` (`PORT=IP:PORT`,
 /// comma-separated: the local app behind each inbound port). isthmus-proxy
 /// sends neither and subscribes to neither listeners nor routes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
     pub instance_ip: Option<String>,
     pub apps: Vec<(u16, String)>,
@@ -85,6 +85,90 @@ impl NodeInfo {
 
 /// Resources of one type for one proxy, by name.
 pub type Resources = BTreeMap<String, Any>;
+
+/// Resources generated once for every proxy that would get the same ones
+/// (same config revision, role, cluster and node info), each with its
+/// version: a thousand sidecars of a cluster cost one generation per
+/// change, not a thousand.
+pub struct Generated {
+    /// Name → (resource, version).
+    pub resources: BTreeMap<String, (Any, String)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CacheKey {
+    revision: i64,
+    role: Role,
+    cluster: String,
+    node: NodeInfo,
+    type_url: String,
+}
+
+/// The generation cache: entries of the newest config revision only.
+#[derive(Default)]
+pub struct Cache {
+    inner: std::sync::Mutex<(
+        i64,
+        std::collections::HashMap<CacheKey, std::sync::Arc<Generated>>,
+    )>,
+}
+
+impl Cache {
+    pub fn get(
+        &self,
+        model: &Model,
+        role: Role,
+        me: &ClusterRecord,
+        node: &NodeInfo,
+        type_url: &str,
+    ) -> std::sync::Arc<Generated> {
+        let key = CacheKey {
+            revision: model.config_revision,
+            role,
+            cluster: me.name.clone(),
+            node: node.clone(),
+            type_url: type_url.to_string(),
+        };
+        if let Some(hit) = self.lock().1.get(&key) {
+            return hit.clone();
+        }
+        let resources = generate(model, role, me, node, type_url)
+            .into_iter()
+            .map(|(name, any)| {
+                let version = resource_version(&any);
+                (name, (any, version))
+            })
+            .collect();
+        let generated = std::sync::Arc::new(Generated { resources });
+        let mut inner = self.lock();
+        if key.revision > inner.0 {
+            inner.1.clear();
+            inner.0 = key.revision;
+        }
+        if key.revision == inner.0 {
+            inner.1.insert(key, generated.clone());
+        }
+        generated
+    }
+
+    fn lock(
+        &self,
+    ) -> std::sync::MutexGuard<
+        '_,
+        (
+            i64,
+            std::collections::HashMap<CacheKey, std::sync::Arc<Generated>>,
+        ),
+    > {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A resource's version: the first 8 bytes of the SHA-256 of its encoding.
+pub fn resource_version(any: &Any) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(&Sha256::digest(&any.value)[..8])
+}
 
 pub fn generate(
     model: &Model,
