@@ -182,9 +182,26 @@ pub struct Shared {
     pub replica: String,
     /// Generated xDS resources, shared by proxies that get the same.
     pub xds_cache: xds::generate::Cache,
+    /// Interned resource names.
+    pub names: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
 }
 
 impl Shared {
+    /// One shared copy of a resource name (see [`xds::delta`]).
+    pub fn intern(&self, name: &str) -> Arc<str> {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = names.get(name) {
+            return n.clone();
+        }
+        let n: Arc<str> = Arc::from(name);
+        // Bounded: names come from subscriptions, which only matter when
+        // they name resources; past this many, stop sharing.
+        if names.len() < 1_000_000 {
+            names.insert(n.clone());
+        }
+        n
+    }
+
     /// The current CA, as this replica last loaded it.
     pub fn ca(&self) -> Arc<CaState> {
         self.ca_state.load_full()
@@ -375,6 +392,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         crypto,
         replica: replica.clone(),
         xds_cache: Default::default(),
+        names: Default::default(),
     });
     tokio::spawn(xds::status::publish(shared.clone()));
     tokio::spawn(leader::run(

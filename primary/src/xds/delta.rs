@@ -8,6 +8,7 @@
 //! NACK is recorded and the client keeps what it had.
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -17,14 +18,24 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::ads::{Peer, short};
+use super::generate::Generated;
 
 #[derive(Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client holds: name → version.
-    held: HashMap<String, String>,
+    /// Subscribed names, interned: a thousand proxies subscribed to the same
+    /// thousand clusters share the strings.
+    names: BTreeSet<Arc<str>>,
+    /// What the client holds: after every push, exactly what `base` has
+    /// that it subscribes to (shared with every proxy pushed the same
+    /// generation), except for `overrides`: versions it told us on
+    /// reconnecting, or "" for a name it unsubscribed from.
+    base: Option<Arc<Generated>>,
+    overrides: HashMap<String, String>,
     nonce: String,
+    /// Nonces of the earlier batches of the last push: a NACK of any of
+    /// them counts.
+    batch_nonces: BTreeSet<String>,
     /// The system version of the last response, recorded when it is ACKed.
     sent_version: String,
     started: bool,
@@ -97,28 +108,37 @@ async fn on_request(
         state.started = true;
         // A first request that names nothing subscribes to everything.
         state.wildcard = req.resource_names_subscribe.is_empty();
-        state.held = req.initial_resource_versions.clone().into_iter().collect();
+        state.overrides = req.initial_resource_versions.clone().into_iter().collect();
     }
     let mut subscription_changed = false;
     for name in &req.resource_names_subscribe {
         subscription_changed |= if name == "*" {
             !std::mem::replace(&mut state.wildcard, true)
         } else {
-            state.names.insert(name.clone())
+            state.names.insert(peer.shared.intern(name))
         };
     }
     for name in &req.resource_names_unsubscribe {
         if name == "*" {
             subscription_changed |= std::mem::replace(&mut state.wildcard, false);
-        } else if state.names.remove(name) {
-            state.held.remove(name);
+        } else if state.names.remove(name.as_str()) {
+            // No longer held: a later subscribe gets it again.
+            state.overrides.insert(name.clone(), String::new());
             subscription_changed = true;
         }
     }
-    if !req.response_nonce.is_empty() && req.response_nonce == state.nonce {
+    if !req.response_nonce.is_empty() {
         match &req.error_detail {
-            Some(err) => peer.nacked(&req.type_url, &err.message),
-            None => peer.acked(&req.type_url, state.sent_version.clone()),
+            Some(err)
+                if req.response_nonce == state.nonce
+                    || state.batch_nonces.contains(&req.response_nonce) =>
+            {
+                peer.nacked(&req.type_url, &err.message)
+            }
+            None if req.response_nonce == state.nonce => {
+                peer.acked(&req.type_url, state.sent_version.clone())
+            }
+            _ => {}
         }
     }
     if first || subscription_changed {
@@ -137,7 +157,17 @@ async fn push(
     always: bool,
 ) -> Result<(), Status> {
     let generated = peer.generated(type_url)?;
-    let wanted = |name: &String| state.wildcard || state.names.contains(name);
+    let wanted = |name: &str| state.wildcard || state.names.contains(name);
+    let held = |name: &str| -> Option<&str> {
+        if let Some(v) = state.overrides.get(name) {
+            return (!v.is_empty()).then_some(v.as_str());
+        }
+        let base = state.base.as_ref()?;
+        if !wanted(name) {
+            return None;
+        }
+        base.resources.get(name).map(|(_, v)| v.as_str())
+    };
     // The system version: a digest of the versions this peer is sent.
     let mut h = Sha256::new();
     for (name, (_, version)) in generated.resources.iter().filter(|(n, _)| wanted(n)) {
@@ -145,16 +175,23 @@ async fn push(
         h.update(version.as_bytes());
     }
     let system_version = hex::encode(&h.finalize()[..8]);
-    let removed: Vec<String> = state
-        .held
-        .keys()
+    // Held before, and gone now (or no longer wanted).
+    let held_names = state
+        .base
+        .iter()
+        .flat_map(|b| b.resources.keys())
+        .chain(state.overrides.keys())
+        .filter(|n| held(n).is_some());
+    let mut removed: Vec<String> = held_names
         .filter(|name| !generated.resources.contains_key(*name) || !wanted(name))
         .cloned()
         .collect();
+    removed.sort();
+    removed.dedup();
     let resources: Vec<Resource> = generated
         .resources
         .iter()
-        .filter(|(name, (_, version))| wanted(name) && state.held.get(*name) != Some(version))
+        .filter(|(name, (_, version))| wanted(name) && held(name) != Some(version.as_str()))
         .map(|(name, (any, version))| Resource {
             version: version.clone(),
             name: name.clone(),
@@ -165,33 +202,65 @@ async fn push(
     if resources.is_empty() && removed.is_empty() && !always {
         return Ok(());
     }
-    for r in &resources {
-        state.held.insert(r.name.clone(), r.version.clone());
-    }
-    for name in &removed {
-        state.held.remove(name);
-    }
-    *nonce += 1;
-    state.nonce = nonce.to_string();
+    // From here the client holds exactly what it subscribes to of this
+    // generation.
+    state.base = Some(generated.clone());
+    state.overrides.clear();
     state.sent_version = system_version;
-    let response = DeltaDiscoveryResponse {
-        system_version_info: state.sent_version.clone(),
-        resources,
-        type_url: type_url.to_string(),
-        removed_resources: removed,
-        nonce: state.nonce.clone(),
-        ..Default::default()
-    };
-    peer.shared
-        .metrics
-        .xds_pushes
-        .get_or_create(&vec![("type".into(), short(type_url))])
-        .inc();
     let version = state.sent_version.clone();
     peer.shared
         .proxies
         .update(peer.id, type_url, |s| s.sent_version = version);
-    tx.send(Ok(response))
-        .await
-        .map_err(|_| Status::cancelled("proxy went away"))
+    // Large updates go out in batches. Each stream keeps an encode buffer as
+    // big as the largest message it sent, so one message of every resource
+    // would pin that much memory per proxy for the life of the stream.
+    let mut batches: Vec<Vec<Resource>> = Vec::new();
+    let mut resources = resources.into_iter().peekable();
+    while resources.peek().is_some() {
+        batches.push(
+            resources
+                .by_ref()
+                .take(MAX_RESOURCES_PER_RESPONSE)
+                .collect(),
+        );
+    }
+    if batches.is_empty() {
+        batches.push(Vec::new());
+    }
+    let last = batches.len() - 1;
+    let mut removed = Some(removed);
+    state.batch_nonces.clear();
+    for (i, batch) in batches.into_iter().enumerate() {
+        *nonce += 1;
+        if i > 0 {
+            let previous = std::mem::take(&mut state.nonce);
+            state.batch_nonces.insert(previous);
+        }
+        state.nonce = nonce.to_string();
+        let response = DeltaDiscoveryResponse {
+            system_version_info: state.sent_version.clone(),
+            resources: batch,
+            type_url: type_url.to_string(),
+            removed_resources: if i == last {
+                removed.take().unwrap_or_default()
+            } else {
+                Vec::new()
+            },
+            nonce: state.nonce.clone(),
+            ..Default::default()
+        };
+        peer.shared
+            .metrics
+            .xds_pushes
+            .get_or_create(&vec![("type".into(), short(type_url))])
+            .inc();
+        tx.send(Ok(response))
+            .await
+            .map_err(|_| Status::cancelled("proxy went away"))?;
+    }
+    Ok(())
 }
+
+/// Resources per Delta response; a proxy ACKs each, and the last one's
+/// ACK marks it in sync.
+const MAX_RESOURCES_PER_RESPONSE: usize = 100;
