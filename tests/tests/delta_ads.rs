@@ -124,19 +124,26 @@ async fn an_endpoint_change_sends_only_the_changed_assignment() {
     names.sort();
     assert_eq!(names, [ECHO, OTHER]);
     tx.send(ack(&cds)).await.unwrap();
-    tx.send(DeltaDiscoveryRequest {
-        type_url: type_urls::ENDPOINT.into(),
-        resource_names_subscribe: vec![ECHO.into(), OTHER.into()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let eds = next(&mut inbound).await;
-    assert_eq!(
-        (eds.type_url.as_str(), eds.resources.len()),
-        (type_urls::ENDPOINT, 2)
-    );
-    tx.send(ack(&eds)).await.unwrap();
+    // Subscribe one assignment, then the other, as a client does when
+    // clusters arrive in batches: each subscription brings its own.
+    for name in [ECHO, OTHER] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: type_urls::ENDPOINT.into(),
+            resource_names_subscribe: vec![name.into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let eds = next(&mut inbound).await;
+        assert_eq!(eds.type_url, type_urls::ENDPOINT);
+        let got: Vec<&str> = eds.resources.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            got,
+            [name],
+            "a new subscription brings exactly that assignment"
+        );
+        tx.send(ack(&eds)).await.unwrap();
+    }
 
     // echo gains an endpoint: exactly one assignment comes, echo's, whole.
     agent

@@ -112,11 +112,19 @@ async fn on_request(
     }
     let mut subscription_changed = false;
     for name in &req.resource_names_subscribe {
-        subscription_changed |= if name == "*" {
-            !std::mem::replace(&mut state.wildcard, true)
-        } else {
-            state.names.insert(peer.shared.intern(name))
-        };
+        // A name the client did not subscribe to at the last push is not
+        // held, whatever the base says.
+        if name == "*" {
+            if !std::mem::replace(&mut state.wildcard, true) {
+                state.base = None;
+                subscription_changed = true;
+            }
+        } else if state.names.insert(peer.shared.intern(name)) {
+            if !state.wildcard {
+                state.overrides.entry(name.clone()).or_default();
+            }
+            subscription_changed = true;
+        }
     }
     for name in &req.resource_names_unsubscribe {
         if name == "*" {
