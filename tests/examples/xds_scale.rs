@@ -112,7 +112,9 @@ async fn client(
     grpc: String,
     tls: Arc<rustls::ClientConfig>,
     events: mpsc::UnboundedSender<Event>,
+    permit: tokio::sync::OwnedSemaphorePermit,
 ) -> anyhow::Result<()> {
+    let mut permit = Some(permit);
     let channel = isthmus_transport::tls_channel(&grpc, tls)?;
     let mut ads =
         AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 * 1024 * 1024);
@@ -156,6 +158,8 @@ async fn client(
             })
             .await?;
         } else if resp.type_url == type_urls::ENDPOINT {
+            // Connected and receiving: let the next client in.
+            permit.take();
             let watched = resp
                 .resources
                 .iter()
@@ -274,14 +278,18 @@ async fn main() -> anyhow::Result<()> {
     let client_id = SpiffeId::workload("cluster.local", "bench", "client")?;
     let (ev_tx, mut ev_rx) = mpsc::unbounded_channel();
     let started = Instant::now();
+    // Clients connect 64 at a time, as a fleet rolls out, rather than all
+    // in the same instant.
+    let gate = Arc::new(tokio::sync::Semaphore::new(64));
     for id in 0..clients {
+        let permit = gate.clone().acquire_owned().await?;
         let tls = Arc::new(isthmus_transport::primary_client_config(
             &roots,
             Some(identity(&client_id)),
         )?);
         let (grpc, ev_tx) = (grpc.clone(), ev_tx.clone());
         tokio::spawn(async move {
-            if let Err(e) = client(id, grpc, tls, ev_tx).await {
+            if let Err(e) = client(id, grpc, tls, ev_tx, permit).await {
                 eprintln!("client {id}: {e}");
             }
         });

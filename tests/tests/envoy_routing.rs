@@ -183,6 +183,38 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
             assert!(line.ends_with(": 0"), "{proxy} rejected an update: {line}");
         }
     }
+    // Envoy's config dump holds the very versions the primary sent it.
+    let proxies = mesh.state.client().unwrap().proxies().await.unwrap();
+    let node = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nodeId"] == "sidecar~east~client-east")
+        .unwrap()
+        .clone();
+    let (_, dump) = mesh
+        .get("proxy-client-east", "admin", "/config_dump")
+        .await
+        .unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    for (section, ty) in [
+        ("ClustersConfigDump", "Cluster"),
+        ("ListenersConfigDump", "Listener"),
+        ("RoutesConfigDump", "RouteConfiguration"),
+    ] {
+        let config = dump["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["@type"].as_str().unwrap_or_default().ends_with(section))
+            .unwrap();
+        let text = config.to_string();
+        let sent = node["types"][ty]["sentVersion"].as_str().unwrap();
+        assert!(
+            text.contains(&format!("\"version_info\":\"{sent}\"")),
+            "Envoy's {section} does not hold version {sent}"
+        );
+    }
     let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "traffic still flows under the corpus");
 }
