@@ -184,6 +184,8 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         }
     }
     // Envoy's config dump holds the very versions the primary sent it.
+    // (Routes are left out: Envoy keeps a route table's old version_info
+    // when an update leaves its content unchanged.)
     let proxies = mesh.state.client().unwrap().proxies().await.unwrap();
     let node = proxies
         .as_array()
@@ -200,7 +202,6 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     for (section, ty) in [
         ("ClustersConfigDump", "Cluster"),
         ("ListenersConfigDump", "Listener"),
-        ("RoutesConfigDump", "RouteConfiguration"),
     ] {
         let config = dump["configs"]
             .as_array()
