@@ -86,14 +86,7 @@ impl Sync for SyncService {
                 rec.replaced_intermediates.push(old);
             }
             rec.intermediates.push(fingerprint.clone());
-            rec.current_intermediate = Some(IntermediateRecord {
-                fingerprint: fingerprint.clone(),
-                pem: issued.pem.clone(),
-                serial_hex: issued.serial_hex.clone(),
-                root: ca.root_fingerprint(),
-                not_after_unix: issued.not_after_unix,
-                issued_unix: now_unix(),
-            });
+            rec.current_intermediate = Some(intermediate_record(&issued, &ca, now_unix()));
             rec.reissue_requested = false;
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
             let (ok, _) = self
@@ -320,14 +313,7 @@ impl SyncService {
             rec.joined_unix = Some(now);
             let fingerprint = isthmus_ca::pem::fingerprint(&issued.der);
             rec.intermediates.push(fingerprint.clone());
-            rec.current_intermediate = Some(IntermediateRecord {
-                fingerprint,
-                pem: issued.pem.clone(),
-                serial_hex: issued.serial_hex.clone(),
-                root: ca.root_fingerprint(),
-                not_after_unix: issued.not_after_unix,
-                issued_unix: now,
-            });
+            rec.current_intermediate = Some(intermediate_record(&issued, &ca, now));
             rec.gateway_token_sha256 = Some(tokens::sha256_hex(&gateway_secret));
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
             let (ok, _) = store
@@ -362,6 +348,22 @@ impl SyncService {
         Err(Status::aborted(
             "cluster record kept changing during join; retry",
         ))
+    }
+}
+
+/// What the cluster record keeps of an intermediate the CA just signed.
+fn intermediate_record(
+    issued: &isthmus_ca::IssuedCert,
+    ca: &crate::ca::CaState,
+    now: u64,
+) -> IntermediateRecord {
+    IntermediateRecord {
+        fingerprint: isthmus_ca::pem::fingerprint(&issued.der),
+        pem: issued.pem.clone(),
+        serial_hex: issued.serial_hex.clone(),
+        root: ca.root_fingerprint(),
+        not_after_unix: issued.not_after_unix,
+        issued_unix: now,
     }
 }
 

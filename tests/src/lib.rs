@@ -572,3 +572,44 @@ impl Load {
         total
     }
 }
+
+impl Mesh {
+    /// Waits until `count` proxies are connected and every one has ACKed
+    /// every type it was sent, with no NACK.
+    pub async fn wait_all_synced(&self, count: usize, patience: Duration) {
+        let client = self.state.client().expect("a client of the primary");
+        eventually("every proxy to ACK every type", patience, || async {
+            let proxies = client.proxies().await.ok()?;
+            let proxies = proxies.as_array()?;
+            let synced = proxies.len() == count
+                && proxies.iter().all(|p| {
+                    p["types"].as_object().is_some_and(|types| {
+                        !types.is_empty()
+                            && types.values().all(|t| {
+                                t["nack"].is_null() && t["ackedVersion"] == t["sentVersion"]
+                            })
+                    })
+                });
+            synced.then_some(())
+        })
+        .await;
+    }
+}
+
+/// Whether a test that needs network namespaces (and, with `envoy`, the
+/// Envoy binary) can run here; if not, says why. In CI both must be there.
+pub fn can_run(test: &str, envoy: bool) -> bool {
+    if !netns::available() {
+        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
+        return false;
+    }
+    if envoy && isthmus_topology::envoy::binary().is_err() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
+        );
+        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
+        return false;
+    }
+    true
+}

