@@ -83,15 +83,7 @@ pub struct Authority {
 impl Authority {
     /// Generates a new ECDSA P-256 root for `trust_domain`.
     pub fn generate(trust_domain: &str) -> Result<Self, CaError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let mut params = ca_params(
-            &format!("Isthmus root CA ({trust_domain})"),
-            ROOT_TTL,
-            BasicConstraints::Unconstrained,
-        );
-        params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))?];
-        let cert = params.self_signed(&key)?;
-        Self::from_pem(&cert.pem(), &key.serialize_pem(), trust_domain)
+        Self::generate_with(trust_domain, &rcgen::PKCS_ECDSA_P256_SHA256)
     }
 
     /// Generates a new root with a key of the given algorithm; for imports

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::Shared;
 use crate::records::{ClusterRecord, now_unix};
-use crate::store::{Compare, Leadership, Op, Store, StoreError, keys};
+use crate::store::{Leadership, Op, Store, StoreError, keys};
 
 /// The election every replica runs.
 pub const ELECTION: &str = "primary";
@@ -122,13 +122,7 @@ pub async fn sweep_join_tokens(
         })?;
         let (applied, _) = store
             .txn(
-                vec![
-                    leadership.fence(),
-                    Compare {
-                        key: kv.key.clone(),
-                        mod_revision: kv.mod_revision,
-                    },
-                ],
+                vec![leadership.fence(), kv.unchanged()],
                 vec![Op::Put {
                     key: kv.key.clone(),
                     value,

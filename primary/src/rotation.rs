@@ -209,19 +209,7 @@ pub async fn request_intermediate(shared: &Shared, cluster: &str) -> Result<(), 
             started_unix: now_unix(),
         });
         let value = serde_json::to_vec(&c).map_err(internal)?;
-        let (ok, revision) = shared
-            .store
-            .txn(
-                vec![Compare {
-                    key: key.clone(),
-                    mod_revision: kv.mod_revision,
-                }],
-                vec![Op::Put {
-                    key: key.clone(),
-                    value,
-                }],
-            )
-            .await?;
+        let (ok, revision) = crate::store::replace(&*shared.store, &kv, value).await?;
         if ok {
             caught_up(shared, revision).await;
             tracing::info!(audit = true, cluster, old = %current.fingerprint, "intermediate rotation started");
@@ -241,10 +229,7 @@ async fn commit(
     mut compares: Vec<Compare>,
     ops: Vec<Op>,
 ) -> Result<bool, RotationError> {
-    compares.push(Compare {
-        key: keys::CA.into(),
-        mod_revision: kv.mod_revision,
-    });
+    compares.push(kv.unchanged());
     let (ok, revision) = shared.store.txn(compares, ops).await?;
     if ok {
         caught_up(shared, revision).await;
@@ -286,10 +271,7 @@ async fn enter_phase_2(
             .is_some_and(|i| i.root == to);
         if c.joined_unix.is_some() && !under_new {
             c.reissue_requested = true;
-            compares.push(Compare {
-                key: kv.key.clone(),
-                mod_revision: kv.mod_revision,
-            });
+            compares.push(kv.unchanged());
             ops.push(Op::Put {
                 key: kv.key,
                 value: serde_json::to_vec(&c).map_err(internal)?,
@@ -506,19 +488,10 @@ pub async fn step(shared: &Shared, leadership: &Leadership) -> Result<bool, Rota
             key: key.clone(),
             value: serde_json::to_vec(&next).map_err(internal)?,
         }];
-        let mut compares = vec![
-            leadership.fence(),
-            Compare {
-                key,
-                mod_revision: ckv.mod_revision,
-            },
-        ];
+        let mut compares = vec![leadership.fence(), ckv.unchanged()];
         if ca_changed {
             ops.push(put_ca(&rec)?);
-            compares.push(Compare {
-                key: keys::CA.into(),
-                mod_revision: kv.mod_revision,
-            });
+            compares.push(kv.unchanged());
         }
         if shared.store.txn(compares, ops).await?.0 {
             tracing::info!(audit = true, cluster = %c.name, state = ?next.intermediate_rotation.as_ref().map(|r| r.state.clone()), "intermediate rotation moved on");
@@ -583,13 +556,7 @@ async fn rearm(shared: &Shared, leadership: &Leadership, to: &str) -> Result<(),
         shared
             .store
             .txn(
-                vec![
-                    leadership.fence(),
-                    Compare {
-                        key: kv.key.clone(),
-                        mod_revision: kv.mod_revision,
-                    },
-                ],
+                vec![leadership.fence(), kv.unchanged()],
                 vec![Op::Put { key: kv.key, value }],
             )
             .await?;

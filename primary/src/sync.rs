@@ -23,7 +23,7 @@ use crate::records::{
     ClusterRecord, EndpointRecord, HeartbeatRecord, IntermediateRecord, PortRecord, ServiceRecord,
     now_unix,
 };
-use crate::store::{Compare, Op, keys};
+use crate::store::{self, Op, keys};
 use crate::{Shared, auth, tokens};
 
 /// Upper bounds on what one agent may report.
@@ -81,27 +81,16 @@ impl Sync for SyncService {
                 .authority
                 .sign_intermediate(&csr, &peer.cluster)
                 .map_err(|e| Status::invalid_argument(format!("intermediate CSR: {e}")))?;
-            let fingerprint = isthmus_ca::pem::fingerprint(&issued.der);
+            let issued_record = intermediate_record(&issued, &ca, now_unix());
+            let fingerprint = issued_record.fingerprint.clone();
             if let Some(old) = rec.current_intermediate.take() {
                 rec.replaced_intermediates.push(old);
             }
             rec.intermediates.push(fingerprint.clone());
-            rec.current_intermediate = Some(intermediate_record(&issued, &ca, now_unix()));
+            rec.current_intermediate = Some(issued_record);
             rec.reissue_requested = false;
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
-            let (ok, _) = self
-                .shared
-                .store
-                .txn(
-                    vec![Compare {
-                        key: key.clone(),
-                        mod_revision: kv.mod_revision,
-                    }],
-                    vec![Op::Put {
-                        key: key.clone(),
-                        value,
-                    }],
-                )
+            let (ok, _) = store::replace(&*self.shared.store, &kv, value)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             if !ok {
@@ -311,22 +300,12 @@ impl SyncService {
             let gateway_secret = tokens::generate();
             rec.join_token_sha256 = None;
             rec.joined_unix = Some(now);
-            let fingerprint = isthmus_ca::pem::fingerprint(&issued.der);
-            rec.intermediates.push(fingerprint.clone());
-            rec.current_intermediate = Some(intermediate_record(&issued, &ca, now));
+            let issued_record = intermediate_record(&issued, &ca, now);
+            rec.intermediates.push(issued_record.fingerprint.clone());
+            rec.current_intermediate = Some(issued_record);
             rec.gateway_token_sha256 = Some(tokens::sha256_hex(&gateway_secret));
             let value = serde_json::to_vec(&rec).map_err(|e| Status::internal(e.to_string()))?;
-            let (ok, _) = store
-                .txn(
-                    vec![Compare {
-                        key: key.clone(),
-                        mod_revision: kv.mod_revision,
-                    }],
-                    vec![Op::Put {
-                        key: key.clone(),
-                        value,
-                    }],
-                )
+            let (ok, _) = store::replace(&**store, &kv, value)
                 .await
                 .map_err(|e| Status::unavailable(e.to_string()))?;
             if !ok {

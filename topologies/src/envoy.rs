@@ -71,35 +71,30 @@ fn sds_config(name: &str) -> String {
     )
 }
 
-/// A sidecar's bootstrap. Its certificate comes from SDS on `sds_socket`;
-/// so does the root it verifies the primary with, whose serving
-/// certificate must name `isthmus-primary` (a workload's cannot).
-pub fn sidecar_bootstrap(
+/// What every bootstrap starts with: the node, the admin listener, ADS over
+/// `ads_service` (a `grpc_services` entry), and the `xds-grpc` cluster of
+/// every primary, up to its TLS context's ALPN line. Callers add how they
+/// authenticate and verify.
+fn head(
     node_id: &str,
     cluster: &str,
-    instance_ip: &str,
-    apps: &[(u16, SocketAddr)],
+    metadata: &str,
     admin: SocketAddr,
+    ads_service: &str,
     primary_grpc: &str,
-    sds_socket: &Path,
 ) -> anyhow::Result<String> {
-    let apps = apps
-        .iter()
-        .map(|(p, a)| format!("{p}={a}"))
-        .collect::<Vec<_>>()
-        .join(",");
     let mut out = format!(
         r#"node:
   id: "{node_id}"
   cluster: "{cluster}"
-  metadata: {{CLUSTER_ID: "{cluster}", INSTANCE_IP: "{instance_ip}", APPS: "{apps}"}}
+  metadata: {{CLUSTER_ID: "{cluster}", {metadata}}}
 admin: {{address: {{socket_address: {{address: "{}", port_value: {}}}}}}}
 dynamic_resources:
   ads_config:
     api_type: GRPC
     transport_api_version: V3
     set_node_on_first_message_only: true
-    grpc_services: [{{envoy_grpc: {{cluster_name: xds-grpc}}}}]
+    grpc_services: [{ads_service}]
   lds_config: {{ads: {{}}, resource_api_version: V3}}
   cds_config: {{ads: {{}}, resource_api_version: V3}}
 static_resources:
@@ -123,7 +118,40 @@ static_resources:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         common_tls_context:
           alpn_protocols: [h2]
-          tls_certificate_sds_secret_configs: [{}]
+"#,
+        endpoints(&primaries(primary_grpc)?),
+    );
+    Ok(out)
+}
+
+/// A sidecar's bootstrap. Its certificate comes from SDS on `sds_socket`;
+/// so does the root it verifies the primary with, whose serving
+/// certificate must name `isthmus-primary` (a workload's cannot).
+pub fn sidecar_bootstrap(
+    node_id: &str,
+    cluster: &str,
+    instance_ip: &str,
+    apps: &[(u16, SocketAddr)],
+    admin: SocketAddr,
+    primary_grpc: &str,
+    sds_socket: &Path,
+) -> anyhow::Result<String> {
+    let apps = apps
+        .iter()
+        .map(|(p, a)| format!("{p}={a}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut out = head(
+        node_id,
+        cluster,
+        &format!("INSTANCE_IP: \"{instance_ip}\", APPS: \"{apps}\""),
+        admin,
+        "{envoy_grpc: {cluster_name: xds-grpc}}",
+        primary_grpc,
+    )?;
+    let _ = write!(
+        out,
+        r#"          tls_certificate_sds_secret_configs: [{}]
           combined_validation_context:
             default_validation_context:
               match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: isthmus-primary}}}}]
@@ -132,7 +160,6 @@ static_resources:
     type: STATIC
     connect_timeout: 5s
 "#,
-        endpoints(&primaries(primary_grpc)?),
         sds_config("default"),
         sds_config("ROOTCA"),
     );
@@ -158,49 +185,23 @@ pub fn gateway_bootstrap(
     token: &str,
     roots_file: &Path,
 ) -> anyhow::Result<String> {
-    let mut out = format!(
-        r#"node:
-  id: "gateway~{cluster}"
-  cluster: "{cluster}"
-  metadata: {{CLUSTER_ID: "{cluster}", INSTANCE_IP: "{instance_ip}"}}
-admin: {{address: {{socket_address: {{address: "{}", port_value: {}}}}}}}
-dynamic_resources:
-  ads_config:
-    api_type: GRPC
-    transport_api_version: V3
-    set_node_on_first_message_only: true
-    grpc_services:
-    - envoy_grpc: {{cluster_name: xds-grpc}}
-      initial_metadata: [{{key: authorization, value: "Bearer {}"}}]
-  lds_config: {{ads: {{}}, resource_api_version: V3}}
-  cds_config: {{ads: {{}}, resource_api_version: V3}}
-static_resources:
-  clusters:
-  - name: xds-grpc
-    type: STATIC
-    connect_timeout: 5s
-"#,
-        admin.ip(),
-        admin.port(),
-        token.trim()
-    );
-    out += HTTP2;
+    let mut out = head(
+        &format!("gateway~{cluster}"),
+        cluster,
+        &format!("INSTANCE_IP: \"{instance_ip}\""),
+        admin,
+        &format!(
+            "{{envoy_grpc: {{cluster_name: xds-grpc}}, initial_metadata: [{{key: authorization, value: \"Bearer {}\"}}]}}",
+            token.trim()
+        ),
+        primary_grpc,
+    )?;
     let _ = write!(
         out,
-        r#"    load_assignment:
-      cluster_name: xds-grpc
-      endpoints: [{{lb_endpoints: [{}]}}]
-    transport_socket:
-      name: envoy.transport_sockets.tls
-      typed_config:
-        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-        common_tls_context:
-          alpn_protocols: [h2]
-          validation_context:
+        r#"          validation_context:
             trusted_ca: {{filename: "{}"}}
             match_typed_subject_alt_names: [{{san_type: DNS, matcher: {{exact: isthmus-primary}}}}]
 "#,
-        endpoints(&primaries(primary_grpc)?),
         roots_file.display()
     );
     Ok(out)

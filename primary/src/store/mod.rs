@@ -43,6 +43,34 @@ pub struct KeyValue {
     pub mod_revision: i64,
 }
 
+impl KeyValue {
+    /// The compare that holds while this key is still as it was read.
+    pub fn unchanged(&self) -> Compare {
+        Compare {
+            key: self.key.clone(),
+            mod_revision: self.mod_revision,
+        }
+    }
+}
+
+/// Replaces a value read as `kv` if nobody changed it since. Returns
+/// whether it applied and the store revision after it.
+pub async fn replace(
+    store: &dyn Store,
+    kv: &KeyValue,
+    value: Vec<u8>,
+) -> Result<(bool, i64), StoreError> {
+    store
+        .txn(
+            vec![kv.unchanged()],
+            vec![Op::Put {
+                key: kv.key.clone(),
+                value,
+            }],
+        )
+        .await
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Put(KeyValue),
