@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::AggregatedDiscoveryServiceServer;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::service::TowerToHyperService;
 use isthmus_api::pb::sync::sync_server::SyncServer;
@@ -91,6 +90,12 @@ pub struct Config {
     /// longest a dead leader's jobs stay unowned.
     #[arg(long, default_value_t = 10)]
     pub leader_ttl_seconds: u64,
+    /// Proxies being pushed config at once (Istio's PILOT_PUSH_THROTTLE).
+    /// A proxy holds its slot until it ACKs (or for 5 s at most), so this
+    /// bounds the bytes queued towards slow proxies during a fleet-wide
+    /// push, and the memory the primary needs for it.
+    #[arg(long, default_value_t = 100)]
+    pub max_concurrent_pushes: usize,
 }
 
 pub struct Metrics {
@@ -184,6 +189,10 @@ pub struct Shared {
     pub xds_cache: xds::generate::Cache,
     /// Interned resource names.
     pub names: std::sync::Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Delta subscription sets, shared between streams.
+    pub subscriptions: xds::delta::Subscriptions,
+    /// See [`Config::max_concurrent_pushes`].
+    pub push_slots: Arc<tokio::sync::Semaphore>,
 }
 
 impl Shared {
@@ -305,6 +314,71 @@ async fn serve_http<IO>(
     }
 }
 
+/// The TLS client chain of the connection a gRPC request came on.
+#[derive(Clone)]
+pub(crate) struct PeerChain(pub Arc<Vec<rustls::pki_types::CertificateDer<'static>>>);
+
+/// The certificates a gRPC peer presented, if any.
+pub(crate) fn peer_certs<T>(
+    request: &tonic::Request<T>,
+) -> Option<&[rustls::pki_types::CertificateDer<'static>]> {
+    request
+        .extensions()
+        .get::<PeerChain>()
+        .map(|c| c.0.as_slice())
+        .filter(|c| !c.is_empty())
+}
+
+/// Serves gRPC over HTTP/2 on TLS connections.
+///
+/// hyper, not tonic's server, so that the per-stream send buffer is bounded:
+/// by default h2 buffers up to 400 KiB per stream ahead of a slow reader,
+/// which at a thousand proxies taking their first snapshot at once is
+/// 400 MB of transient heap that the allocator then keeps. Each request
+/// carries the connection's client chain as a `PeerChain` extension.
+async fn serve_grpc<IO>(
+    mut incoming: tokio_stream::wrappers::ReceiverStream<
+        Result<tokio_rustls::server::TlsStream<IO>, std::io::Error>,
+    >,
+    routes: tonic::service::Routes,
+) where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio_stream::StreamExt;
+    while let Some(Ok(tls)) = incoming.next().await {
+        let chain = PeerChain(Arc::new(
+            tls.get_ref()
+                .1
+                .peer_certificates()
+                .unwrap_or_default()
+                .to_vec(),
+        ));
+        let routes = routes.clone();
+        let service = tower::ServiceBuilder::new()
+            .map_request(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(chain.clone());
+                req
+            })
+            .service(routes);
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+            builder
+                .timer(hyper_util::rt::TokioTimer::new())
+                .max_send_buf_size(GRPC_SEND_BUFFER)
+                .keep_alive_interval(std::time::Duration::from_secs(30))
+                .keep_alive_timeout(std::time::Duration::from_secs(10));
+            let service = TowerToHyperService::new(service);
+            if let Err(e) = builder.serve_connection(TokioIo::new(tls), service).await {
+                tracing::debug!(error = %e, "gRPC connection ended with an error");
+            }
+        });
+    }
+}
+
+/// Bytes h2 may hold per stream ahead of the peer reading them; the xDS
+/// and sync streams hold the rest as ungenerated work, not as buffers.
+const GRPC_SEND_BUFFER: usize = 64 * 1024;
+
 /// Runs the primary until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
@@ -393,6 +467,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         replica: replica.clone(),
         xds_cache: Default::default(),
         names: Default::default(),
+        subscriptions: Default::default(),
+        push_slots: Arc::new(tokio::sync::Semaphore::new(
+            config.max_concurrent_pushes.max(1),
+        )),
     });
     tokio::spawn(xds::status::publish(shared.clone()));
     tokio::spawn(leader::run(
@@ -414,16 +492,16 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP listener {}", config.http_listen))?;
     tracing::info!(grpc = %config.grpc_listen, http = %config.http_listen, "primary serving");
 
-    let grpc = tonic::transport::Server::builder()
-        .add_service(SyncServer::new(sync::SyncService {
-            shared: shared.clone(),
-        }))
-        .add_service(AggregatedDiscoveryServiceServer::new(
-            xds::ads::AdsService {
-                shared: shared.clone(),
-            },
-        ))
-        .serve_with_incoming(isthmus_transport::tls_incoming(grpc_listener, grpc_cfg));
+    let grpc = tonic::service::Routes::new(SyncServer::new(sync::SyncService {
+        shared: shared.clone(),
+    }))
+    .add_service(xds::server::AdsServer(Arc::new(xds::ads::AdsService {
+        shared: shared.clone(),
+    })));
+    let grpc = serve_grpc(
+        isthmus_transport::tls_incoming(grpc_listener, grpc_cfg),
+        grpc,
+    );
 
     let router = api::router(shared.clone());
     if let Some(path) = &config.api_socket {
@@ -440,7 +518,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         router,
     );
     tokio::select! {
-        r = grpc => r.context("gRPC server failed")?,
+        () = grpc => {},
         () = http => {},
     }
     Ok(())

@@ -56,10 +56,7 @@ impl Sync for SyncService {
         &self,
         request: Request<RenewRequest>,
     ) -> Result<Response<RenewResponse>, Status> {
-        let peer = auth::agent(
-            &self.shared,
-            request.peer_certs().as_deref().map(|v| v.as_slice()),
-        )?;
+        let peer = auth::agent(&self.shared, crate::peer_certs(&request))?;
         let csr = request.into_inner().csr_pem;
         let key = keys::cluster(&peer.cluster);
         for _ in 0..5 {
@@ -126,10 +123,7 @@ impl Sync for SyncService {
         &self,
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
-        let peer = auth::agent(
-            &self.shared,
-            request.peer_certs().as_deref().map(|v| v.as_slice()),
-        )?;
+        let peer = auth::agent(&self.shared, crate::peer_certs(&request))?;
         let cluster = peer.cluster;
         let mut inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(8);

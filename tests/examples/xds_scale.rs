@@ -91,6 +91,24 @@ fn usage(pid: u32) -> (u64, f64) {
     (rss_kb * 1024, ticks as f64 / hz)
 }
 
+/// How long after the last client synced resident memory is read: the
+/// allocator returns the connection burst's freed pages within it.
+const SETTLE: Duration = Duration::from_secs(10);
+
+/// The process's peak resident memory (bytes).
+fn peak_rss(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
@@ -309,8 +327,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let connect_time = started.elapsed();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    eprintln!("all {clients} clients synced after {connect_time:?}");
+    // Resident memory once the connection burst has settled.
+    tokio::time::sleep(SETTLE).await;
     let (rss_after, _) = usage(pid);
+    eprintln!("primary RSS {:.1} MiB", rss_after as f64 / 1048576.0);
 
     // Endpoint changes: svc-0 gains an endpoint, then loses it, and so on.
     let mut latencies = Vec::new();
@@ -372,6 +393,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let full_push_wall = t0.elapsed();
     let (_, cpu_after) = usage(pid);
+    let peak = peak_rss(pid);
 
     println!(
         "clients: {clients}, services: {services}, endpoints: {}",
@@ -386,10 +408,15 @@ async fn main() -> anyhow::Result<()> {
         latencies.last().unwrap()
     );
     println!(
-        "primary RSS: {:.1} MiB before the clients, {:.1} MiB with them: {:.1} KiB per client",
+        "primary RSS: {:.1} MiB before the clients, {:.1} MiB with them ({}s after the last synced): {:.1} KiB per client",
         rss_before as f64 / 1048576.0,
         rss_after as f64 / 1048576.0,
+        SETTLE.as_secs(),
         (rss_after.saturating_sub(rss_before)) as f64 / 1024.0 / clients as f64
+    );
+    println!(
+        "primary peak RSS over the whole run (connection burst, changes, full push): {:.1} MiB",
+        peak as f64 / 1048576.0
     );
     println!(
         "full push ({} assignments to each client): {:.2} s of primary CPU, {:?} wall",

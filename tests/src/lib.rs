@@ -367,6 +367,7 @@ impl InProcessPrimary {
             etcd: vec![],
             replica_id: Some("in-process".into()),
             leader_ttl_seconds: 10,
+            max_concurrent_pushes: 100,
         };
         let task = tokio::spawn(isthmus_primary::run(config));
         let token_file = dir.path().join("admin-token");

@@ -16,6 +16,19 @@ const META: TableDefinition<&str, i64> = TableDefinition::new("meta");
 const REVISION: &str = "revision";
 /// Events kept for watchers that resume from an older revision.
 const DEFAULT_HISTORY: usize = 10_000;
+/// The history's bound in bytes: records such as a replica's xDS status
+/// grow with the fleet (hundreds of KB at a thousand proxies) and are
+/// rewritten often, so a count alone would let history hold gigabytes. A
+/// watcher further behind than the history resumes from a fresh read, as
+/// after etcd's compaction.
+const HISTORY_BYTES: usize = 16 * 1024 * 1024;
+
+fn size(e: &Event) -> usize {
+    match e {
+        Event::Put(kv) => kv.key.len() + kv.value.len(),
+        Event::Delete { key, .. } => key.len(),
+    }
+}
 
 type WatchSender = mpsc::UnboundedSender<Result<Vec<Event>, StoreError>>;
 
@@ -28,6 +41,8 @@ struct Inner {
     revision: i64,
     history: VecDeque<Event>,
     history_limit: usize,
+    /// Bytes of keys and values in `history`, kept under `HISTORY_BYTES`.
+    history_bytes: usize,
     /// Revision of the oldest event still in history, or revision+1.
     oldest: i64,
     /// (prefix, sender) of every live watcher.
@@ -101,6 +116,7 @@ impl EmbeddedStore {
                 revision,
                 history: VecDeque::new(),
                 history_limit: history.max(1),
+                history_bytes: 0,
                 oldest: revision + 1,
                 watchers: Vec::new(),
             }),
@@ -192,10 +208,15 @@ impl EmbeddedStore {
             batch.is_empty() || tx.send(Ok(batch)).is_ok()
         });
         for e in events {
+            inner.history_bytes += size(&e);
             inner.history.push_back(e);
         }
-        while inner.history.len() > inner.history_limit {
-            inner.history.pop_front();
+        while inner.history.len() > inner.history_limit
+            || (inner.history_bytes > HISTORY_BYTES && inner.history.len() > 1)
+        {
+            if let Some(e) = inner.history.pop_front() {
+                inner.history_bytes -= size(&e);
+            }
         }
         inner.oldest = inner
             .history
@@ -212,7 +233,9 @@ impl EmbeddedStore {
             .front()
             .is_some_and(|e| e.revision() < revision)
         {
-            inner.history.pop_front();
+            if let Some(e) = inner.history.pop_front() {
+                inner.history_bytes -= size(&e);
+            }
         }
         inner.oldest = inner
             .history
@@ -302,6 +325,11 @@ impl Store for EmbeddedStore {
         Ok(())
     }
 
+    /// redb locks the file: one process, one replica.
+    fn shared_by_replicas(&self) -> bool {
+        false
+    }
+
     /// The embedded store belongs to one process (redb locks the file), so
     /// its only candidate wins at once and never loses.
     async fn campaign(
@@ -367,5 +395,28 @@ mod tests {
         let (items, rev) = store.list("/").await.unwrap();
         assert_eq!(items.len(), 11);
         assert_eq!(rev, r2 + 11);
+    }
+
+    #[tokio::test]
+    async fn history_is_bounded_in_bytes_as_well_as_events() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = EmbeddedStore::open(&dir.path().join("db")).unwrap();
+        // A status record as large as a big fleet's, rewritten often.
+        let big = vec![b'x'; 1024 * 1024];
+        let first = store.put("/s/status", big.clone()).await.unwrap();
+        let mut last = first;
+        for _ in 0..(HISTORY_BYTES / big.len()) + 2 {
+            last = store.put("/s/status", big.clone()).await.unwrap();
+        }
+        assert!(matches!(
+            store.watch("/s/", first).await,
+            Err(StoreError::Compacted { .. })
+        ));
+        // Recent history is still there for watchers a little behind.
+        let mut w = store.watch("/s/", last).await.unwrap();
+        let replay = w.recv().await.unwrap().unwrap();
+        assert_eq!(replay.len(), 1);
+        assert_eq!(replay[0].revision(), last);
+        assert!(store.lock().history_bytes <= HISTORY_BYTES);
     }
 }

@@ -157,6 +157,12 @@ pub trait Store: Send + Sync + 'static {
     /// Forgets history older than `revision`; watches from before it fail
     /// with [`StoreError::Compacted`].
     async fn compact(&self, revision: i64) -> Result<(), StoreError>;
+
+    /// Whether other replicas can read this store. A replica publishes what
+    /// only others need (its xDS streams) only to a store they share.
+    fn shared_by_replicas(&self) -> bool {
+        true
+    }
     /// Campaigns in `election` with `candidate` as the leader key's value,
     /// and returns once this caller leads. The lease lapses `ttl` after the
     /// leader stops renewing it (it crashed or lost etcd), and the next

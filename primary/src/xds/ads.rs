@@ -35,6 +35,17 @@ pub struct AdsService {
 
 type RespStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
+/// A stream's outgoing responses. Boxed: the channel allocates its slots in
+/// blocks of 32, and a response beside a `Status` is a few hundred bytes,
+/// which at a thousand streams is megabytes of empty slots.
+pub(super) type Queue<T> = mpsc::Sender<Box<Result<T, Status>>>;
+
+fn queue<T: Send + 'static>() -> (Queue<T>, RespStream<T>) {
+    use tokio_stream::StreamExt;
+    let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+    (tx, Box::pin(ReceiverStream::new(rx).map(|b| *b)))
+}
+
 #[tonic::async_trait]
 impl AggregatedDiscoveryService for AdsService {
     type StreamAggregatedResourcesStream = RespStream<DiscoveryResponse>;
@@ -45,7 +56,7 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = Peer::authenticate(&self.shared, &request)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = queue();
         let conn = Connection {
             peer,
             types: HashMap::new(),
@@ -53,7 +64,7 @@ impl AggregatedDiscoveryService for AdsService {
             tx,
         };
         tokio::spawn(conn.run(request.into_inner()));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 
     async fn delta_aggregated_resources(
@@ -61,9 +72,9 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = Peer::authenticate(&self.shared, &request)?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = queue();
         tokio::spawn(super::delta::run(peer, request.into_inner(), tx));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(rx))
     }
 }
 
@@ -95,17 +106,16 @@ struct Connection {
     peer: Peer,
     types: HashMap<String, TypeState>,
     nonce: u64,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: Queue<DiscoveryResponse>,
 }
 
 impl Peer {
     /// Workloads present their SVID chain; gateways their bearer credential.
     pub fn authenticate<T>(shared: &Arc<Shared>, request: &Request<T>) -> Result<Self, Status> {
-        let certs = request.peer_certs();
         let mut certificate = None;
-        let (cluster, role, identity) = match certs.as_deref().filter(|c| !c.is_empty()) {
+        let (cluster, role, identity) = match crate::peer_certs(request) {
             Some(certs) => {
-                let peer = auth::workload(shared, Some(certs.as_slice()))?;
+                let peer = auth::workload(shared, Some(certs))?;
                 if let (Some(leaf), Some(intermediate)) = (certs.first(), certs.get(1)) {
                     let not_after = isthmus_ca::svid::inspect(leaf)
                         .map(|i| i.not_after_unix)
@@ -193,6 +203,104 @@ impl Peer {
             .collect())
     }
 
+    /// What a node says about itself must agree with its credentials: the
+    /// cluster, network and locality of the cluster its certificate (or
+    /// gateway token) belongs to, and for a workload the namespace and
+    /// service account of its SVID. An INSTANCE_IP that the registry knows
+    /// as another identity's workload is refused, so no proxy fetches the
+    /// inbound config of a workload it is not.
+    fn check_claims(
+        &self,
+        node: &Node,
+        meta: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), Status> {
+        let refuse = |what: String| {
+            tracing::warn!(node = %node.id, cluster = %self.cluster, identity = ?self.identity, "{what}");
+            Err(Status::permission_denied(what))
+        };
+        if let Some(claimed) = meta("CLUSTER_ID")
+            && claimed != self.cluster
+        {
+            return refuse(format!(
+                "node metadata claims cluster {claimed:?} but its credentials belong to {:?}",
+                self.cluster
+            ));
+        }
+        let model = self.shared.model.borrow().clone();
+        let Some(me) = model.clusters.get(&self.cluster) else {
+            return Err(Status::permission_denied(format!(
+                "cluster {:?} was deregistered",
+                self.cluster
+            )));
+        };
+        if let Some(network) = meta("NETWORK").filter(|n| !n.is_empty())
+            && network != me.network
+        {
+            return refuse(format!(
+                "node metadata claims network {network:?} but cluster {:?} is on {:?}",
+                me.name, me.network
+            ));
+        }
+        if let Some(locality) = &node.locality {
+            for (what, claimed, actual) in [
+                ("region", &locality.region, &me.region),
+                ("zone", &locality.zone, &me.zone),
+            ] {
+                if !claimed.is_empty() && claimed != actual {
+                    return refuse(format!(
+                        "node locality claims {what} {claimed:?} but cluster {:?} is in {actual:?}",
+                        me.name
+                    ));
+                }
+            }
+        }
+        let Some(identity) = &self.identity else {
+            return Ok(());
+        };
+        let id = isthmus_ca::SpiffeId::parse(identity)
+            .map_err(|e| Status::unauthenticated(format!("SVID: {e}")))?;
+        let Some((namespace, account)) = id.namespace_and_account() else {
+            return Ok(());
+        };
+        for (key, actual) in [("NAMESPACE", namespace), ("SERVICE_ACCOUNT", account)] {
+            if let Some(claimed) = meta(key)
+                && claimed != actual
+            {
+                return refuse(format!(
+                    "node metadata claims {key} {claimed:?} but its SVID is {identity}"
+                ));
+            }
+        }
+        // Istio's node id: sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN.
+        let parts: Vec<&str> = node.id.split('~').collect();
+        if let [_, _, _, domain] = parts.as_slice()
+            && let Some(claimed) = domain.split('.').next()
+            && domain.contains(".svc.")
+            && claimed != namespace
+        {
+            return refuse(format!(
+                "node id names namespace {claimed:?} but its SVID is {identity}"
+            ));
+        }
+        if let Some(ip) = meta("INSTANCE_IP") {
+            let owner = model
+                .services
+                .values()
+                .filter_map(|by_cluster| by_cluster.get(&self.cluster))
+                .flat_map(|svc| svc.endpoints.iter().map(move |e| (svc, e)))
+                .find(|(svc, e)| {
+                    e.address == ip && (svc.namespace != namespace || e.service_account != account)
+                });
+            if let Some((svc, e)) = owner {
+                return refuse(format!(
+                    "INSTANCE_IP {ip} is workload {:?} of {}/{} (service account {:?}), not {identity}",
+                    e.workload, svc.namespace, svc.name, e.service_account
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub fn accept_node(&mut self, node: Option<&Node>) -> Result<(), Status> {
         let node = node.ok_or_else(|| {
             Status::invalid_argument("the first DiscoveryRequest must carry a node")
@@ -200,25 +308,6 @@ impl Peer {
         if node.id.is_empty() || node.id.len() > 256 {
             return Err(Status::invalid_argument("node.id must be 1 to 256 bytes"));
         }
-        // A node may not claim a cluster other than the one its credentials name.
-        if let Some(claimed) = node
-            .metadata
-            .as_ref()
-            .and_then(|m| m.fields.get("CLUSTER_ID"))
-            .and_then(|v| match &v.kind {
-                Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) => {
-                    Some(s.as_str())
-                }
-                _ => None,
-            })
-            && claimed != self.cluster
-        {
-            return Err(Status::permission_denied(format!(
-                "node metadata claims cluster {claimed:?} but its credentials belong to {:?}",
-                self.cluster
-            )));
-        }
-        self.node_id = node.id.clone();
         let meta = |key: &str| {
             node.metadata
                 .as_ref()
@@ -230,6 +319,8 @@ impl Peer {
                     _ => None,
                 })
         };
+        self.check_claims(node, &meta)?;
+        self.node_id = node.id.clone();
         self.node_info = generate::NodeInfo {
             instance_ip: meta("INSTANCE_IP").filter(|ip| ip.parse::<std::net::IpAddr>().is_ok()),
             apps: meta("APPS")
@@ -292,7 +383,7 @@ impl Connection {
                     Ok(Some(req)) => {
                         if let Err(status) = self.on_request(req).await {
                             tracing::warn!(node = %self.peer.node_id, cluster = %self.peer.cluster, reason = %status.message(), "closing xDS stream");
-                            let _ = self.tx.send(Err(status)).await;
+                            let _ = self.tx.send(Box::new(Err(status))).await;
                             break;
                         }
                     }
@@ -312,7 +403,7 @@ impl Connection {
                     if revision != seen_revision {
                         seen_revision = revision;
                         if !self.peer.shared.model.borrow().clusters.contains_key(&self.peer.cluster) {
-                            let _ = self.tx.send(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.peer.cluster)))).await;
+                            let _ = self.tx.send(Box::new(Err(Status::permission_denied(format!("cluster {:?} was deregistered", self.peer.cluster))))).await;
                             break;
                         }
                         // Clusters first; a changed cluster is re-warmed by
@@ -418,7 +509,7 @@ impl Connection {
             .proxies
             .update(self.peer.id, type_url, |s| s.sent_version = version);
         self.tx
-            .send(Ok(response))
+            .send(Box::new(Ok(response)))
             .await
             .map_err(|_| Status::cancelled("proxy went away"))?;
         Ok(true)
@@ -428,6 +519,11 @@ impl Connection {
 /// How long a push waits after a change, so that a burst of changes (an
 /// agent's snapshot, an `apply` of many documents) reaches each proxy as one
 /// push. Istio waits 100 ms.
+/// Responses queued per stream ahead of the transport. Small: a response
+/// is generated when the stream can take it, so a slow proxy holds two
+/// batches here, not a snapshot.
+const RESPONSE_QUEUE: usize = 2;
+
 pub(super) const PUSH_DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// The order Envoy needs updates in: clusters before their endpoints,

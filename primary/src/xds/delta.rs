@@ -13,8 +13,6 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use sha2::{Digest, Sha256};
-use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::ads::{Peer, short};
@@ -23,9 +21,10 @@ use super::generate::Generated;
 #[derive(Default)]
 struct TypeState {
     wildcard: bool,
-    /// Subscribed names, interned: a thousand proxies subscribed to the same
+    /// Subscribed names, interned, and the set itself shared (see
+    /// [`Subscriptions`]): a thousand proxies subscribed to the same
     /// thousand clusters share the strings.
-    names: BTreeSet<Arc<str>>,
+    names: Arc<BTreeSet<Arc<str>>>,
     /// What the client holds: after every push, exactly what `base` has
     /// that it subscribes to (shared with every proxy pushed the same
     /// generation), except for `overrides`: versions it told us on
@@ -33,29 +32,119 @@ struct TypeState {
     base: Option<Arc<Generated>>,
     overrides: HashMap<String, String>,
     nonce: String,
-    /// Nonces of the earlier batches of the last push: a NACK of any of
+    /// The nonce of the first batch of the last push; nonces count up, so
+    /// the push's batches are `first_nonce..=nonce`, and a NACK of any of
     /// them counts.
-    batch_nonces: BTreeSet<String>,
+    first_nonce: u64,
     /// The system version of the last response, recorded when it is ACKed.
     sent_version: String,
     started: bool,
+    /// The subscription changed since the last push.
+    resubscribed: bool,
+    /// The last response has been neither ACKed nor NACKed yet.
+    awaiting: bool,
+}
+
+/// Subscription sets shared between streams: Envoy subscribes to the
+/// endpoints of every cluster it has, so the proxies of a cluster mostly
+/// hold the same thousand names, and one copy of the set serves them all.
+#[derive(Default)]
+pub struct Subscriptions {
+    sets: std::sync::Mutex<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
+    by_hash: HashMap<u64, Vec<std::sync::Weak<BTreeSet<Arc<str>>>>>,
+    /// Entries at the last sweep of dead sets.
+    swept_at: usize,
+}
+
+impl Subscriptions {
+    /// The shared copy of `set`: an equal set already in use, or `set`.
+    pub fn share(&self, set: Arc<BTreeSet<Arc<str>>>) -> Arc<BTreeSet<Arc<str>>> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        set.hash(&mut h);
+        let hash = h.finish();
+        let mut pool = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        let bucket = pool.by_hash.entry(hash).or_default();
+        bucket.retain(|w| w.strong_count() > 0);
+        if let Some(found) = bucket
+            .iter()
+            .filter_map(|w| w.upgrade())
+            .find(|s| **s == *set)
+        {
+            return found;
+        }
+        bucket.push(Arc::downgrade(&set));
+        if pool.by_hash.len() > 2 * pool.swept_at.max(512) {
+            pool.by_hash.retain(|_, b| {
+                b.retain(|w| w.strong_count() > 0);
+                !b.is_empty()
+            });
+            pool.swept_at = pool.by_hash.len();
+        }
+        set
+    }
+}
+
+/// Where a stream's responses go.
+struct Out {
+    tx: super::ads::Queue<DeltaDiscoveryResponse>,
+    nonce: u64,
+    /// This stream's push slot (see `Config::max_concurrent_pushes`): taken
+    /// before a push, given back once every type is ACKed or at `until`.
+    slot: Option<(tokio::sync::OwnedSemaphorePermit, tokio::time::Instant)>,
+}
+
+/// The longest a proxy keeps its push slot without ACKing.
+const SLOT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+impl Out {
+    async fn take_slot(&mut self, peer: &Peer) -> Result<(), Status> {
+        if self.slot.is_none() {
+            let permit = peer
+                .shared
+                .push_slots
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| Status::unavailable("the primary is shutting down"))?;
+            self.slot = Some((permit, tokio::time::Instant::now() + SLOT_TIMEOUT));
+        }
+        Ok(())
+    }
+
+    async fn slot_expired(&self) {
+        match &self.slot {
+            Some((_, until)) => tokio::time::sleep_until(*until).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 pub(super) async fn run(
     mut peer: Peer,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: super::ads::Queue<DeltaDiscoveryResponse>,
 ) {
     let shared = peer.shared.clone();
     let mut model = shared.model.clone();
     let mut seen = model.borrow_and_update().config_revision;
     let mut types: HashMap<String, TypeState> = HashMap::new();
-    let mut nonce = 0u64;
+    let mut out = Out {
+        tx,
+        nonce: 0,
+        slot: None,
+    };
     shared.metrics.xds_connections.inc();
     loop {
         let outcome: Result<(), Status> = tokio::select! {
             msg = inbound.message() => match msg {
-                Ok(Some(req)) => on_request(&mut peer, &mut types, &mut nonce, &tx, req).await,
+                // Boxed, here and below: the stream's task then rests at
+                // the size of this loop, not of its largest step.
+                Ok(Some(req)) => Box::pin(on_request(&mut peer, &mut types, &mut out, req)).await,
                 Ok(None) => break,
                 Err(e) => {
                     tracing::debug!(node = %peer.node_id, error = %e, "delta xDS stream error");
@@ -74,16 +163,24 @@ pub(super) async fn run(
                 names.sort_by_key(|t| super::ads::push_order(t));
                 for t in names {
                     if let Some(state) = types.get_mut(&t) {
-                        result = push(&peer, &t, state, &mut nonce, &tx, false).await;
+                        result = Box::pin(push(&peer, &t, state, &mut out, false)).await;
                         if result.is_err() { break; }
                     }
                 }
                 result
             }
+            () = out.slot_expired() => {
+                tracing::debug!(node = %peer.node_id, "proxy slow to ACK; giving back its push slot");
+                out.slot = None;
+                Ok(())
+            }
         };
+        if out.slot.is_some() && !types.values().any(|t| t.awaiting) {
+            out.slot = None;
+        }
         if let Err(status) = outcome {
             tracing::warn!(node = %peer.node_id, cluster = %peer.cluster, reason = %status.message(), "closing delta xDS stream");
-            let _ = tx.send(Err(status)).await;
+            let _ = out.tx.send(Box::new(Err(status))).await;
             break;
         }
     }
@@ -94,8 +191,7 @@ pub(super) async fn run(
 async fn on_request(
     peer: &mut Peer,
     types: &mut HashMap<String, TypeState>,
-    nonce: &mut u64,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    out: &mut Out,
     req: DeltaDiscoveryRequest,
 ) -> Result<(), Status> {
     if peer.node_id.is_empty() {
@@ -119,7 +215,8 @@ async fn on_request(
                 state.base = None;
                 subscription_changed = true;
             }
-        } else if state.names.insert(peer.shared.intern(name)) {
+        } else if !state.names.contains(name.as_str()) {
+            Arc::make_mut(&mut state.names).insert(peer.shared.intern(name));
             if !state.wildcard {
                 state.overrides.entry(name.clone()).or_default();
             }
@@ -129,28 +226,37 @@ async fn on_request(
     for name in &req.resource_names_unsubscribe {
         if name == "*" {
             subscription_changed |= std::mem::replace(&mut state.wildcard, false);
-        } else if state.names.remove(name.as_str()) {
+        } else if state.names.contains(name.as_str()) {
+            Arc::make_mut(&mut state.names).remove(name.as_str());
             // No longer held: a later subscribe gets it again.
             state.overrides.insert(name.clone(), String::new());
             subscription_changed = true;
         }
     }
+    if subscription_changed {
+        state.names = peer.shared.subscriptions.share(state.names.clone());
+    }
     if !req.response_nonce.is_empty() {
         match &req.error_detail {
             Some(err)
                 if req.response_nonce == state.nonce
-                    || state.batch_nonces.contains(&req.response_nonce) =>
+                    || req.response_nonce.parse::<u64>().is_ok_and(|n| {
+                        n >= state.first_nonce && state.nonce.parse::<u64>().is_ok_and(|l| n <= l)
+                    }) =>
             {
+                state.awaiting = false;
                 peer.nacked(&req.type_url, &err.message)
             }
             None if req.response_nonce == state.nonce => {
+                state.awaiting = false;
                 peer.acked(&req.type_url, state.sent_version.clone())
             }
             _ => {}
         }
     }
+    state.resubscribed |= subscription_changed;
     if first || subscription_changed {
-        push(peer, &req.type_url, state, nonce, tx, first).await?;
+        push(peer, &req.type_url, state, out, first).await?;
     }
     Ok(())
 }
@@ -160,94 +266,93 @@ async fn push(
     peer: &Peer,
     type_url: &str,
     state: &mut TypeState,
-    nonce: &mut u64,
-    tx: &mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    out: &mut Out,
     always: bool,
 ) -> Result<(), Status> {
     let generated = peer.generated(type_url)?;
     let wanted = |name: &str| state.wildcard || state.names.contains(name);
-    let held = |name: &str| -> Option<&str> {
-        if let Some(v) = state.overrides.get(name) {
-            return (!v.is_empty()).then_some(v.as_str());
+    let (resources, removed) = match &state.base {
+        // The client holds the parent generation and nothing else: what
+        // changed is known, whatever the number of resources.
+        Some(base)
+            if generated.parent == Some(base.id)
+                && state.overrides.is_empty()
+                && !state.resubscribed =>
+        {
+            let resources = generated
+                .changed
+                .iter()
+                .filter(|name| wanted(name) && generated.resources.contains_key(*name))
+                .map(String::as_str)
+                .collect();
+            let removed = generated
+                .removed
+                .iter()
+                .filter(|name| wanted(name))
+                .cloned()
+                .collect();
+            (resources, removed)
         }
-        let base = state.base.as_ref()?;
-        if !wanted(name) {
-            return None;
-        }
-        base.resources.get(name).map(|(_, v)| v.as_str())
+        _ => compare(state, &generated),
     };
-    // The system version: a digest of the versions this peer is sent.
-    let mut h = Sha256::new();
-    for (name, (_, version)) in generated.resources.iter().filter(|(n, _)| wanted(n)) {
-        h.update(name.as_bytes());
-        h.update(version.as_bytes());
-    }
-    let system_version = hex::encode(&h.finalize()[..8]);
-    // Held before, and gone now (or no longer wanted).
-    let held_names = state
-        .base
-        .iter()
-        .flat_map(|b| b.resources.keys())
-        .chain(state.overrides.keys())
-        .filter(|n| held(n).is_some());
-    let mut removed: Vec<String> = held_names
-        .filter(|name| !generated.resources.contains_key(*name) || !wanted(name))
-        .cloned()
-        .collect();
-    removed.sort();
-    removed.dedup();
-    let resources: Vec<Resource> = generated
-        .resources
-        .iter()
-        .filter(|(name, (_, version))| wanted(name) && held(name) != Some(version.as_str()))
-        .map(|(name, (any, version))| Resource {
-            version: version.clone(),
-            name: name.clone(),
-            resource: Some(any.clone()),
-            ..Default::default()
-        })
-        .collect();
     if resources.is_empty() && removed.is_empty() && !always {
         return Ok(());
     }
+    out.take_slot(peer).await?;
     // From here the client holds exactly what it subscribes to of this
     // generation.
     state.base = Some(generated.clone());
-    state.overrides.clear();
-    state.sent_version = system_version;
+    // Not `clear`: that keeps the table's capacity for the life of the stream.
+    state.overrides = HashMap::new();
+    state.resubscribed = false;
+    state.sent_version = generated.digest.clone();
     let version = state.sent_version.clone();
     peer.shared
         .proxies
         .update(peer.id, type_url, |s| s.sent_version = version);
-    // Large updates go out in batches. Each stream keeps an encode buffer as
-    // big as the largest message it sent, so one message of every resource
-    // would pin that much memory per proxy for the life of the stream.
-    let mut batches: Vec<Vec<Resource>> = Vec::new();
-    let mut resources = resources.into_iter().peekable();
-    while resources.peek().is_some() {
-        batches.push(
-            resources
-                .by_ref()
-                .take(MAX_RESOURCES_PER_RESPONSE)
-                .collect(),
-        );
+    // Large updates go out in batches, each built only when the stream can
+    // take it: a thousand proxies getting a full push at once then hold a
+    // batch or two each, not a copy of everything. Each stream also keeps an
+    // encode buffer as big as the largest message it sent.
+    let mut batches: Vec<&[&str]> = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, name) in resources.iter().enumerate() {
+        let size = generated
+            .resources
+            .get(*name)
+            .map_or(0, |(any, _)| any.value.len() + name.len());
+        if i > start
+            && (i - start >= MAX_RESOURCES_PER_RESPONSE || bytes + size > MAX_BYTES_PER_RESPONSE)
+        {
+            batches.push(&resources[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
     }
-    if batches.is_empty() {
-        batches.push(Vec::new());
+    if start < resources.len() || batches.is_empty() {
+        batches.push(&resources[start..]);
     }
     let last = batches.len() - 1;
     let mut removed = Some(removed);
-    state.batch_nonces.clear();
+    state.first_nonce = out.nonce + 1;
     for (i, batch) in batches.into_iter().enumerate() {
-        *nonce += 1;
-        if i > 0 {
-            let previous = std::mem::take(&mut state.nonce);
-            state.batch_nonces.insert(previous);
-        }
-        state.nonce = nonce.to_string();
+        out.nonce += 1;
+        state.nonce = out.nonce.to_string();
+        state.awaiting = true;
         let response = DeltaDiscoveryResponse {
             system_version_info: state.sent_version.clone(),
-            resources: batch,
+            resources: batch
+                .iter()
+                .filter_map(|name| {
+                    let (any, version) = generated.resources.get(*name)?;
+                    Some(Resource {
+                        version: version.clone(),
+                        name: name.to_string(),
+                        resource: Some(any.clone()),
+                        ..Default::default()
+                    })
+                })
+                .collect(),
             type_url: type_url.to_string(),
             removed_resources: if i == last {
                 removed.take().unwrap_or_default()
@@ -262,13 +367,53 @@ async fn push(
             .xds_pushes
             .get_or_create(&vec![("type".into(), short(type_url))])
             .inc();
-        tx.send(Ok(response))
+        out.tx
+            .send(Box::new(Ok(response)))
             .await
             .map_err(|_| Status::cancelled("proxy went away"))?;
     }
     Ok(())
 }
 
+/// What the client lacks of a generation, and what it holds that is gone
+/// (or no longer wanted), by comparing versions name by name.
+fn compare<'g>(state: &TypeState, generated: &'g Generated) -> (Vec<&'g str>, Vec<String>) {
+    let wanted = |name: &str| state.wildcard || state.names.contains(name);
+    let held = |name: &str| -> Option<&str> {
+        if let Some(v) = state.overrides.get(name) {
+            return (!v.is_empty()).then_some(v.as_str());
+        }
+        let base = state.base.as_ref()?;
+        if !wanted(name) {
+            return None;
+        }
+        base.resources.get(name).map(|(_, v)| v.as_str())
+    };
+    let held_names = state
+        .base
+        .iter()
+        .flat_map(|b| b.resources.keys())
+        .chain(state.overrides.keys())
+        .filter(|n| held(n).is_some());
+    let mut removed: Vec<String> = held_names
+        .filter(|name| !generated.resources.contains_key(*name) || !wanted(name))
+        .cloned()
+        .collect();
+    removed.sort();
+    removed.dedup();
+    let resources = generated
+        .resources
+        .iter()
+        .filter(|(name, (_, version))| wanted(name) && held(name) != Some(version.as_str()))
+        .map(|(name, _)| name.as_str())
+        .collect();
+    (resources, removed)
+}
+
 /// Resources per Delta response; a proxy ACKs each, and the last one's
 /// ACK marks it in sync.
 const MAX_RESOURCES_PER_RESPONSE: usize = 100;
+
+/// Encoded bytes per Delta response (one resource may exceed it): the
+/// encode buffer each stream keeps grows to its largest message.
+const MAX_BYTES_PER_RESPONSE: usize = 4 * 1024;

@@ -91,26 +91,80 @@ pub type Resources = BTreeMap<String, Any>;
 /// version: a thousand sidecars of a cluster cost one generation per
 /// change, not a thousand.
 pub struct Generated {
+    /// Unique among generations; what `parent` refers to.
+    pub id: u64,
     /// Name → (resource, version).
     pub resources: BTreeMap<String, (Any, String)>,
+    /// A digest of every name and version: the version of the generation.
+    pub digest: String,
+    /// The generation of the previous config revision for the same proxies,
+    /// and what differs from it: a proxy that holds the parent is sent just
+    /// these, without comparing a thousand versions per proxy.
+    pub parent: Option<u64>,
+    /// Names added or whose version moved since the parent.
+    pub changed: Vec<String>,
+    /// Names the parent had and this generation does not.
+    pub removed: Vec<String>,
 }
 
+impl Generated {
+    fn new(resources: BTreeMap<String, (Any, String)>, parent: Option<&Generated>) -> Self {
+        use sha2::{Digest, Sha256};
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let mut h = Sha256::new();
+        for (name, (_, version)) in &resources {
+            h.update(name.as_bytes());
+            h.update(version.as_bytes());
+        }
+        let (changed, removed) = match parent {
+            Some(p) => (
+                resources
+                    .iter()
+                    .filter(|(n, (_, v))| p.resources.get(*n).map(|(_, pv)| pv) != Some(v))
+                    .map(|(n, _)| n.clone())
+                    .collect(),
+                p.resources
+                    .keys()
+                    .filter(|n| !resources.contains_key(*n))
+                    .cloned()
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new()),
+        };
+        Self {
+            id: NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            digest: hex::encode(&h.finalize()[..8]),
+            parent: parent.map(|p| p.id),
+            resources,
+            changed,
+            removed,
+        }
+    }
+}
+
+/// What generated resources depend on besides the config revision.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct CacheKey {
-    revision: i64,
     role: Role,
     cluster: String,
     node: NodeInfo,
     type_url: String,
 }
 
-/// The generation cache: entries of the newest config revision only.
+type Entries = std::collections::HashMap<CacheKey, std::sync::Arc<Generated>>;
+
+/// The generation cache: entries of the newest config revision, and those
+/// of the one before it (the parents of the new ones).
 #[derive(Default)]
 pub struct Cache {
-    inner: std::sync::Mutex<(
-        i64,
-        std::collections::HashMap<CacheKey, std::sync::Arc<Generated>>,
-    )>,
+    inner: std::sync::Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    revision: i64,
+    current: Entries,
+    previous: Entries,
 }
 
 impl Cache {
@@ -123,15 +177,25 @@ impl Cache {
         type_url: &str,
     ) -> std::sync::Arc<Generated> {
         let key = CacheKey {
-            revision: model.config_revision,
             role,
             cluster: me.name.clone(),
             node: node.clone(),
             type_url: type_url.to_string(),
         };
-        if let Some(hit) = self.lock().1.get(&key) {
-            return hit.clone();
-        }
+        let revision = model.config_revision;
+        let parent = {
+            let mut inner = self.lock();
+            if revision > inner.revision {
+                inner.previous = std::mem::take(&mut inner.current);
+                inner.revision = revision;
+            }
+            if revision == inner.revision
+                && let Some(hit) = inner.current.get(&key)
+            {
+                return hit.clone();
+            }
+            inner.previous.get(&key).cloned()
+        };
         let resources = generate(model, role, me, node, type_url)
             .into_iter()
             .map(|(name, any)| {
@@ -139,27 +203,16 @@ impl Cache {
                 (name, (any, version))
             })
             .collect();
-        let generated = std::sync::Arc::new(Generated { resources });
+        let generated = std::sync::Arc::new(Generated::new(resources, parent.as_deref()));
         let mut inner = self.lock();
-        if key.revision > inner.0 {
-            inner.1.clear();
-            inner.0 = key.revision;
-        }
-        if key.revision == inner.0 {
-            inner.1.insert(key, generated.clone());
+        if revision == inner.revision {
+            // Two streams may have generated the same; the first one stays.
+            return inner.current.entry(key).or_insert(generated).clone();
         }
         generated
     }
 
-    fn lock(
-        &self,
-    ) -> std::sync::MutexGuard<
-        '_,
-        (
-            i64,
-            std::collections::HashMap<CacheKey, std::sync::Arc<Generated>>,
-        ),
-    > {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 }

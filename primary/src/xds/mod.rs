@@ -8,5 +8,6 @@
 pub mod ads;
 pub mod delta;
 pub mod generate;
+pub mod server;
 pub mod sidecar;
 pub mod status;

@@ -106,8 +106,12 @@ impl Tracker {
 
 /// Publishes this replica's streams to the store: soon after a change
 /// (batched over half a second), and every 10 s so readers know the replica
-/// lives. Runs until the process ends.
+/// lives. Runs until the process ends; on a store no other replica reads
+/// (the embedded one), there is no one to tell, and it returns at once.
 pub async fn publish(shared: Arc<Shared>) {
+    if !shared.store.shared_by_replicas() {
+        return;
+    }
     let key = format!("{}{}", keys::XDS_STATUS, shared.replica);
     loop {
         let _ = tokio::time::timeout(REFRESH, shared.proxies.changed.notified()).await;

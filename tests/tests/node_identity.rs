@@ -1,0 +1,217 @@
+//! A proxy's node id and metadata must agree with the SVID on its xDS
+//! stream: its cluster, network and locality are its cluster's, its
+//! namespace and service account are its SVID's, and it cannot claim the
+//! INSTANCE_IP of another identity's workload. A refused stream names the
+//! claim, and a proxy whose claims hold keeps being served beside it.
+
+// Test code: a panic is how an assertion fails.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+use isthmus_api::pb::sync::{AgentMessage, Endpoint, Port, Service, Snapshot, agent_message};
+use isthmus_api::type_urls;
+use isthmus_ca::{Signer, SpiffeId};
+use isthmus_e2e::InProcessPrimary;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+fn node(id: &str, meta: &[(&str, &str)], locality: Option<(&str, &str)>) -> Node {
+    let fields: HashMap<String, Value> = meta
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                Value {
+                    kind: Some(Kind::StringValue(v.to_string())),
+                },
+            )
+        })
+        .collect();
+    Node {
+        id: id.into(),
+        metadata: Some(Struct { fields }),
+        locality: locality.map(|(region, zone)| Locality {
+            region: region.into(),
+            zone: zone.into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Opens a Delta stream as `identity` and sends `node`: the first
+/// response, or the status the stream was closed with.
+async fn first_response(
+    grpc: &str,
+    tls: Arc<rustls::ClientConfig>,
+    node: Node,
+) -> (
+    Result<Vec<String>, tonic::Status>,
+    mpsc::Sender<DeltaDiscoveryRequest>,
+) {
+    let channel = isthmus_transport::tls_channel(grpc, tls).unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(node),
+        type_url: type_urls::CLUSTER.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let result = async {
+        let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
+            .delta_aggregated_resources(ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let r = tokio::time::timeout(Duration::from_secs(20), inbound.message())
+            .await
+            .expect("an answer within 20 s")?
+            .ok_or_else(|| tonic::Status::aborted("stream ended without an answer"))?;
+        Ok(r.resources.into_iter().map(|r| r.name).collect())
+    }
+    .await;
+    (result, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_claims_must_match_the_svid() {
+    let p = InProcessPrimary::start().await;
+    let (token, _) = p.register("east", 0).await; // network net-east, r/z
+    let (joined, key) = p.join("east", &token).await.unwrap();
+    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
+    let (agent, mut replies) = p
+        .stream(&signer, &joined.intermediate_pem, &joined.trust_bundle_pem)
+        .await
+        .unwrap();
+    let endpoint = |workload: &str, address: &str, account: &str| Endpoint {
+        workload: workload.into(),
+        address: address.into(),
+        inbound_port: 15006,
+        service_account: account.into(),
+        ready: true,
+        labels: Default::default(),
+    };
+    agent
+        .send(AgentMessage {
+            kind: Some(agent_message::Kind::Snapshot(Snapshot {
+                cluster: "east".into(),
+                services: vec![Service {
+                    namespace: "demo".into(),
+                    name: "echo".into(),
+                    ports: vec![Port {
+                        name: "http".into(),
+                        port: 8080,
+                        protocol: "http".into(),
+                    }],
+                    endpoints: vec![
+                        endpoint("echo-0", "198.51.100.10", "echo"),
+                        endpoint("client-0", "198.51.100.20", "client"),
+                    ],
+                }],
+            })),
+        })
+        .await
+        .unwrap();
+    while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
+
+    // demo/client's SVID.
+    let id = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
+    let (leaf, leaf_key) = signer
+        .issue_workload(&id, Duration::from_secs(600))
+        .unwrap();
+    let identity = isthmus_transport::Identity::from_pem(
+        &format!("{}{}", leaf.pem, joined.intermediate_pem),
+        &leaf_key,
+    )
+    .unwrap();
+    let tls = Arc::new(
+        isthmus_transport::primary_client_config(&joined.trust_bundle_pem, Some(identity)).unwrap(),
+    );
+
+    // Claims that hold: served.
+    let honest = node(
+        "sidecar~198.51.100.20~client-0.demo~demo.svc.cluster.local",
+        &[
+            ("CLUSTER_ID", "east"),
+            ("NETWORK", "net-east"),
+            ("NAMESPACE", "demo"),
+            ("SERVICE_ACCOUNT", "client"),
+            ("INSTANCE_IP", "198.51.100.20"),
+        ],
+        Some(("r", "z")),
+    );
+    let (served, _keep) = first_response(&p.grpc, tls.clone(), honest.clone()).await;
+    let names = served.expect("a proxy whose claims hold is served");
+    assert!(
+        names.iter().any(|n| n.contains("echo.demo")),
+        "its clusters come: {names:?}"
+    );
+
+    // Each false claim is refused, naming it.
+    let cases: Vec<(&str, Node, &str)> = vec![
+        (
+            "another cluster",
+            node("c", &[("CLUSTER_ID", "west")], None),
+            "claims cluster \"west\"",
+        ),
+        (
+            "another network",
+            node("c", &[("NETWORK", "net-west")], None),
+            "claims network \"net-west\"",
+        ),
+        (
+            "another region",
+            node("c", &[], Some(("elsewhere", "z"))),
+            "claims region \"elsewhere\"",
+        ),
+        (
+            "another namespace",
+            node("c", &[("NAMESPACE", "prod")], None),
+            "claims NAMESPACE \"prod\"",
+        ),
+        (
+            "another service account",
+            node("c", &[("SERVICE_ACCOUNT", "echo")], None),
+            "claims SERVICE_ACCOUNT \"echo\"",
+        ),
+        (
+            "another namespace in an Istio node id",
+            node(
+                "sidecar~198.51.100.20~client-0.prod~prod.svc.cluster.local",
+                &[],
+                None,
+            ),
+            "names namespace \"prod\"",
+        ),
+        (
+            "another workload's address",
+            node("c", &[("INSTANCE_IP", "198.51.100.10")], None),
+            "INSTANCE_IP 198.51.100.10 is workload \"echo-0\"",
+        ),
+    ];
+    for (what, claims, expected) in cases {
+        let (refused, _) = first_response(&p.grpc, tls.clone(), claims).await;
+        let status = refused.expect_err(what);
+        assert_eq!(
+            status.code(),
+            tonic::Code::PermissionDenied,
+            "{what}: {status:?}"
+        );
+        assert!(
+            status.message().contains(expected),
+            "{what}: {:?} should contain {expected:?}",
+            status.message()
+        );
+    }
+
+    // The honest proxy is still served after all that.
+    let (again, _) = first_response(&p.grpc, tls, honest).await;
+    assert!(again.is_ok(), "{again:?}");
+}
