@@ -416,4 +416,4 @@ const MAX_RESOURCES_PER_RESPONSE: usize = 100;
 
 /// Encoded bytes per Delta response (one resource may exceed it): the
 /// encode buffer each stream keeps grows to its largest message.
-const MAX_BYTES_PER_RESPONSE: usize = 4 * 1024;
+const MAX_BYTES_PER_RESPONSE: usize = 8 * 1024;
