@@ -352,6 +352,11 @@ impl Drop for InProcessPrimary {
 
 impl InProcessPrimary {
     pub async fn start() -> Self {
+        Self::start_with_push_slots(100).await
+    }
+
+    /// As [`start`](Self::start), with `--max-concurrent-pushes slots`.
+    pub async fn start_with_push_slots(slots: usize) -> Self {
         isthmus_ca::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let (grpc, http) = (free_addr(), free_addr());
@@ -367,7 +372,7 @@ impl InProcessPrimary {
             etcd: vec![],
             replica_id: Some("in-process".into()),
             leader_ttl_seconds: 10,
-            max_concurrent_pushes: 100,
+            max_concurrent_pushes: slots,
         };
         let task = tokio::spawn(isthmus_primary::run(config));
         let token_file = dir.path().join("admin-token");

@@ -3,6 +3,9 @@
 //! namespace and service account are its SVID's, and it cannot claim the
 //! INSTANCE_IP of another identity's workload. A refused stream names the
 //! claim, and a proxy whose claims hold keeps being served beside it.
+//!
+//! Also here, as the other way one proxy could hurt the rest: a proxy that
+//! never ACKs cannot keep a push slot, so it cannot starve the others.
 
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -214,4 +217,36 @@ async fn node_claims_must_match_the_svid() {
     // The honest proxy is still served after all that.
     let (again, _) = first_response(&p.grpc, tls, honest).await;
     assert!(again.is_ok(), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_never_acks_does_not_starve_the_others() {
+    // One push slot: whoever holds it blocks everyone else's pushes.
+    let p = InProcessPrimary::start_with_push_slots(1).await;
+    let (token, _) = p.register("east", 0).await;
+    let (joined, key) = p.join("east", &token).await.unwrap();
+    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
+    let tls = |account: &str| {
+        let id = SpiffeId::workload("cluster.local", "demo", account).unwrap();
+        let (leaf, leaf_key) = signer
+            .issue_workload(&id, Duration::from_secs(600))
+            .unwrap();
+        let identity = isthmus_transport::Identity::from_pem(
+            &format!("{}{}", leaf.pem, joined.intermediate_pem),
+            &leaf_key,
+        )
+        .unwrap();
+        Arc::new(
+            isthmus_transport::primary_client_config(&joined.trust_bundle_pem, Some(identity))
+                .unwrap(),
+        )
+    };
+    // The first proxy takes the slot with its first response and never
+    // ACKs it (its stream stays open: `_silent` keeps the sender alive).
+    let (first, _silent) = first_response(&p.grpc, tls("silent"), node("silent", &[], None)).await;
+    first.expect("the silent proxy gets its first response");
+    // The next proxy is still served: the slot comes back when its holder
+    // has not ACKed within the slot timeout.
+    let (second, _keep) = first_response(&p.grpc, tls("patient"), node("patient", &[], None)).await;
+    second.expect("a proxy behind a silent one is served once the slot times out");
 }
