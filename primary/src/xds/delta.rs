@@ -6,6 +6,12 @@
 //! that went away. On reconnect the client's `initial_resource_versions`
 //! say what it still holds, so unchanged resources are not sent again. A
 //! NACK is recorded and the client keeps what it had.
+//!
+//! A client that holds the previous generation is sent that generation's
+//! recorded diff, without comparing versions one by one. Responses are cut
+//! at 8 KiB and built only as the stream takes them, and a stream holds a
+//! push slot from its first response until it has ACKed everything (or
+//! 5 s), so a push to a thousand proxies queues bounded bytes.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
