@@ -234,6 +234,29 @@ pub fn counter_value(text: &str, metric: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A client TLS config for the primary as workload `namespace/account` of a
+/// joined cluster: an SVID from the cluster's intermediate, chained to it.
+pub fn workload_tls(
+    signer: &isthmus_ca::Signer,
+    intermediate_pem: &str,
+    trust_bundle_pem: &str,
+    namespace: &str,
+    account: &str,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let id = isthmus_ca::SpiffeId::workload("cluster.local", namespace, account)
+        .expect("a valid SPIFFE id");
+    let (leaf, key) = signer
+        .issue_workload(&id, Duration::from_secs(600))
+        .expect("the intermediate signs the SVID");
+    let identity =
+        isthmus_transport::Identity::from_pem(&format!("{}{intermediate_pem}", leaf.pem), &key)
+            .expect("the SVID chain loads");
+    std::sync::Arc::new(
+        isthmus_transport::primary_client_config(trust_bundle_pem, Some(identity))
+            .expect("a client config"),
+    )
+}
+
 /// Polls `f` until it yields `Some`, or fails after `patience`.
 pub async fn eventually<T, F, Fut>(what: &str, patience: Duration, mut f: F) -> T
 where

@@ -5,7 +5,6 @@
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -18,8 +17,8 @@ use isthmus_api::pb::sync::{
     AgentMessage, Delta, Endpoint, Port, Service, ServiceRef, Snapshot, agent_message,
 };
 use isthmus_api::type_urls;
-use isthmus_ca::{Signer, SpiffeId};
-use isthmus_e2e::InProcessPrimary;
+use isthmus_ca::Signer;
+use isthmus_e2e::{InProcessPrimary, workload_tls};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -90,18 +89,14 @@ async fn an_endpoint_change_sends_only_the_changed_assignment() {
     while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
 
     // A sidecar of east, over real gRPC with its SVID.
-    let id = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
-    let (leaf, leaf_key) = signer
-        .issue_workload(&id, Duration::from_secs(600))
-        .unwrap();
-    let identity = isthmus_transport::Identity::from_pem(
-        &format!("{}{}", leaf.pem, joined.intermediate_pem),
-        &leaf_key,
-    )
-    .unwrap();
-    let tls =
-        isthmus_transport::primary_client_config(&joined.trust_bundle_pem, Some(identity)).unwrap();
-    let channel = isthmus_transport::tls_channel(&p.grpc, Arc::new(tls)).unwrap();
+    let tls = workload_tls(
+        &signer,
+        &joined.intermediate_pem,
+        &joined.trust_bundle_pem,
+        "demo",
+        "client",
+    );
+    let channel = isthmus_transport::tls_channel(&p.grpc, tls).unwrap();
     let (tx, rx) = mpsc::channel(8);
     let mut inbound = AggregatedDiscoveryServiceClient::new(channel)
         .delta_aggregated_resources(ReceiverStream::new(rx))

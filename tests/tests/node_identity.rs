@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use isthmus_api::pb::sync::{AgentMessage, Endpoint, Port, Service, Snapshot, agent_message};
 use isthmus_api::type_urls;
-use isthmus_ca::{Signer, SpiffeId};
-use isthmus_e2e::InProcessPrimary;
+use isthmus_ca::Signer;
+use isthmus_e2e::{InProcessPrimary, workload_tls};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -125,17 +125,12 @@ async fn node_claims_must_match_the_svid() {
     while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
 
     // demo/client's SVID.
-    let id = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
-    let (leaf, leaf_key) = signer
-        .issue_workload(&id, Duration::from_secs(600))
-        .unwrap();
-    let identity = isthmus_transport::Identity::from_pem(
-        &format!("{}{}", leaf.pem, joined.intermediate_pem),
-        &leaf_key,
-    )
-    .unwrap();
-    let tls = Arc::new(
-        isthmus_transport::primary_client_config(&joined.trust_bundle_pem, Some(identity)).unwrap(),
+    let tls = workload_tls(
+        &signer,
+        &joined.intermediate_pem,
+        &joined.trust_bundle_pem,
+        "demo",
+        "client",
     );
 
     // Claims that hold: served.
@@ -227,18 +222,12 @@ async fn a_proxy_that_never_acks_does_not_starve_the_others() {
     let (joined, key) = p.join("east", &token).await.unwrap();
     let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
     let tls = |account: &str| {
-        let id = SpiffeId::workload("cluster.local", "demo", account).unwrap();
-        let (leaf, leaf_key) = signer
-            .issue_workload(&id, Duration::from_secs(600))
-            .unwrap();
-        let identity = isthmus_transport::Identity::from_pem(
-            &format!("{}{}", leaf.pem, joined.intermediate_pem),
-            &leaf_key,
-        )
-        .unwrap();
-        Arc::new(
-            isthmus_transport::primary_client_config(&joined.trust_bundle_pem, Some(identity))
-                .unwrap(),
+        workload_tls(
+            &signer,
+            &joined.intermediate_pem,
+            &joined.trust_bundle_pem,
+            "demo",
+            account,
         )
     };
     // The first proxy takes the slot with its first response and never
