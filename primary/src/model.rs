@@ -37,6 +37,12 @@ pub struct Model {
     pub virtual_services: Vec<(String, isthmus_api::config::istio::VirtualService)>,
     /// DestinationRules, with their namespace, in name order.
     pub destination_rules: Vec<(String, isthmus_api::config::istio::DestinationRule)>,
+    /// AuthorizationPolicies: (namespace, name, spec), in key order.
+    pub authorization_policies: Vec<(
+        String,
+        String,
+        isthmus_api::config::istio::AuthorizationPolicy,
+    )>,
 }
 
 impl Model {
@@ -51,7 +57,7 @@ impl Model {
                 let Some((plural, rest)) = rest.split_once('/') else {
                     continue;
                 };
-                let Some((ns, _)) = rest.split_once('/') else {
+                let Some((ns, name)) = rest.split_once('/') else {
                     continue;
                 };
                 let Ok(r) = serde_json::from_slice::<isthmus_api::config::Resource>(value) else {
@@ -66,6 +72,15 @@ impl Model {
                     "destinationrules" => match serde_json::from_value(r.spec) {
                         Ok(dr) => m.destination_rules.push((ns.to_string(), dr)),
                         Err(e) => tracing::error!(key, error = %e, "skipping a DestinationRule"),
+                    },
+                    "authorizationpolicies" => match serde_json::from_value(r.spec) {
+                        Ok(ap) => {
+                            m.authorization_policies
+                                .push((ns.to_string(), name.to_string(), ap))
+                        }
+                        Err(e) => {
+                            tracing::error!(key, error = %e, "skipping an AuthorizationPolicy")
+                        }
                     },
                     _ => {}
                 }

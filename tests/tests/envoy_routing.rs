@@ -5,7 +5,10 @@
 //! say, across networks for the subset that lives in west. Then the whole
 //! valid corpus (every kind) is applied, and every proxy ACKs every type:
 //! Envoy sidecars and gateways, and, on the isthmus data plane,
-//! isthmus-proxy and isthmus-gateway. Needs root for network namespaces.
+//! isthmus-proxy and isthmus-gateway. Last, AuthorizationPolicies become
+//! RBAC at echo's Envoy: DENY by path, ALLOW by namespace, principal, method,
+//! port and a header condition, and traffic flows again once they are gone.
+//! Needs root for network namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -181,7 +184,84 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     }
     let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "traffic still flows under the corpus");
+
+    // Authorization at echo's inbound listener. The corpus ALLOWs
+    // demo/client's GETs on 8080, which is what the client sends.
+    let client = mesh.state.client().unwrap();
+    client.apply(DENY_SECRET.to_string()).await.unwrap();
+    eventually("a DENY policy to refuse /secret", PATIENCE, || async {
+        let (s, body) = ask(&mesh, "/secret/x", &[]).await?;
+        (s == 403 && body.contains("RBAC: access denied")).then_some(())
+    })
+    .await;
+    let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "the DENY policy leaves other paths alone");
+    // Only ALLOW policies that do not match the client: refused; the one
+    // with a header condition lets it in when the header is there.
+    client
+        .delete_config("authorizationpolicies", "demo", "echo")
+        .await
+        .unwrap();
+    client.apply(ALLOW_OTHERS.to_string()).await.unwrap();
+    eventually(
+        "ALLOW policies that do not match to refuse",
+        PATIENCE,
+        || async {
+            let (s, body) = ask(&mesh, "/", &[]).await?;
+            (s == 403 && body.contains("RBAC: access denied")).then_some(())
+        },
+    )
+    .await;
+    let (s, _) = ask(&mesh, "/", &[("x-pass", "yes")]).await.unwrap();
+    assert_eq!(s, 200, "the when-condition admits the request with x-pass");
+    let (s, _) = ask(&mesh, "/secret/x", &[("x-pass", "yes")]).await.unwrap();
+    assert_eq!(s, 403, "DENY still comes first");
+    for name in ["deny-secret", "prod-only", "with-pass"] {
+        client
+            .delete_config("authorizationpolicies", "demo", name)
+            .await
+            .unwrap();
+    }
+    eventually(
+        "traffic to flow again without policies",
+        PATIENCE,
+        || async {
+            let (s, _) = ask(&mesh, "/", &[]).await?;
+            (s == 200).then_some(())
+        },
+    )
+    .await;
+    mesh.wait_all_synced(5, PATIENCE).await;
 }
+
+const DENY_SECRET: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-secret, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  action: DENY
+  rules: [{to: [{operation: {paths: ["/secret*"]}}]}]
+"#;
+
+const ALLOW_OTHERS: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: prod-only, namespace: demo}
+spec:
+  action: ALLOW
+  rules: [{from: [{source: {namespaces: [prod]}}]}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: with-pass, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/demo/sa/client"]}}]
+    to: [{operation: {methods: [GET], ports: ["8080"]}}]
+    when: [{key: "request.headers[x-pass]", values: ["yes"]}]
+"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn isthmus_proxies_ack_the_whole_corpus() {

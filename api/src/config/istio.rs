@@ -745,58 +745,223 @@ fn peer_authentication(s: &PeerAuthenticationSpec, e: &mut Errors) {
     }
 }
 
-#[derive(Deserialize)]
-struct AuthorizationPolicySpec {
-    action: Option<String>,
+/// An AuthorizationPolicy's spec, as the primary turns it into RBAC.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthorizationPolicy {
+    pub selector: Option<WorkloadSelector>,
+    pub action: Option<String>,
     #[serde(default)]
-    rules: Vec<Rule>,
+    pub rules: Vec<AuthzRule>,
 }
 
-#[derive(Deserialize)]
-struct Rule {
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadSelector {
     #[serde(default)]
-    to: Vec<To>,
-    #[serde(default)]
-    when: Vec<Condition>,
+    pub match_labels: BTreeMap<String, String>,
 }
 
-#[derive(Deserialize)]
-struct To {
-    operation: Option<Operation>,
-}
-
-#[derive(Deserialize)]
-struct Operation {
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuthzRule {
     #[serde(default)]
-    ports: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct Condition {
+    pub from: Vec<AuthzFrom>,
     #[serde(default)]
-    key: String,
+    pub to: Vec<AuthzTo>,
+    #[serde(default)]
+    pub when: Vec<AuthzCondition>,
 }
 
-fn authorization_policy(s: &AuthorizationPolicySpec, e: &mut Errors) {
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuthzFrom {
+    pub source: Option<AuthzSource>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzSource {
+    #[serde(default)]
+    pub principals: Vec<String>,
+    #[serde(default)]
+    pub not_principals: Vec<String>,
+    #[serde(default)]
+    pub namespaces: Vec<String>,
+    #[serde(default)]
+    pub not_namespaces: Vec<String>,
+    /// Not supported: refused by validation.
+    #[serde(default)]
+    pub request_principals: Vec<String>,
+    #[serde(default)]
+    pub not_request_principals: Vec<String>,
+    #[serde(default)]
+    pub ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default)]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct AuthzTo {
+    pub operation: Option<AuthzOperation>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzOperation {
+    #[serde(default)]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub not_methods: Vec<String>,
+    #[serde(default)]
+    pub paths: Vec<String>,
+    #[serde(default)]
+    pub not_paths: Vec<String>,
+    #[serde(default)]
+    pub ports: Vec<String>,
+    #[serde(default)]
+    pub not_ports: Vec<String>,
+    /// Not supported: refused by validation.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default)]
+    pub not_hosts: Vec<String>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuthzCondition {
+    #[serde(default)]
+    pub key: String,
+    #[serde(default)]
+    pub values: Vec<String>,
+    #[serde(default)]
+    pub not_values: Vec<String>,
+}
+
+impl AuthzCondition {
+    /// The header a `request.headers[NAME]` key names.
+    pub fn header(&self) -> Option<&str> {
+        self.key
+            .strip_prefix("request.headers[")?
+            .strip_suffix(']')
+            .filter(|h| !h.is_empty())
+    }
+}
+
+/// Istio's match syntax for principals, namespaces and paths: exact, or one
+/// `*` at the start or the end (or alone).
+fn wildcard_ok(v: &str) -> bool {
+    let inner = v
+        .strip_prefix('*')
+        .or_else(|| v.strip_suffix('*'))
+        .unwrap_or(v);
+    !v.is_empty() && !inner.contains('*')
+}
+
+fn authorization_policy(s: &AuthorizationPolicy, e: &mut Errors) {
     e.one_of(
         "spec.action",
         &s.action,
         &["ALLOW", "DENY", "AUDIT", "CUSTOM"],
     );
+    if s.action.as_deref() == Some("CUSTOM") {
+        e.add(
+            "spec.action",
+            "CUSTOM needs an external authorizer, which Isthmus does not provide",
+        );
+    }
+    let unsupported = |e: &mut Errors, path: String, values: &[String]| {
+        if !values.is_empty() {
+            e.add(path, "not supported by Isthmus yet");
+        }
+    };
     for (i, r) in s.rules.iter().enumerate() {
+        for (j, from) in r.from.iter().enumerate() {
+            let Some(src) = &from.source else { continue };
+            let path = format!("spec.rules[{i}].from[{j}].source");
+            for (field, values) in [
+                ("requestPrincipals", &src.request_principals),
+                ("notRequestPrincipals", &src.not_request_principals),
+                ("ipBlocks", &src.ip_blocks),
+                ("notIpBlocks", &src.not_ip_blocks),
+                ("remoteIpBlocks", &src.remote_ip_blocks),
+                ("notRemoteIpBlocks", &src.not_remote_ip_blocks),
+            ] {
+                unsupported(e, format!("{path}.{field}"), values);
+            }
+            for (field, values) in [
+                ("principals", &src.principals),
+                ("notPrincipals", &src.not_principals),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    if !wildcard_ok(v) {
+                        e.add(
+                            format!("{path}.{field}[{k}]"),
+                            format!("{v:?}: one `*` at the start or the end at most"),
+                        );
+                    }
+                }
+            }
+            for (field, values) in [
+                ("namespaces", &src.namespaces),
+                ("notNamespaces", &src.not_namespaces),
+            ] {
+                for (k, v) in values.iter().enumerate() {
+                    let label = v.trim_start_matches('*').trim_end_matches('*');
+                    if !wildcard_ok(v) || (!label.is_empty() && check_label(label).is_err()) {
+                        e.add(
+                            format!("{path}.{field}[{k}]"),
+                            format!("{v:?} is not a namespace (a DNS label, with one `*` at the start or the end at most)"),
+                        );
+                    }
+                }
+            }
+        }
         for (j, to) in r.to.iter().enumerate() {
-            for (k, port) in to.operation.iter().flat_map(|o| o.ports.iter()).enumerate() {
-                if !port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p)) {
-                    e.add(
-                        format!("spec.rules[{i}].to[{j}].operation.ports[{k}]"),
-                        format!("{port:?} is not a port"),
-                    );
+            let Some(op) = &to.operation else { continue };
+            let path = format!("spec.rules[{i}].to[{j}].operation");
+            unsupported(e, format!("{path}.hosts"), &op.hosts);
+            unsupported(e, format!("{path}.notHosts"), &op.not_hosts);
+            for (field, values) in [("ports", &op.ports), ("notPorts", &op.not_ports)] {
+                for (k, port) in values.iter().enumerate() {
+                    if !port.parse::<u32>().is_ok_and(|p| (1..=65535).contains(&p)) {
+                        e.add(
+                            format!("{path}.{field}[{k}]"),
+                            format!("{port:?} is not a port"),
+                        );
+                    }
+                }
+            }
+            for (field, values) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
+                for (k, v) in values.iter().enumerate() {
+                    if !wildcard_ok(v) {
+                        e.add(
+                            format!("{path}.{field}[{k}]"),
+                            format!("{v:?}: one `*` at the start or the end at most"),
+                        );
+                    }
                 }
             }
         }
         for (j, c) in r.when.iter().enumerate() {
+            let path = format!("spec.rules[{i}].when[{j}]");
             if c.key.is_empty() {
-                e.add(format!("spec.rules[{i}].when[{j}].key"), "key is required");
+                e.add(format!("{path}.key"), "key is required");
+            } else if !matches!(c.key.as_str(), "source.principal" | "source.namespace")
+                && c.header().is_none()
+            {
+                e.add(
+                    format!("{path}.key"),
+                    format!(
+                        "{:?} is not supported by Isthmus yet (source.principal, source.namespace and request.headers[NAME] are)",
+                        c.key
+                    ),
+                );
+            } else if c.values.is_empty() && c.not_values.is_empty() {
+                e.add(path, "values or notValues is required");
             }
         }
     }

@@ -326,6 +326,11 @@ impl Peer {
             apps: meta("APPS")
                 .map(|a| generate::NodeInfo::parse_apps(&a))
                 .unwrap_or_default(),
+            namespace: self
+                .identity
+                .as_deref()
+                .and_then(|i| isthmus_ca::SpiffeId::parse(i).ok())
+                .and_then(|id| id.namespace_and_account().map(|(ns, _)| ns.to_string())),
         };
         let bundle_sequence = node
             .metadata

@@ -68,6 +68,8 @@ pub enum Role {
 pub struct NodeInfo {
     pub instance_ip: Option<String>,
     pub apps: Vec<(u16, String)>,
+    /// The namespace of the proxy's SVID: which AuthorizationPolicies apply.
+    pub namespace: Option<String>,
 }
 
 impl NodeInfo {

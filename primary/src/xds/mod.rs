@@ -6,6 +6,7 @@
 //! proxy has ACKed or NACKed for operators.
 
 pub mod ads;
+pub mod authz;
 pub mod delta;
 pub mod generate;
 pub mod server;

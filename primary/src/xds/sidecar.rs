@@ -14,7 +14,8 @@
 //!   one filter chain per local app port, chosen by the SNI
 //!   `outbound_.PORT_._.FQDN` callers send, forwarding to the app with
 //!   `x-forwarded-client-cert` set (`By`, `Hash`, `URI`), as isthmus-proxy
-//!   does.
+//!   does, after the RBAC filters of the AuthorizationPolicies that apply
+//!   (see [`super::authz`]).
 //! - `inbound|PORT||` clusters: the local apps, from the node's `APPS`.
 
 use std::collections::BTreeMap;
@@ -216,7 +217,10 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
                         ..Default::default()
                     },
                 )),
-                http_filters: vec![router()],
+                http_filters: super::authz::inbound_filters(model, me, node, *port)
+                    .into_iter()
+                    .chain([router()])
+                    .collect(),
                 forward_client_cert_details:
                     http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32,
                 set_current_client_cert_details: Some(
