@@ -43,6 +43,8 @@ pub struct Model {
         String,
         isthmus_api::config::istio::AuthorizationPolicy,
     )>,
+    /// Sidecars: (namespace, name, spec), in key order.
+    pub sidecars: Vec<(String, String, isthmus_api::config::istio::Sidecar)>,
 }
 
 impl Model {
@@ -72,6 +74,10 @@ impl Model {
                     "destinationrules" => match serde_json::from_value(r.spec) {
                         Ok(dr) => m.destination_rules.push((ns.to_string(), dr)),
                         Err(e) => tracing::error!(key, error = %e, "skipping a DestinationRule"),
+                    },
+                    "sidecars" => match serde_json::from_value(r.spec) {
+                        Ok(sc) => m.sidecars.push((ns.to_string(), name.to_string(), sc)),
+                        Err(e) => tracing::error!(key, error = %e, "skipping a Sidecar"),
                     },
                     "authorizationpolicies" => match serde_json::from_value(r.spec) {
                         Ok(ap) => {

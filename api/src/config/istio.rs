@@ -682,19 +682,30 @@ fn service_entry(s: &ServiceEntry, e: &mut Errors) {
 
 // === Sidecar ===
 
-#[derive(Deserialize)]
-struct SidecarSpec {
+/// A Sidecar's spec: which services its proxies see.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Sidecar {
+    pub workload_selector: Option<SidecarSelector>,
     #[serde(default)]
-    egress: Vec<Egress>,
+    pub egress: Vec<Egress>,
 }
 
-#[derive(Deserialize)]
-struct Egress {
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct SidecarSelector {
     #[serde(default)]
-    hosts: Vec<String>,
+    pub labels: BTreeMap<String, String>,
 }
 
-fn sidecar(s: &SidecarSpec, e: &mut Errors) {
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Egress {
+    /// `namespace/host`: namespace `*`, `.` (the Sidecar's own) or a name;
+    /// host `*`, `*.suffix`, or a name.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+fn sidecar(s: &Sidecar, e: &mut Errors) {
     for (i, eg) in s.egress.iter().enumerate() {
         e.hosts(&format!("spec.egress[{i}].hosts"), &eg.hosts);
         for (j, h) in eg.hosts.iter().enumerate() {

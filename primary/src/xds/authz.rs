@@ -88,7 +88,7 @@ pub fn inbound_filters(
 }
 
 /// The labels of the workload at the proxy's address, in its namespace.
-fn workload_labels<'m>(
+pub(crate) fn workload_labels<'m>(
     model: &'m Model,
     me: &ClusterRecord,
     node: &NodeInfo,

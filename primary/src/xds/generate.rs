@@ -234,13 +234,17 @@ pub fn generate(
 ) -> Resources {
     match (role, type_url) {
         (Role::Sidecar, type_urls::CLUSTER) => {
-            let mut clusters = sidecar_clusters(model);
+            let mut clusters = sidecar_clusters(model, &Scope::of(model, me, node));
             clusters.extend(crate::xds::sidecar::inbound_clusters(node));
             clusters
         }
-        (Role::Sidecar, type_urls::ENDPOINT) => sidecar_endpoints(model, me),
+        (Role::Sidecar, type_urls::ENDPOINT) => {
+            sidecar_endpoints(model, me, &Scope::of(model, me, node))
+        }
         (Role::Sidecar, type_urls::LISTENER) => crate::xds::sidecar::listeners(model, me, node),
-        (Role::Sidecar, type_urls::ROUTE) => crate::xds::sidecar::routes(model),
+        (Role::Sidecar, type_urls::ROUTE) => {
+            crate::xds::sidecar::routes(model, &Scope::of(model, me, node))
+        }
         (Role::Gateway, type_urls::CLUSTER) => gateway_clusters(model, me),
         (Role::Gateway, type_urls::ENDPOINT) => gateway_endpoints(model, me),
         (Role::Gateway, type_urls::LISTENER) => gateway_listeners(node),
@@ -354,6 +358,73 @@ fn apply_policy(cluster: &mut Cluster, p: &TrafficPolicy) {
 }
 
 /// Each service port in the mesh, with everything reported for it.
+/// Which services a sidecar sees: what the egress hosts of the Sidecar
+/// that applies to it name, or everything if none does. The Sidecar that
+/// applies is the first (by name) in the proxy's namespace whose
+/// `workloadSelector` its workload's labels hold, else the one there
+/// without a selector, else the root namespace's one without a selector.
+pub struct Scope {
+    /// (namespace, host) patterns; None sees everything.
+    hosts: Option<Vec<(String, String)>>,
+}
+
+impl Scope {
+    pub fn of(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Self {
+        let everything = Scope { hosts: None };
+        let Some(namespace) = node.namespace.as_deref() else {
+            return everything;
+        };
+        let labels = crate::xds::authz::workload_labels(model, me, node, namespace);
+        let selected = |ns: &str, selector: bool| {
+            model.sidecars.iter().find(|(n, _, sc)| {
+                n == ns
+                    && match &sc.workload_selector {
+                        Some(s) if !s.labels.is_empty() => {
+                            selector
+                                && s.labels
+                                    .iter()
+                                    .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
+                        }
+                        _ => !selector,
+                    }
+            })
+        };
+        let Some((sidecar_ns, _, sidecar)) = selected(namespace, true)
+            .or_else(|| selected(namespace, false))
+            .or_else(|| selected(crate::xds::authz::ROOT_NAMESPACE, false))
+        else {
+            return everything;
+        };
+        let hosts = sidecar
+            .egress
+            .iter()
+            .flat_map(|e| e.hosts.iter())
+            .filter_map(|h| h.split_once('/'))
+            .map(|(ns, host)| {
+                let ns = if ns == "." { sidecar_ns.as_str() } else { ns };
+                (ns.to_string(), host.to_string())
+            })
+            .collect();
+        Scope { hosts: Some(hosts) }
+    }
+
+    pub fn sees(&self, namespace: &str, fqdn: &str) -> bool {
+        let Some(hosts) = &self.hosts else {
+            return true;
+        };
+        let name = fqdn.split('.').next().unwrap_or(fqdn);
+        hosts.iter().any(|(ns, host)| {
+            (ns == "*" || ns == namespace)
+                && (host == "*"
+                    || host == fqdn
+                    || host == name
+                    || host
+                        .strip_prefix('*')
+                        .is_some_and(|suffix| fqdn.ends_with(suffix)))
+        })
+    }
+}
+
 pub(crate) fn service_ports(
     model: &Model,
 ) -> impl Iterator<Item = (ServiceKey, &str, &BTreeMap<String, ServiceRecord>)> {
@@ -425,7 +496,7 @@ fn eds_cluster(name: String, transport_socket: Option<TransportSocket>) -> Clust
     }
 }
 
-fn sidecar_clusters(model: &Model) -> Resources {
+fn sidecar_clusters(model: &Model, scope: &Scope) -> Resources {
     let td = model
         .clusters
         .values()
@@ -433,6 +504,7 @@ fn sidecar_clusters(model: &Model) -> Resources {
         .map(|c| c.trust_domain.clone())
         .unwrap_or_else(|| isthmus_api::DEFAULT_TRUST_DOMAIN.to_string());
     service_ports(model)
+        .filter(|(key, ns, _)| scope.sees(ns, &key.fqdn))
         .flat_map(|(key, ns, per_cluster)| {
             let sans: BTreeSet<String> = per_cluster
                 .values()
@@ -591,8 +663,9 @@ fn raw_priority(me: &ClusterRecord, other: &ClusterRecord) -> u32 {
     }
 }
 
-fn sidecar_endpoints(model: &Model, me: &ClusterRecord) -> Resources {
+fn sidecar_endpoints(model: &Model, me: &ClusterRecord, scope: &Scope) -> Resources {
     service_ports(model)
+        .filter(|(key, ns, _)| scope.sees(ns, &key.fqdn))
         .flat_map(|(key, _, per_cluster)| {
             with_subsets(model, &key)
                 .into_iter()

@@ -604,8 +604,9 @@ fn virtual_service<'a>(
         .map(|(ns, vs)| (ns.as_str(), vs))
 }
 
-pub fn routes(model: &Model) -> Resources {
+pub fn routes(model: &Model, scope: &super::generate::Scope) -> Resources {
     let virtual_hosts = service_ports(model)
+        .filter(|(key, ns, _)| scope.sees(ns, &key.fqdn))
         .map(|(key, _, _)| {
             let fqdn = key.fqdn.clone();
             let mut domains = vec![format!("{fqdn}:{}", key.port)];
