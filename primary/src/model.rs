@@ -45,6 +45,12 @@ pub struct Model {
     )>,
     /// Sidecars: (namespace, name, spec), in key order.
     pub sidecars: Vec<(String, String, isthmus_api::config::istio::Sidecar)>,
+    /// PeerAuthentications: (namespace, name, spec), in key order.
+    pub peer_authentications: Vec<(
+        String,
+        String,
+        isthmus_api::config::istio::PeerAuthentication,
+    )>,
 }
 
 impl Model {
@@ -74,6 +80,15 @@ impl Model {
                     "destinationrules" => match serde_json::from_value(r.spec) {
                         Ok(dr) => m.destination_rules.push((ns.to_string(), dr)),
                         Err(e) => tracing::error!(key, error = %e, "skipping a DestinationRule"),
+                    },
+                    "peerauthentications" => match serde_json::from_value(r.spec) {
+                        Ok(pa) => {
+                            m.peer_authentications
+                                .push((ns.to_string(), name.to_string(), pa))
+                        }
+                        Err(e) => {
+                            tracing::error!(key, error = %e, "skipping a PeerAuthentication")
+                        }
                     },
                     "sidecars" => match serde_json::from_value(r.spec) {
                         Ok(sc) => m.sidecars.push((ns.to_string(), name.to_string(), sc)),

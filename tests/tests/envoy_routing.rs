@@ -7,7 +7,8 @@
 //! Envoy sidecars and gateways, and, on the isthmus data plane,
 //! isthmus-proxy and isthmus-gateway. Last, AuthorizationPolicies become
 //! RBAC at echo's Envoy: DENY by path, ALLOW by namespace, principal, method,
-//! port and a header condition, and traffic flows again once they are gone.
+//! port and a header condition, and traffic flows again once they are gone;
+//! then PeerAuthentication modes decide whether echo takes plaintext.
 //! Needs root for network namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -231,8 +232,65 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         },
     )
     .await;
+
+    // PeerAuthentication at echo's inbound listener: under the corpus's
+    // STRICT, plaintext finds no filter chain; PERMISSIVE takes it (and
+    // strips a forged x-forwarded-client-cert), mTLS still works; a
+    // workload's port-level STRICT overrides its namespace's PERMISSIVE.
+    let plain = || async {
+        probe::get_with(
+            mesh.netns("proxy-client-east"),
+            mesh.listener("proxy-echo-east", "inbound"),
+            "http://echo.demo.svc.cluster.local:8080/",
+            &[(
+                "x-forwarded-client-cert",
+                "URI=spiffe://cluster.local/ns/demo/sa/forged",
+            )],
+        )
+        .await
+        .ok()
+    };
+    assert!(plain().await.is_none(), "STRICT refuses plaintext");
+    client.apply(PERMISSIVE.to_string()).await.unwrap();
+    let body = eventually("PERMISSIVE to take plaintext", PATIENCE, || async {
+        let (s, body) = plain().await?;
+        (s == 200).then_some(body)
+    })
+    .await;
+    assert!(
+        !body.contains("forged"),
+        "a caller's XFCC reached the app: {body}"
+    );
+    let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "mTLS from the mesh still works under PERMISSIVE");
+    client.apply(PORT_STRICT.to_string()).await.unwrap();
+    eventually(
+        "port-level STRICT to refuse plaintext",
+        PATIENCE,
+        || async { plain().await.is_none().then_some(()) },
+    )
+    .await;
+    let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "mTLS from the mesh works under STRICT: {body}");
     mesh.wait_all_synced(5, PATIENCE).await;
 }
+
+const PERMISSIVE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: demo}
+spec: {mtls: {mode: PERMISSIVE}}
+"#;
+
+const PORT_STRICT: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  mtls: {mode: UNSET}
+  portLevelMtls: {"8080": {mode: STRICT}}
+"#;
 
 const DENY_SECRET: &str = r#"
 apiVersion: security.istio.io/v1

@@ -722,22 +722,24 @@ fn sidecar(s: &Sidecar, e: &mut Errors) {
 
 // === Security ===
 
-#[derive(Deserialize)]
+/// A PeerAuthentication's spec: the mTLS mode of workloads' inbound ports.
+#[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
-struct PeerAuthenticationSpec {
-    mtls: Option<Mtls>,
+pub struct PeerAuthentication {
+    pub selector: Option<WorkloadSelector>,
+    pub mtls: Option<Mtls>,
     #[serde(default)]
-    port_level_mtls: BTreeMap<String, Mtls>,
+    pub port_level_mtls: BTreeMap<String, Mtls>,
 }
 
-#[derive(Deserialize)]
-struct Mtls {
-    mode: Option<String>,
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct Mtls {
+    pub mode: Option<String>,
 }
 
 const MTLS_MODES: &[&str] = &["UNSET", "DISABLE", "PERMISSIVE", "STRICT"];
 
-fn peer_authentication(s: &PeerAuthenticationSpec, e: &mut Errors) {
+fn peer_authentication(s: &PeerAuthentication, e: &mut Errors) {
     if let Some(m) = &s.mtls {
         e.one_of("spec.mtls.mode", &m.mode, MTLS_MODES);
     }

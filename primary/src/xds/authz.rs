@@ -8,12 +8,14 @@
 //! request must match one of its rules, so an ALLOW policy without rules
 //! denies everything. AUDIT policies change nothing.
 //!
-//! Each chain serves one app port, so `ports` are settled here: a rule
-//! whose operations all name other ports is left out. The rest of a rule
-//! (sources, methods, paths, `when` conditions) becomes one RBAC principal,
-//! and a filter's rules are the principals of its one policy. One policy
-//! per filter keeps the encoding stable: the RBAC policy map is a protobuf
-//! map, which would be encoded in random order.
+//! Each inbound virtual host serves one app port, so `ports` are settled
+//! here: a rule whose operations all name other ports is left out. The
+//! rest of a rule (sources, methods, paths, `when` conditions) becomes one
+//! RBAC principal. The rules travel in the inbound route configurations
+//! (RDS), per virtual host; see [`filter`] for why.
+//!
+//! PeerAuthentication is here too: [`mtls_mode`] settles whether a port
+//! takes mTLS, plaintext or both.
 
 use std::collections::HashMap;
 
@@ -22,69 +24,186 @@ use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, rbac::Action,
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
-use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{
+    Rbac as RbacFilter, RbacPerRoute,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpFilter, http_filter,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
-use isthmus_api::config::istio::{AuthorizationPolicy, AuthzRule};
+use isthmus_api::config::istio::{AuthorizationPolicy, AuthzRule, WorkloadSelector};
 
 use super::generate::{NodeInfo, any};
 use crate::model::Model;
 use crate::records::ClusterRecord;
 
 const RBAC: &str = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC";
+const RBAC_PER_ROUTE: &str =
+    "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute";
+/// The inbound RBAC filter's name, under which virtual hosts carry rules.
+pub const FILTER: &str = "envoy.filters.http.rbac";
 
 /// Policies here apply in every namespace.
 pub const ROOT_NAMESPACE: &str = "istio-system";
 
-/// The RBAC filters for the inbound chain of app `port`: a DENY filter if
-/// any DENY policy applies, then an ALLOW filter if any ALLOW policy does.
-pub fn inbound_filters(
+/// The rules that apply to requests for app `port`: DENY rules, and the
+/// ALLOW rules if any ALLOW policy applies (`None` if none does).
+struct PortRules {
+    deny: Vec<Principal>,
+    allow: Option<Vec<Principal>>,
+}
+
+fn port_rules(model: &Model, me: &ClusterRecord, node: &NodeInfo, port: u16) -> PortRules {
+    let mut rules = PortRules {
+        deny: Vec::new(),
+        allow: None,
+    };
+    let Some(namespace) = node.namespace.as_deref() else {
+        return rules;
+    };
+    let labels = workload_labels(model, me, node, namespace);
+    let applies = |(ns, _, p): &&(String, String, AuthorizationPolicy)| {
+        (ns == namespace || ns == ROOT_NAMESPACE) && selects(p.selector.as_ref(), &labels)
+    };
+    for (_, _, policy) in model.authorization_policies.iter().filter(applies) {
+        let matched = policy.rules.iter().filter_map(|r| rule(r, port));
+        match policy.action.as_deref() {
+            Some("DENY") => rules.deny.extend(matched),
+            Some("AUDIT") | Some("CUSTOM") => {}
+            _ => rules.allow.get_or_insert_with(Vec::new).extend(matched),
+        }
+    }
+    rules
+}
+
+fn selects(selector: Option<&WorkloadSelector>, labels: &HashMap<&str, &str>) -> bool {
+    selector
+        .filter(|s| !s.match_labels.is_empty())
+        .is_none_or(|s| {
+            s.match_labels
+                .iter()
+                .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
+        })
+}
+
+/// The RBAC filter of every inbound HTTP connection manager. It enforces
+/// nothing itself; each inbound virtual host carries its port's rules (see
+/// [`route_config`]), so a policy change is an RDS update that holds from
+/// the next request on, even on connections opened before it. (Rules in
+/// the listener would change its filter chains, and Envoy keeps serving the
+/// open connections of a replaced chain with the old rules while it drains
+/// them.)
+pub fn filter() -> HttpFilter {
+    HttpFilter {
+        name: FILTER.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            RBAC,
+            &RbacFilter::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
+/// The `typed_per_filter_config` of the inbound virtual host of app `port`:
+/// none if no policy applies. DENY rules and ALLOW rules become one ALLOW
+/// policy: not any DENY rule, and (if any ALLOW policy applies) some ALLOW
+/// rule. One policy in one entry keeps the encoding stable, where protobuf
+/// maps would be encoded in random order.
+pub fn route_config(
     model: &Model,
     me: &ClusterRecord,
     node: &NodeInfo,
     port: u16,
-) -> Vec<HttpFilter> {
+) -> HashMap<String, envoy_types::pb::google::protobuf::Any> {
+    let rules = port_rules(model, me, node, port);
+    let mut all = Vec::new();
+    if !rules.deny.is_empty() {
+        all.push(Principal {
+            identifier: Some(Identifier::NotId(Box::new(or(rules.deny)))),
+        });
+    }
+    match rules.allow {
+        None => {}
+        // ALLOW policies without a rule for this port: nothing is allowed.
+        Some(allow) if allow.is_empty() => all.push(Principal {
+            identifier: Some(Identifier::NotId(Box::new(id_any()))),
+        }),
+        Some(allow) => all.push(or(allow)),
+    }
+    if all.is_empty() {
+        return HashMap::new();
+    }
+    let policy = Policy {
+        permissions: vec![Permission {
+            rule: Some(permission::Rule::Any(true)),
+        }],
+        principals: vec![and(all)],
+        ..Default::default()
+    };
+    let config = RbacPerRoute {
+        rbac: Some(RbacFilter {
+            rules: Some(Rbac {
+                action: Action::Allow as i32,
+                policies: HashMap::from([("authorization-policies".to_string(), policy)]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+    };
+    HashMap::from([(FILTER.to_string(), any(RBAC_PER_ROUTE, &config))])
+}
+
+/// How app `port` of a workload takes connections, from PeerAuthentication.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MtlsMode {
+    /// Mesh mTLS only (the default: Isthmus's own clients always use it).
+    Strict,
+    /// mTLS, and plaintext from outside the mesh.
+    Permissive,
+    /// Plaintext only.
+    Disable,
+}
+
+/// The mode of app `port`: the workload's own policy (its port-level mode,
+/// then its mode), then its namespace's, then the root namespace's; a mode
+/// of UNSET (or none) defers to the next. Strict if none sets one.
+pub fn mtls_mode(model: &Model, me: &ClusterRecord, node: &NodeInfo, port: u16) -> MtlsMode {
     let Some(namespace) = node.namespace.as_deref() else {
-        return Vec::new();
+        return MtlsMode::Strict;
     };
     let labels = workload_labels(model, me, node, namespace);
-    let applies = |(ns, _, p): &&(String, String, AuthorizationPolicy)| {
-        (ns == namespace || ns == ROOT_NAMESPACE)
+    let policies = &model.peer_authentications;
+    let with_selector = policies.iter().find(|(ns, _, p)| {
+        ns == namespace
             && p.selector
                 .as_ref()
-                .filter(|s| !s.match_labels.is_empty())
-                .is_none_or(|s| {
-                    s.match_labels
-                        .iter()
-                        .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
-                })
+                .is_some_and(|s| !s.match_labels.is_empty())
+            && selects(p.selector.as_ref(), &labels)
+    });
+    let wide = |in_ns: &str| {
+        policies.iter().find(|(ns, _, p)| {
+            ns == in_ns
+                && p.selector
+                    .as_ref()
+                    .is_none_or(|s| s.match_labels.is_empty())
+        })
     };
-    let mut deny = Vec::new();
-    let mut allow = Vec::new();
-    let mut any_allow = false;
-    for (_, _, policy) in model.authorization_policies.iter().filter(applies) {
-        let rules = policy.rules.iter().filter_map(|r| rule(r, port));
-        match policy.action.as_deref() {
-            Some("DENY") => deny.extend(rules),
-            Some("AUDIT") | Some("CUSTOM") => {}
-            _ => {
-                any_allow = true;
-                allow.extend(rules);
-            }
-        }
+    let port_level = with_selector
+        .and_then(|(_, _, p)| p.port_level_mtls.get(&port.to_string()))
+        .and_then(|m| m.mode.as_deref());
+    let modes = [
+        port_level,
+        with_selector.and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
+        wide(namespace).and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
+        wide(ROOT_NAMESPACE).and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
+    ];
+    match modes.into_iter().flatten().find(|m| *m != "UNSET") {
+        Some("PERMISSIVE") => MtlsMode::Permissive,
+        Some("DISABLE") => MtlsMode::Disable,
+        _ => MtlsMode::Strict,
     }
-    let mut filters = Vec::new();
-    if !deny.is_empty() {
-        filters.push(filter("deny", Action::Deny, deny));
-    }
-    if any_allow {
-        filters.push(filter("allow", Action::Allow, allow));
-    }
-    filters
 }
 
 /// The labels of the workload at the proxy's address, in its namespace.
@@ -106,35 +225,6 @@ pub(crate) fn workload_labels<'m>(
         .filter(|e| e.address == ip)
         .flat_map(|e| e.labels.iter().map(|(k, v)| (k.as_str(), v.as_str())))
         .collect()
-}
-
-fn filter(name: &str, action: Action, principals: Vec<Principal>) -> HttpFilter {
-    let mut policies = HashMap::new();
-    if !principals.is_empty() {
-        policies.insert(
-            name.to_string(),
-            Policy {
-                permissions: vec![Permission {
-                    rule: Some(permission::Rule::Any(true)),
-                }],
-                principals,
-                ..Default::default()
-            },
-        );
-    }
-    let config = RbacFilter {
-        rules: Some(Rbac {
-            action: action as i32,
-            policies,
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    HttpFilter {
-        name: format!("envoy.filters.http.rbac.{name}"),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(RBAC, &config))),
-        ..Default::default()
-    }
 }
 
 /// One rule as one principal, or None if it cannot match on this port.

@@ -243,7 +243,9 @@ pub fn generate(
         }
         (Role::Sidecar, type_urls::LISTENER) => crate::xds::sidecar::listeners(model, me, node),
         (Role::Sidecar, type_urls::ROUTE) => {
-            crate::xds::sidecar::routes(model, &Scope::of(model, me, node))
+            let mut routes = crate::xds::sidecar::routes(model, &Scope::of(model, me, node));
+            routes.extend(crate::xds::sidecar::inbound_routes(model, me, node));
+            routes
         }
         (Role::Gateway, type_urls::CLUSTER) => gateway_clusters(model, me),
         (Role::Gateway, type_urls::ENDPOINT) => gateway_endpoints(model, me),

@@ -14,8 +14,12 @@
 //!   one filter chain per local app port, chosen by the SNI
 //!   `outbound_.PORT_._.FQDN` callers send, forwarding to the app with
 //!   `x-forwarded-client-cert` set (`By`, `Hash`, `URI`), as isthmus-proxy
-//!   does, after the RBAC filters of the AuthorizationPolicies that apply
-//!   (see [`super::authz`]).
+//!   does. Ports that PeerAuthentication makes PERMISSIVE or DISABLE also
+//!   take plaintext on one more chain (DISABLE: only plaintext), routed by
+//!   the port in `:authority`, with any XFCC a caller sent removed.
+//! - `inbound|PORT` and `inbound|plaintext` route configurations (RDS) for
+//!   those chains, carrying each port's AuthorizationPolicy rules (see
+//!   [`super::authz`]).
 //! - `inbound|PORT||` clusters: the local apps, from the node's `APPS`.
 
 use std::collections::BTreeMap;
@@ -48,6 +52,7 @@ use isthmus_api::config::istio;
 use isthmus_api::ports;
 use isthmus_api::type_urls;
 
+use super::authz::{self, MtlsMode};
 use super::generate::{NodeInfo, Resources, SDS_CERT, SDS_ROOT, ads, any, sds, service_ports};
 use crate::model::Model;
 use crate::records::ClusterRecord;
@@ -198,29 +203,22 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
         ))),
     };
     let snis = served_snis(model, me, ip);
-    let chains = node
+    let modes: Vec<(u16, MtlsMode)> = node
         .apps
         .iter()
+        .map(|(port, _)| (*port, authz::mtls_mode(model, me, node, *port)))
+        .collect();
+    let mut chains: Vec<FilterChain> = modes
+        .iter()
+        .filter(|(_, mode)| *mode != MtlsMode::Disable)
         .map(|(port, _)| {
-            let cluster = inbound_cluster_name(*port);
             let hcm = HttpConnectionManager {
                 stat_prefix: format!("inbound_{port}"),
-                route_specifier: Some(http_connection_manager::RouteSpecifier::RouteConfig(
-                    RouteConfiguration {
-                        name: format!("inbound|{port}"),
-                        virtual_hosts: vec![VirtualHost {
-                            name: format!("inbound|{port}"),
-                            domains: vec!["*".into()],
-                            routes: vec![route_to(&cluster, None)],
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    },
-                )),
-                http_filters: super::authz::inbound_filters(model, me, node, *port)
-                    .into_iter()
-                    .chain([router()])
-                    .collect(),
+                route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+                    config_source: Some(ads()),
+                    route_config_name: inbound_route_name(*port),
+                })),
+                http_filters: vec![authz::filter(), router()],
                 forward_client_cert_details:
                     http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32,
                 set_current_client_cert_details: Some(
@@ -234,6 +232,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
             FilterChain {
                 filter_chain_match: Some(FilterChainMatch {
                     server_names: snis.get(port).cloned().unwrap_or_default(),
+                    transport_protocol: "tls".into(),
                     ..Default::default()
                 }),
                 filters: vec![hcm_filter(&hcm)],
@@ -242,6 +241,17 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
             }
         })
         .collect();
+    // PERMISSIVE and DISABLE ports also take plaintext, on one chain that
+    // tells them apart by the port in `:authority`.
+    let plain: Vec<u16> = modes
+        .iter()
+        .filter(|(_, mode)| *mode != MtlsMode::Strict)
+        .map(|(port, _)| *port)
+        .collect();
+    if !plain.is_empty() {
+        chains.push(plaintext_chain());
+    }
+
     let name = format!("inbound_{}", ports::INBOUND);
     let listener = Listener {
         name: name.clone(),
@@ -258,6 +268,75 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
         ..Default::default()
     };
     out.insert(name, any(type_urls::LISTENER, &listener));
+    out
+}
+
+/// The inbound chain for plaintext: routes from `inbound|plaintext` (one
+/// virtual host per app port, `*:PORT`), and any `x-forwarded-client-cert`
+/// a caller sent removed, since no certificate stands behind it.
+fn plaintext_chain() -> FilterChain {
+    let hcm = HttpConnectionManager {
+        stat_prefix: "inbound_plaintext".into(),
+        route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: PLAINTEXT_ROUTE.into(),
+        })),
+        http_filters: vec![authz::filter(), router()],
+        forward_client_cert_details: http_connection_manager::ForwardClientCertDetails::Sanitize
+            as i32,
+        ..Default::default()
+    };
+    FilterChain {
+        filter_chain_match: Some(FilterChainMatch {
+            transport_protocol: "raw_buffer".into(),
+            ..Default::default()
+        }),
+        filters: vec![hcm_filter(&hcm)],
+        ..Default::default()
+    }
+}
+
+const PLAINTEXT_ROUTE: &str = "inbound|plaintext";
+
+fn inbound_route_name(port: u16) -> String {
+    format!("inbound|{port}")
+}
+
+/// The inbound route configurations of a sidecar: `inbound|PORT` for each
+/// app port's mTLS chain, and `inbound|plaintext` if any port takes
+/// plaintext. Each virtual host carries its port's authorization rules.
+pub fn inbound_routes(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resources {
+    let host = |port: u16, domains: Vec<String>| VirtualHost {
+        name: inbound_route_name(port),
+        domains,
+        routes: vec![route_to(&inbound_cluster_name(port), None)],
+        typed_per_filter_config: authz::route_config(model, me, node, port),
+        ..Default::default()
+    };
+    let mut out = Resources::new();
+    let mut plain = Vec::new();
+    for (port, _) in &node.apps {
+        let mode = authz::mtls_mode(model, me, node, *port);
+        if mode != MtlsMode::Disable {
+            let rc = RouteConfiguration {
+                name: inbound_route_name(*port),
+                virtual_hosts: vec![host(*port, vec!["*".into()])],
+                ..Default::default()
+            };
+            out.insert(rc.name.clone(), any(type_urls::ROUTE, &rc));
+        }
+        if mode != MtlsMode::Strict {
+            plain.push(host(*port, vec![format!("*:{port}")]));
+        }
+    }
+    if !plain.is_empty() {
+        let rc = RouteConfiguration {
+            name: PLAINTEXT_ROUTE.into(),
+            virtual_hosts: plain,
+            ..Default::default()
+        };
+        out.insert(rc.name.clone(), any(type_urls::ROUTE, &rc));
+    }
     out
 }
 
