@@ -500,6 +500,70 @@ impl InProcessPrimary {
             .into_inner();
         Ok((tx, inbound))
     }
+
+    /// Registers and joins `cluster`, opens its agent stream, reports
+    /// `services` and waits until the primary has applied them.
+    pub async fn reporting(
+        &self,
+        cluster: &str,
+        services: Vec<isthmus_api::pb::sync::Service>,
+    ) -> Reporting {
+        let (token, _) = self.register(cluster, 0).await;
+        let (joined, key) = self.join(cluster, &token).await.expect("the cluster joins");
+        let signer = Signer::from_pem(&joined.intermediate_pem, &key).expect("the intermediate");
+        let (agent, mut replies) = self
+            .stream(&signer, &joined.intermediate_pem, &joined.trust_bundle_pem)
+            .await
+            .expect("the agent stream opens");
+        agent
+            .send(AgentMessage {
+                kind: Some(isthmus_api::pb::sync::agent_message::Kind::Snapshot(
+                    isthmus_api::pb::sync::Snapshot {
+                        cluster: cluster.into(),
+                        services,
+                    },
+                )),
+            })
+            .await
+            .expect("the snapshot is sent");
+        while replies
+            .message()
+            .await
+            .expect("the stream is healthy")
+            .expect("the stream is open")
+            .applied_revision
+            == 0
+        {}
+        Reporting {
+            signer,
+            intermediate_pem: joined.intermediate_pem,
+            trust_bundle_pem: joined.trust_bundle_pem,
+            agent,
+            replies,
+        }
+    }
+}
+
+/// A joined cluster whose agent has reported its services.
+pub struct Reporting {
+    pub signer: Signer,
+    pub intermediate_pem: String,
+    pub trust_bundle_pem: String,
+    pub agent: mpsc::Sender<AgentMessage>,
+    pub replies: tonic::Streaming<PrimaryMessage>,
+}
+
+impl Reporting {
+    /// A client TLS config for the primary as a workload of this cluster.
+    pub fn workload_tls(&self, namespace: &str, account: &str) -> Arc<rustls::ClientConfig> {
+        workload_tls(
+            &self.signer,
+            &self.intermediate_pem,
+            &self.trust_bundle_pem,
+            namespace,
+            account,
+        )
+    }
 }
 
 /// Steady request load through a sidecar: `workers` kept-alive connections,

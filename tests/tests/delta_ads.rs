@@ -14,11 +14,10 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
 use isthmus_api::pb::sync::{
-    AgentMessage, Delta, Endpoint, Port, Service, ServiceRef, Snapshot, agent_message,
+    AgentMessage, Delta, Endpoint, Port, Service, ServiceRef, agent_message,
 };
 use isthmus_api::type_urls;
-use isthmus_ca::Signer;
-use isthmus_e2e::{InProcessPrimary, workload_tls};
+use isthmus_e2e::InProcessPrimary;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -68,34 +67,20 @@ fn ack(r: &DeltaDiscoveryResponse) -> DeltaDiscoveryRequest {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endpoint_change_sends_only_the_changed_assignment() {
     let p = InProcessPrimary::start().await;
-    let (token, _) = p.register("east", 0).await;
-    let (joined, key) = p.join("east", &token).await.unwrap();
-    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
-    let (agent, mut replies) = p
-        .stream(&signer, &joined.intermediate_pem, &joined.trust_bundle_pem)
-        .await
-        .unwrap();
-    let send = |kind| AgentMessage { kind: Some(kind) };
-    agent
-        .send(send(agent_message::Kind::Snapshot(Snapshot {
-            cluster: "east".into(),
-            services: vec![
+    let east = p
+        .reporting(
+            "east",
+            vec![
                 service("echo", &["198.51.100.10"]),
                 service("other", &["198.51.100.11"]),
             ],
-        })))
-        .await
-        .unwrap();
-    while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
+        )
+        .await;
+    let agent = &east.agent;
+    let send = |kind| AgentMessage { kind: Some(kind) };
 
     // A sidecar of east, over real gRPC with its SVID.
-    let tls = workload_tls(
-        &signer,
-        &joined.intermediate_pem,
-        &joined.trust_bundle_pem,
-        "demo",
-        "client",
-    );
+    let tls = east.workload_tls("demo", "client");
     let channel = isthmus_transport::tls_channel(&p.grpc, tls).unwrap();
     let (tx, rx) = mpsc::channel(8);
     let mut inbound = AggregatedDiscoveryServiceClient::new(channel)

@@ -18,10 +18,9 @@ use envoy_types::pb::envoy::config::core::v3::{Locality, Node};
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use isthmus_api::pb::sync::{AgentMessage, Endpoint, Port, Service, Snapshot, agent_message};
+use isthmus_api::pb::sync::{Endpoint, Port, Service};
 use isthmus_api::type_urls;
-use isthmus_ca::Signer;
-use isthmus_e2e::{InProcessPrimary, workload_tls};
+use isthmus_e2e::InProcessPrimary;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -86,13 +85,6 @@ async fn first_response(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_claims_must_match_the_svid() {
     let p = InProcessPrimary::start().await;
-    let (token, _) = p.register("east", 0).await; // network net-east, r/z
-    let (joined, key) = p.join("east", &token).await.unwrap();
-    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
-    let (agent, mut replies) = p
-        .stream(&signer, &joined.intermediate_pem, &joined.trust_bundle_pem)
-        .await
-        .unwrap();
     let endpoint = |workload: &str, address: &str, account: &str| Endpoint {
         workload: workload.into(),
         address: address.into(),
@@ -101,37 +93,27 @@ async fn node_claims_must_match_the_svid() {
         ready: true,
         labels: Default::default(),
     };
-    agent
-        .send(AgentMessage {
-            kind: Some(agent_message::Kind::Snapshot(Snapshot {
-                cluster: "east".into(),
-                services: vec![Service {
-                    namespace: "demo".into(),
-                    name: "echo".into(),
-                    ports: vec![Port {
-                        name: "http".into(),
-                        port: 8080,
-                        protocol: "http".into(),
-                    }],
-                    endpoints: vec![
-                        endpoint("echo-0", "198.51.100.10", "echo"),
-                        endpoint("client-0", "198.51.100.20", "client"),
-                    ],
+    // east: network net-east, region r, zone z.
+    let east = p
+        .reporting(
+            "east",
+            vec![Service {
+                namespace: "demo".into(),
+                name: "echo".into(),
+                ports: vec![Port {
+                    name: "http".into(),
+                    port: 8080,
+                    protocol: "http".into(),
                 }],
-            })),
-        })
-        .await
-        .unwrap();
-    while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
-
+                endpoints: vec![
+                    endpoint("echo-0", "198.51.100.10", "echo"),
+                    endpoint("client-0", "198.51.100.20", "client"),
+                ],
+            }],
+        )
+        .await;
     // demo/client's SVID.
-    let tls = workload_tls(
-        &signer,
-        &joined.intermediate_pem,
-        &joined.trust_bundle_pem,
-        "demo",
-        "client",
-    );
+    let tls = east.workload_tls("demo", "client");
 
     // Claims that hold: served.
     let honest = node(
@@ -218,18 +200,8 @@ async fn node_claims_must_match_the_svid() {
 async fn a_proxy_that_never_acks_does_not_starve_the_others() {
     // One push slot: whoever holds it blocks everyone else's pushes.
     let p = InProcessPrimary::start_with_push_slots(1).await;
-    let (token, _) = p.register("east", 0).await;
-    let (joined, key) = p.join("east", &token).await.unwrap();
-    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
-    let tls = |account: &str| {
-        workload_tls(
-            &signer,
-            &joined.intermediate_pem,
-            &joined.trust_bundle_pem,
-            "demo",
-            account,
-        )
-    };
+    let east = p.reporting("east", vec![]).await;
+    let tls = |account: &str| east.workload_tls("demo", account);
     // The first proxy takes the slot with its first response and never
     // ACKs it (its stream stays open: `_silent` keeps the sender alive).
     let (first, _silent) = first_response(&p.grpc, tls("silent"), node("silent", &[], None)).await;

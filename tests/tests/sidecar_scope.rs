@@ -14,10 +14,9 @@ use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse,
 };
-use isthmus_api::pb::sync::{AgentMessage, Endpoint, Port, Service, Snapshot, agent_message};
+use isthmus_api::pb::sync::{Endpoint, Port, Service};
 use isthmus_api::type_urls;
-use isthmus_ca::Signer;
-use isthmus_e2e::{InProcessPrimary, workload_tls};
+use isthmus_e2e::InProcessPrimary;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -122,37 +121,18 @@ impl Proxy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sidecar_sees_only_the_services_its_scope_names() {
     let p = InProcessPrimary::start().await;
-    let (token, _) = p.register("east", 0).await;
-    let (joined, key) = p.join("east", &token).await.unwrap();
-    let signer = Signer::from_pem(&joined.intermediate_pem, &key).unwrap();
-    let (agent, mut replies) = p
-        .stream(&signer, &joined.intermediate_pem, &joined.trust_bundle_pem)
-        .await
-        .unwrap();
-    agent
-        .send(AgentMessage {
-            kind: Some(agent_message::Kind::Snapshot(Snapshot {
-                cluster: "east".into(),
-                services: vec![
-                    service("demo", "echo", "198.51.100.10"),
-                    service("demo", "other", "198.51.100.11"),
-                    service("prod", "db", "198.51.100.12"),
-                ],
-            })),
-        })
-        .await
-        .unwrap();
-    while replies.message().await.unwrap().unwrap().applied_revision == 0 {}
-    p.api.apply(SIDECAR.to_string()).await.unwrap();
-    let tls = |ns: &str, sa: &str| {
-        workload_tls(
-            &signer,
-            &joined.intermediate_pem,
-            &joined.trust_bundle_pem,
-            ns,
-            sa,
+    let east = p
+        .reporting(
+            "east",
+            vec![
+                service("demo", "echo", "198.51.100.10"),
+                service("demo", "other", "198.51.100.11"),
+                service("prod", "db", "198.51.100.12"),
+            ],
         )
-    };
+        .await;
+    p.api.apply(SIDECAR.to_string()).await.unwrap();
+    let tls = |ns: &str, sa: &str| east.workload_tls(ns, sa);
 
     // demo's Sidecar: echo (its own namespace, by name) and all of prod.
     let mut scoped = Proxy::connect(&p, tls("demo", "client")).await;
