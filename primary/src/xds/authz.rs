@@ -1,4 +1,5 @@
-//! AuthorizationPolicy as Envoy RBAC on a sidecar's inbound filter chains.
+//! Inbound security on Envoy sidecars: AuthorizationPolicy as RBAC, and
+//! PeerAuthentication modes.
 //!
 //! The policies that apply to a workload are those of its namespace (its
 //! SVID's) and of the root namespace, `istio-system`, whose `selector`
