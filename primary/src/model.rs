@@ -53,6 +53,16 @@ pub struct Model {
     )>,
 }
 
+/// A stored config object's spec as the type the primary reads, or None
+/// (logged) if it does not decode: one bad object does not stop the rest.
+fn spec_of<T: serde::de::DeserializeOwned>(key: &str, spec: serde_json::Value) -> Option<T> {
+    serde_json::from_value(spec)
+        .map_err(
+            |e| tracing::error!(key, error = %e, "skipping a config object that does not decode"),
+        )
+        .ok()
+}
+
 impl Model {
     fn build(revision: i64, config_revision: i64, kv: &BTreeMap<String, Vec<u8>>) -> Self {
         let mut m = Model {
@@ -72,37 +82,23 @@ impl Model {
                     tracing::error!(key, "skipping a corrupt config object");
                     continue;
                 };
+                let spec = r.spec;
                 match plural {
-                    "virtualservices" => match serde_json::from_value(r.spec) {
-                        Ok(vs) => m.virtual_services.push((ns.to_string(), vs)),
-                        Err(e) => tracing::error!(key, error = %e, "skipping a VirtualService"),
-                    },
-                    "destinationrules" => match serde_json::from_value(r.spec) {
-                        Ok(dr) => m.destination_rules.push((ns.to_string(), dr)),
-                        Err(e) => tracing::error!(key, error = %e, "skipping a DestinationRule"),
-                    },
-                    "peerauthentications" => match serde_json::from_value(r.spec) {
-                        Ok(pa) => {
-                            m.peer_authentications
-                                .push((ns.to_string(), name.to_string(), pa))
-                        }
-                        Err(e) => {
-                            tracing::error!(key, error = %e, "skipping a PeerAuthentication")
-                        }
-                    },
-                    "sidecars" => match serde_json::from_value(r.spec) {
-                        Ok(sc) => m.sidecars.push((ns.to_string(), name.to_string(), sc)),
-                        Err(e) => tracing::error!(key, error = %e, "skipping a Sidecar"),
-                    },
-                    "authorizationpolicies" => match serde_json::from_value(r.spec) {
-                        Ok(ap) => {
-                            m.authorization_policies
-                                .push((ns.to_string(), name.to_string(), ap))
-                        }
-                        Err(e) => {
-                            tracing::error!(key, error = %e, "skipping an AuthorizationPolicy")
-                        }
-                    },
+                    "virtualservices" => m
+                        .virtual_services
+                        .extend(spec_of(key, spec).map(|vs| (ns.to_string(), vs))),
+                    "destinationrules" => m
+                        .destination_rules
+                        .extend(spec_of(key, spec).map(|dr| (ns.to_string(), dr))),
+                    "peerauthentications" => m.peer_authentications.extend(
+                        spec_of(key, spec).map(|pa| (ns.to_string(), name.to_string(), pa)),
+                    ),
+                    "sidecars" => m.sidecars.extend(
+                        spec_of(key, spec).map(|sc| (ns.to_string(), name.to_string(), sc)),
+                    ),
+                    "authorizationpolicies" => m.authorization_policies.extend(
+                        spec_of(key, spec).map(|ap| (ns.to_string(), name.to_string(), ap)),
+                    ),
                     _ => {}
                 }
             } else if let Some(replica) = key.strip_prefix(keys::XDS_STATUS) {

@@ -481,18 +481,14 @@ impl InProcessPrimary {
         intermediate_pem: &str,
         bundle_pem: &str,
     ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<PrimaryMessage>), tonic::Status> {
-        let id = SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent")
-            .expect("the agent identity");
-        let (leaf, key) = signer
-            .issue_workload(&id, Duration::from_secs(600))
-            .expect("an agent certificate");
-        let identity =
-            isthmus_transport::Identity::from_pem(&format!("{}{intermediate_pem}", leaf.pem), &key)
-                .expect("the agent's chain and key");
-        let tls = isthmus_transport::primary_client_config(bundle_pem, Some(identity))
-            .expect("a TLS config for the agent");
-        let channel =
-            isthmus_transport::tls_channel(&self.grpc, Arc::new(tls)).expect("a gRPC channel");
+        let tls = workload_tls(
+            signer,
+            intermediate_pem,
+            bundle_pem,
+            "isthmus-system",
+            "isthmus-agent",
+        );
+        let channel = isthmus_transport::tls_channel(&self.grpc, tls).expect("a gRPC channel");
         let (tx, rx) = mpsc::channel(4);
         let inbound = SyncClient::new(channel)
             .stream(ReceiverStream::new(rx))

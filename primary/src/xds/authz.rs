@@ -18,7 +18,7 @@
 //! PeerAuthentication is here too: [`mtls_mode`] settles whether a port
 //! takes mTLS, plaintext or both.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use envoy_types::pb::envoy::config::rbac::v3::principal::{self, Authenticated, Identifier};
 use envoy_types::pb::envoy::config::rbac::v3::{
@@ -34,7 +34,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher::MatchPattern,
 };
-use isthmus_api::config::istio::{AuthorizationPolicy, AuthzRule, WorkloadSelector};
+use isthmus_api::config::istio::{AuthorizationPolicy, AuthzRule, PeerAuthentication};
 
 use super::generate::{NodeInfo, any};
 use crate::model::Model;
@@ -66,7 +66,10 @@ fn port_rules(model: &Model, me: &ClusterRecord, node: &NodeInfo, port: u16) -> 
     };
     let labels = workload_labels(model, me, node, namespace);
     let applies = |(ns, _, p): &&(String, String, AuthorizationPolicy)| {
-        (ns == namespace || ns == ROOT_NAMESPACE) && selects(p.selector.as_ref(), &labels)
+        (ns == namespace || ns == ROOT_NAMESPACE)
+            && p.selector
+                .as_ref()
+                .is_none_or(|s| labels_hold(&s.match_labels, &labels))
     };
     for (_, _, policy) in model.authorization_policies.iter().filter(applies) {
         let matched = policy.rules.iter().filter_map(|r| rule(r, port));
@@ -79,14 +82,42 @@ fn port_rules(model: &Model, me: &ClusterRecord, node: &NodeInfo, port: u16) -> 
     rules
 }
 
-fn selects(selector: Option<&WorkloadSelector>, labels: &HashMap<&str, &str>) -> bool {
-    selector
-        .filter(|s| !s.match_labels.is_empty())
-        .is_none_or(|s| {
-            s.match_labels
-                .iter()
-                .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
-        })
+/// Whether `labels` hold every label a selector requires (an empty one
+/// requires none).
+fn labels_hold(required: &BTreeMap<String, String>, labels: &HashMap<&str, &str>) -> bool {
+    required
+        .iter()
+        .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
+}
+
+/// The config of a kind that applies to a workload, as Istio picks it for
+/// PeerAuthentication and Sidecar: [the first in the workload's namespace
+/// whose (non-empty) selector its labels hold, the first there without a
+/// selector, the first in the root namespace without a selector].
+pub(crate) fn most_specific<'a, T>(
+    items: &'a [(String, String, T)],
+    namespace: &str,
+    labels: &HashMap<&str, &str>,
+    selector: impl Fn(&T) -> Option<&BTreeMap<String, String>>,
+) -> [Option<&'a (String, String, T)>; 3] {
+    // None: no selector; Some(whether the labels hold it).
+    let selected = |t: &T| {
+        selector(t)
+            .filter(|s| !s.is_empty())
+            .map(|s| labels_hold(s, labels))
+    };
+    let wide = |in_ns: &str| {
+        items
+            .iter()
+            .find(|(ns, _, t)| ns == in_ns && selected(t).is_none())
+    };
+    [
+        items
+            .iter()
+            .find(|(ns, _, t)| ns == namespace && selected(t) == Some(true)),
+        wide(namespace),
+        wide(ROOT_NAMESPACE),
+    ]
 }
 
 /// The RBAC filter of every inbound HTTP connection manager. It enforces
@@ -175,36 +206,24 @@ pub fn mtls_mode(model: &Model, me: &ClusterRecord, node: &NodeInfo, port: u16) 
         return MtlsMode::Strict;
     };
     let labels = workload_labels(model, me, node, namespace);
-    let policies = &model.peer_authentications;
-    let with_selector = policies.iter().find(|(ns, _, p)| {
-        ns == namespace
-            && p.selector
-                .as_ref()
-                .is_some_and(|s| !s.match_labels.is_empty())
-            && selects(p.selector.as_ref(), &labels)
-    });
-    let wide = |in_ns: &str| {
-        policies.iter().find(|(ns, _, p)| {
-            ns == in_ns
-                && p.selector
-                    .as_ref()
-                    .is_none_or(|s| s.match_labels.is_empty())
-        })
-    };
-    let port_level = with_selector
+    let [workload, in_namespace, root] =
+        most_specific(&model.peer_authentications, namespace, &labels, |p| {
+            p.selector.as_ref().map(|s| &s.match_labels)
+        });
+    let port_level = workload
         .and_then(|(_, _, p)| p.port_level_mtls.get(&port.to_string()))
         .and_then(|m| m.mode.as_deref());
-    let modes = [
-        port_level,
-        with_selector.and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
-        wide(namespace).and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
-        wide(ROOT_NAMESPACE).and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref()),
-    ];
+    let modes = [port_level, mode(workload), mode(in_namespace), mode(root)];
     match modes.into_iter().flatten().find(|m| *m != "UNSET") {
         Some("PERMISSIVE") => MtlsMode::Permissive,
         Some("DISABLE") => MtlsMode::Disable,
         _ => MtlsMode::Strict,
     }
+}
+
+/// A PeerAuthentication's workload-wide mode.
+fn mode(p: Option<&(String, String, PeerAuthentication)>) -> Option<&str> {
+    p.and_then(|(_, _, p)| p.mtls.as_ref()?.mode.as_deref())
 }
 
 /// The labels of the workload at the proxy's address, in its namespace.

@@ -377,24 +377,11 @@ impl Scope {
             return everything;
         };
         let labels = crate::xds::authz::workload_labels(model, me, node, namespace);
-        let selected = |ns: &str, selector: bool| {
-            model.sidecars.iter().find(|(n, _, sc)| {
-                n == ns
-                    && match &sc.workload_selector {
-                        Some(s) if !s.labels.is_empty() => {
-                            selector
-                                && s.labels
-                                    .iter()
-                                    .all(|(k, v)| labels.get(k.as_str()) == Some(&v.as_str()))
-                        }
-                        _ => !selector,
-                    }
-            })
-        };
-        let Some((sidecar_ns, _, sidecar)) = selected(namespace, true)
-            .or_else(|| selected(namespace, false))
-            .or_else(|| selected(crate::xds::authz::ROOT_NAMESPACE, false))
-        else {
+        let [workload, in_namespace, root] =
+            crate::xds::authz::most_specific(&model.sidecars, namespace, &labels, |sc| {
+                sc.workload_selector.as_ref().map(|s| &s.labels)
+            });
+        let Some((sidecar_ns, _, sidecar)) = workload.or(in_namespace).or(root) else {
             return everything;
         };
         let hosts = sidecar
