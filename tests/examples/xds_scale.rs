@@ -194,6 +194,29 @@ async fn client(
     Ok(())
 }
 
+/// Waits until each of `clients` has received `services` assignments.
+async fn every_client_got(
+    events: &mut mpsc::UnboundedReceiver<Event>,
+    clients: usize,
+    services: usize,
+) -> anyhow::Result<()> {
+    let mut got = vec![0usize; clients];
+    let mut done = 0;
+    while done < clients {
+        let Some(Event::Endpoints { id, count, .. }) =
+            tokio::time::timeout(Duration::from_secs(300), events.recv()).await?
+        else {
+            anyhow::bail!("clients went away");
+        };
+        let before = got[id];
+        got[id] += count;
+        if before < services && got[id] >= services {
+            done += 1;
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -312,20 +335,7 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    let mut received = vec![0usize; clients];
-    let mut synced = 0;
-    while synced < clients {
-        let Some(Event::Endpoints { id, count, .. }) =
-            tokio::time::timeout(Duration::from_secs(300), ev_rx.recv()).await?
-        else {
-            anyhow::bail!("clients went away");
-        };
-        let before = received[id];
-        received[id] += count;
-        if before < services && received[id] >= services {
-            synced += 1;
-        }
-    }
+    every_client_got(&mut ev_rx, clients, services).await?;
     let connect_time = started.elapsed();
     eprintln!("all {clients} clients synced after {connect_time:?}");
     // Resident memory once the connection burst has settled.
@@ -377,20 +387,7 @@ async fn main() -> anyhow::Result<()> {
             })),
         })
         .await?;
-    let mut got = vec![0usize; clients];
-    let mut done = 0;
-    while done < clients {
-        let Some(Event::Endpoints { id, count, .. }) =
-            tokio::time::timeout(Duration::from_secs(300), ev_rx.recv()).await?
-        else {
-            anyhow::bail!("clients went away");
-        };
-        let before = got[id];
-        got[id] += count;
-        if before < services && got[id] >= services {
-            done += 1;
-        }
-    }
+    every_client_got(&mut ev_rx, clients, services).await?;
     let full_push_wall = t0.elapsed();
     let (_, cpu_after) = usage(pid);
     let peak = peak_rss(pid);
