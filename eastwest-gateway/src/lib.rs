@@ -87,6 +87,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             node_id: format!("gateway~{}", config.cluster),
             cluster: config.cluster.clone(),
             metadata: Default::default(),
+            route_names: Vec::new(),
         },
         Some(roots_rx),
     );

@@ -18,7 +18,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod tls;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -54,6 +54,12 @@ pub struct Config {
     pub admin: SocketAddr,
     #[arg(long, default_value = "127.0.0.1:15090")]
     pub metrics: SocketAddr,
+    /// This workload's address, which the primary matches against the
+    /// registry to find its labels (and so the AuthorizationPolicies that
+    /// select it). Defaults to the inbound listener's address when that is
+    /// not a wildcard.
+    #[arg(long, env = "INSTANCE_IP")]
+    pub instance_ip: Option<std::net::IpAddr>,
     /// Local apps by service port, `PORT=IP:PORT` (repeatable): inbound
     /// requests for that port go there.
     #[arg(long = "app", value_parser = parse_app)]
@@ -116,6 +122,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .clone()
         .unwrap_or_else(|| format!("sidecar~{}~{}", config.cluster, std::process::id()));
     let initial = xds_tls_rx.borrow().clone();
+    // What the primary needs to write this workload's inbound rules: its
+    // address (for its labels) and its app ports.
+    let mut metadata = initial.metadata;
+    let instance_ip = config
+        .instance_ip
+        .or(Some(config.inbound.ip()).filter(|ip| !ip.is_unspecified()));
+    if let Some(ip) = instance_ip {
+        metadata.insert("INSTANCE_IP".into(), ip.to_string());
+    }
+    if !config.apps.is_empty() {
+        let apps: Vec<String> = config
+            .apps
+            .iter()
+            .map(|(port, addr)| format!("{port}={addr}"))
+            .collect();
+        metadata.insert("APPS".into(), apps.join(","));
+    }
     let xds = isthmus_xds::start(
         isthmus_xds::XdsConfig {
             primary: config.primary.clone(),
@@ -123,7 +146,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             bearer: None,
             node_id,
             cluster: config.cluster.clone(),
-            metadata: initial.metadata,
+            metadata,
+            route_names: config
+                .apps
+                .iter()
+                .map(|(port, _)| isthmus_xds::inbound_route_name(*port))
+                .chain((!config.apps.is_empty()).then(|| "inbound|plaintext".to_string()))
+                .collect(),
         },
         Some(xds_tls_rx),
     );
@@ -147,6 +176,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         server_rx,
         svid.clone(),
         Arc::new(apps),
+        xds.snapshot.clone(),
         metrics.clone(),
     ));
     serve_admin(&config, xds, svid, metrics).await?;
@@ -218,6 +248,9 @@ fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_jso
         "certificateNotAfter": svid.not_after_unix,
         "clusterVersion": snap.cluster_version,
         "endpointVersion": snap.endpoint_version,
+        "routeVersion": snap.route_version,
         "clusters": clusters,
+        // Per app port: whether an AuthorizationPolicy applies to it.
+        "inboundAuthorization": snap.inbound.iter().map(|(port, rules)| (port.to_string(), if rules.is_some() { "rules" } else { "none apply" })).collect::<BTreeMap<_, _>>(),
     })
 }

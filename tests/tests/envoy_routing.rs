@@ -6,9 +6,10 @@
 //! valid corpus (every kind) is applied, and every proxy ACKs every type:
 //! Envoy sidecars and gateways, and, on the isthmus data plane,
 //! isthmus-proxy and isthmus-gateway. Last, AuthorizationPolicies become
-//! RBAC at echo's Envoy: DENY by path, ALLOW by namespace, principal, method,
-//! port and a header condition, and traffic flows again once they are gone;
-//! then PeerAuthentication modes decide whether echo takes plaintext.
+//! RBAC at echo's sidecar, Envoy or isthmus-proxy: DENY by path, ALLOW by
+//! namespace, principal, method, port and a header condition, and traffic
+//! flows again once they are gone; then PeerAuthentication modes decide
+//! whether echo's Envoy takes plaintext.
 //! Needs root for network namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -186,52 +187,8 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "traffic still flows under the corpus");
 
-    // Authorization at echo's inbound listener. The corpus ALLOWs
-    // demo/client's GETs on 8080, which is what the client sends.
+    authorization_holds(&mesh).await;
     let client = mesh.state.client().unwrap();
-    client.apply(DENY_SECRET.to_string()).await.unwrap();
-    eventually("a DENY policy to refuse /secret", PATIENCE, || async {
-        let (s, body) = ask(&mesh, "/secret/x", &[]).await?;
-        (s == 403 && body.contains("RBAC: access denied")).then_some(())
-    })
-    .await;
-    let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
-    assert_eq!(s, 200, "the DENY policy leaves other paths alone");
-    // Only ALLOW policies that do not match the client: refused; the one
-    // with a header condition lets it in when the header is there.
-    client
-        .delete_config("authorizationpolicies", "demo", "echo")
-        .await
-        .unwrap();
-    client.apply(ALLOW_OTHERS.to_string()).await.unwrap();
-    eventually(
-        "ALLOW policies that do not match to refuse",
-        PATIENCE,
-        || async {
-            let (s, body) = ask(&mesh, "/", &[]).await?;
-            (s == 403 && body.contains("RBAC: access denied")).then_some(())
-        },
-    )
-    .await;
-    let (s, _) = ask(&mesh, "/", &[("x-pass", "yes")]).await.unwrap();
-    assert_eq!(s, 200, "the when-condition admits the request with x-pass");
-    let (s, _) = ask(&mesh, "/secret/x", &[("x-pass", "yes")]).await.unwrap();
-    assert_eq!(s, 403, "DENY still comes first");
-    for name in ["deny-secret", "prod-only", "with-pass"] {
-        client
-            .delete_config("authorizationpolicies", "demo", name)
-            .await
-            .unwrap();
-    }
-    eventually(
-        "traffic to flow again without policies",
-        PATIENCE,
-        || async {
-            let (s, _) = ask(&mesh, "/", &[]).await?;
-            (s == 200).then_some(())
-        },
-    )
-    .await;
 
     // PeerAuthentication at echo's inbound listener: under the corpus's
     // STRICT, plaintext finds no filter chain; PERMISSIVE takes it (and
@@ -273,6 +230,56 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "mTLS from the mesh works under STRICT: {body}");
     mesh.wait_all_synced(5, PATIENCE).await;
+}
+
+/// Authorization at echo's inbound listener, the same on both data planes.
+/// The corpus ALLOWs demo/client's GETs on 8080, which is what the client
+/// sends.
+async fn authorization_holds(mesh: &Mesh) {
+    let client = mesh.state.client().unwrap();
+    client.apply(DENY_SECRET.to_string()).await.unwrap();
+    eventually("a DENY policy to refuse /secret", PATIENCE, || async {
+        let (s, body) = ask(mesh, "/secret/x", &[]).await?;
+        (s == 403 && body.contains("RBAC: access denied")).then_some(())
+    })
+    .await;
+    let (s, _) = ask(mesh, "/", &[]).await.unwrap();
+    assert_eq!(s, 200, "the DENY policy leaves other paths alone");
+    // Only ALLOW policies that do not match the client: refused; the one
+    // with a header condition lets it in when the header is there.
+    client
+        .delete_config("authorizationpolicies", "demo", "echo")
+        .await
+        .unwrap();
+    client.apply(ALLOW_OTHERS.to_string()).await.unwrap();
+    eventually(
+        "ALLOW policies that do not match to refuse",
+        PATIENCE,
+        || async {
+            let (s, body) = ask(mesh, "/", &[]).await?;
+            (s == 403 && body.contains("RBAC: access denied")).then_some(())
+        },
+    )
+    .await;
+    let (s, _) = ask(mesh, "/", &[("x-pass", "yes")]).await.unwrap();
+    assert_eq!(s, 200, "the when-condition admits the request with x-pass");
+    let (s, _) = ask(mesh, "/secret/x", &[("x-pass", "yes")]).await.unwrap();
+    assert_eq!(s, 403, "DENY still comes first");
+    for name in ["deny-secret", "prod-only", "with-pass"] {
+        client
+            .delete_config("authorizationpolicies", "demo", name)
+            .await
+            .unwrap();
+    }
+    eventually(
+        "traffic to flow again without policies",
+        PATIENCE,
+        || async {
+            let (s, _) = ask(mesh, "/", &[]).await?;
+            (s == 200).then_some(())
+        },
+    )
+    .await;
 }
 
 const PERMISSIVE: &str = r#"
@@ -338,4 +345,8 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
     }
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "{body}");
+    // isthmus-proxy enforces the same AuthorizationPolicies, from the same
+    // RBAC rules in its inbound route configurations.
+    authorization_holds(&mesh).await;
+    mesh.wait_all_synced(5, PATIENCE).await;
 }

@@ -1,7 +1,8 @@
 //! The xDS client of Isthmus's data planes (isthmus-proxy and
 //! isthmus-gateway): State-of-the-World ADS over gRPC for the subset of Envoy
-//! v3 the primary generates (Cluster and ClusterLoadAssignment), as gRPC's
-//! proxyless clients do.
+//! v3 the primary generates (Cluster and ClusterLoadAssignment, and for a
+//! sidecar the authorization rules of its inbound route configurations), as
+//! gRPC's proxyless clients do.
 //!
 //! Responses are decoded outside any lock into a new immutable [`Snapshot`],
 //! which is swapped in whole (`ArcSwap`), so the request path never waits on
@@ -15,10 +16,14 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod rbac;
+
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::{Node, address, socket_address, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::RbacPerRoute;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     UpstreamTlsContext, common_tls_context,
 };
@@ -84,7 +89,20 @@ pub struct Snapshot {
     pub endpoints: HashMap<String, Arc<EndpointSet>>,
     pub cluster_version: String,
     pub endpoint_version: String,
+    /// Authorization of each inbound app port, from the virtual host
+    /// `inbound|PORT` of the subscribed route configurations: `None` where
+    /// no policy applies. A port missing here has no rules yet.
+    pub inbound: HashMap<u16, Option<Arc<rbac::Rbac>>>,
+    pub route_version: String,
 }
+
+/// The virtual host of inbound app port `port`, as the primary names it.
+pub fn inbound_route_name(port: u16) -> String {
+    format!("inbound|{port}")
+}
+
+/// The RBAC filter under which virtual hosts carry their rules.
+const RBAC_FILTER: &str = "envoy.filters.http.rbac";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
@@ -105,8 +123,11 @@ pub struct XdsConfig {
     pub bearer: Option<String>,
     pub node_id: String,
     pub cluster: String,
-    /// Extra node metadata (string values), e.g. `BUNDLE_SEQUENCE`.
+    /// Extra node metadata (string values), e.g. `INSTANCE_IP` and `APPS`.
     pub metadata: BTreeMap<String, String>,
+    /// Route configurations to subscribe to (a sidecar's inbound ones);
+    /// none for a gateway.
+    pub route_names: Vec<String>,
 }
 
 /// New credentials for the stream. When they change the client reconnects
@@ -121,7 +142,7 @@ pub struct XdsCredentials {
 #[derive(Clone)]
 pub struct XdsHandle {
     pub snapshot: Arc<ArcSwap<Snapshot>>,
-    /// True once both types have been ACKed at least once.
+    /// True once every subscribed type has been ACKed at least once.
     pub ready: watch::Receiver<bool>,
 }
 
@@ -138,7 +159,7 @@ pub fn start(config: XdsConfig, updates: Option<watch::Receiver<XdsCredentials>>
             if let Some(updates) = &mut updates {
                 let current = updates.borrow_and_update().clone();
                 config.tls = current.tls;
-                config.metadata = current.metadata;
+                config.metadata.extend(current.metadata);
             }
             match session(&config, &shared, &ready_tx, updates.as_mut()).await {
                 Ok(()) => backoff = Duration::from_millis(100),
@@ -192,6 +213,14 @@ async fn session(
         ..Default::default()
     })
     .await?;
+    if !config.route_names.is_empty() {
+        tx.send(DiscoveryRequest {
+            type_url: type_urls::ROUTE.to_string(),
+            resource_names: config.route_names.clone(),
+            ..Default::default()
+        })
+        .await?;
+    }
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
     if let Some(token) = &config.bearer {
         request
@@ -249,30 +278,27 @@ async fn session(
                         eds_names = Some(names);
                     }
                 } else {
-                    if let Some(names) = &eds_names {
-                        ack.resource_names = names.iter().cloned().collect();
-                    }
+                    ack.resource_names = subscribed(config, &eds_names, &resp.type_url);
                     shared.store(Arc::new(next));
                     tx.send(ack).await?;
                 }
                 acked.insert(resp.type_url.clone());
-                if acked.len() == 2 || eds_names.as_ref().is_some_and(BTreeSet::is_empty) {
+                let eds_done = acked.contains(type_urls::ENDPOINT)
+                    || eds_names.as_ref().is_some_and(BTreeSet::is_empty);
+                let rds_done = acked.contains(type_urls::ROUTE) || config.route_names.is_empty();
+                if acked.contains(type_urls::CLUSTER) && eds_done && rds_done {
                     ready.send_replace(true);
                 }
             }
             Err(e) => {
                 tracing::warn!(type_url = %resp.type_url, version = %resp.version_info, error = %e, "NACKing xDS response");
                 // Keep the version we last accepted; report why.
-                ack.version_info = if resp.type_url == type_urls::CLUSTER {
-                    current.cluster_version.clone()
-                } else {
-                    current.endpoint_version.clone()
+                ack.version_info = match resp.type_url.as_str() {
+                    type_urls::CLUSTER => current.cluster_version.clone(),
+                    type_urls::ROUTE => current.route_version.clone(),
+                    _ => current.endpoint_version.clone(),
                 };
-                if resp.type_url == type_urls::ENDPOINT
-                    && let Some(names) = &eds_names
-                {
-                    ack.resource_names = names.iter().cloned().collect();
-                }
+                ack.resource_names = subscribed(config, &eds_names, &resp.type_url);
                 ack.error_detail = Some(RpcStatus {
                     code: 3,
                     message: e.to_string(),
@@ -283,6 +309,19 @@ async fn session(
         }
     }
     Ok(())
+}
+
+/// The names a State-of-the-World request of `type_url` restates.
+fn subscribed(
+    config: &XdsConfig,
+    eds_names: &Option<BTreeSet<String>>,
+    type_url: &str,
+) -> Vec<String> {
+    match type_url {
+        type_urls::ENDPOINT => eds_names.iter().flatten().cloned().collect(),
+        type_urls::ROUTE => config.route_names.clone(),
+        _ => Vec::new(),
+    }
 }
 
 /// Builds the next snapshot from a response, or says why it cannot.
@@ -300,6 +339,11 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                     return Err(err(i, format!("unexpected type {}", any.type_url)));
                 }
                 let c = Cluster::decode(any.value.as_slice()).map_err(|e| err(i, e.to_string()))?;
+                if is_static(&c) {
+                    // A sidecar's inbound clusters name its own apps, which
+                    // isthmus-proxy already knows from `--app`.
+                    continue;
+                }
                 let info = cluster_info(&c).map_err(|e| err(i, e))?;
                 clusters.insert(info.name.clone(), Arc::new(info));
             }
@@ -314,6 +358,8 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 endpoints,
                 cluster_version: resp.version_info.clone(),
                 endpoint_version: current.endpoint_version.clone(),
+                inbound: current.inbound.clone(),
+                route_version: current.route_version.clone(),
             })
         }
         type_urls::ENDPOINT => {
@@ -332,6 +378,45 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 endpoints,
                 cluster_version: current.cluster_version.clone(),
                 endpoint_version: resp.version_info.clone(),
+                inbound: current.inbound.clone(),
+                route_version: current.route_version.clone(),
+            })
+        }
+        type_urls::ROUTE => {
+            // The primary sends every subscribed route configuration in
+            // each response, so this one replaces what we had.
+            let mut inbound = HashMap::new();
+            for (i, any) in resp.resources.iter().enumerate() {
+                if any.type_url != type_urls::ROUTE {
+                    return Err(err(i, format!("unexpected type {}", any.type_url)));
+                }
+                let rc = RouteConfiguration::decode(any.value.as_slice())
+                    .map_err(|e| err(i, e.to_string()))?;
+                for vh in &rc.virtual_hosts {
+                    let Some(port) = vh
+                        .name
+                        .strip_prefix("inbound|")
+                        .and_then(|p| p.parse::<u16>().ok())
+                    else {
+                        continue;
+                    };
+                    let rules = vh
+                        .typed_per_filter_config
+                        .get(RBAC_FILTER)
+                        .map(inbound_rules)
+                        .transpose()
+                        .map_err(|e| err(i, format!("{}: virtual host {}: {e}", rc.name, vh.name)))?
+                        .flatten();
+                    inbound.insert(port, rules.map(Arc::new));
+                }
+            }
+            Ok(Snapshot {
+                clusters: current.clusters.clone(),
+                endpoints: current.endpoints.clone(),
+                cluster_version: current.cluster_version.clone(),
+                endpoint_version: current.endpoint_version.clone(),
+                inbound,
+                route_version: resp.version_info.clone(),
             })
         }
         other => Err(err(
@@ -339,6 +424,25 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
             format!("type {other} is not supported by this client"),
         )),
     }
+}
+
+fn is_static(c: &Cluster) -> bool {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+    c.cluster_discovery_type == Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32))
+}
+
+/// A virtual host's per-route RBAC: `None` if it sets no rules.
+fn inbound_rules(
+    any: &envoy_types::pb::google::protobuf::Any,
+) -> Result<Option<rbac::Rbac>, String> {
+    let per_route = RbacPerRoute::decode(any.value.as_slice()).map_err(|e| e.to_string())?;
+    per_route
+        .rbac
+        .and_then(|filter| filter.rules)
+        .map(|rules| rbac::Rbac::from_proto(&rules))
+        .transpose()
 }
 
 fn cluster_info(c: &Cluster) -> Result<ClusterInfo, String> {
@@ -457,4 +561,98 @@ fn endpoint_set(cla: &ClusterLoadAssignment) -> Result<EndpointSet, String> {
 /// Errors of the session loop, boxed: they are only logged.
 mod anyhow_lite {
     pub type Result<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use envoy_types::pb::envoy::config::rbac::v3::{
+        Permission, Policy, Principal, Rbac, permission, principal,
+    };
+    use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+    use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+    use envoy_types::pb::google::protobuf::Any;
+
+    use super::*;
+
+    fn route_response(version: &str, principal: principal::Identifier) -> DiscoveryResponse {
+        let rules = RbacPerRoute {
+            rbac: Some(RbacFilter {
+                rules: Some(Rbac {
+                    policies: HashMap::from([(
+                        "p".to_string(),
+                        Policy {
+                            permissions: vec![Permission {
+                                rule: Some(permission::Rule::Any(true)),
+                            }],
+                            principals: vec![Principal {
+                                identifier: Some(principal),
+                            }],
+                            ..Default::default()
+                        },
+                    )]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+        };
+        let host = |port: u16, rbac: bool| VirtualHost {
+            name: inbound_route_name(port),
+            typed_per_filter_config: if rbac {
+                HashMap::from([(
+                    RBAC_FILTER.to_string(),
+                    Any {
+                        type_url:
+                            "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBACPerRoute"
+                                .into(),
+                        value: rules.encode_to_vec(),
+                    },
+                )])
+            } else {
+                HashMap::new()
+            },
+            ..Default::default()
+        };
+        let rc = RouteConfiguration {
+            name: "inbound|plaintext".into(),
+            virtual_hosts: vec![host(8080, true), host(9090, false)],
+            ..Default::default()
+        };
+        DiscoveryResponse {
+            version_info: version.into(),
+            type_url: type_urls::ROUTE.into(),
+            resources: vec![Any {
+                type_url: type_urls::ROUTE.into(),
+                value: rc.encode_to_vec(),
+            }],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn inbound_rules_come_per_port_and_unknown_rules_are_refused() {
+        let first = apply(
+            &Snapshot::default(),
+            &route_response("v1", principal::Identifier::Any(true)),
+        )
+        .unwrap();
+        assert_eq!(first.route_version, "v1");
+        assert!(first.inbound[&8080].is_some(), "8080 has rules");
+        assert!(first.inbound[&9090].is_none(), "no policy applies to 9090");
+        let e = apply(
+            &first,
+            &route_response(
+                "v2",
+                principal::Identifier::DirectRemoteIp(Default::default()),
+            ),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("inbound|plaintext: virtual host inbound|8080")
+                && e.contains("principal is not supported"),
+            "{e}"
+        );
+    }
 }

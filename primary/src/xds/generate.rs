@@ -60,10 +60,11 @@ pub enum Role {
     Gateway,
 }
 
-/// What an Envoy sidecar says about itself in its node metadata, which its
-/// listeners need: `INSTANCE_IP` (its address) and `APPS` (`PORT=IP:PORT`,
-/// comma-separated: the local app behind each inbound port). isthmus-proxy
-/// sends neither and subscribes to neither listeners nor routes.
+/// What a sidecar says about itself in its node metadata, which its inbound
+/// config needs: `INSTANCE_IP` (its address) and `APPS` (`PORT=IP:PORT`,
+/// comma-separated: the local app behind each inbound port). Envoy uses
+/// them all; isthmus-proxy subscribes to no listeners, only to its inbound
+/// route configurations, for their authorization rules.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct NodeInfo {
     pub instance_ip: Option<String>,
