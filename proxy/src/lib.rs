@@ -147,10 +147,13 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
             node_id,
             cluster: config.cluster.clone(),
             metadata,
-            route_names: config
-                .apps
-                .iter()
-                .map(|(port, _)| isthmus_xds::inbound_route_name(*port))
+            route_names: std::iter::once(isthmus_xds::OUTBOUND_ROUTE.to_string())
+                .chain(
+                    config
+                        .apps
+                        .iter()
+                        .map(|(port, _)| isthmus_xds::inbound_route_name(*port)),
+                )
                 .chain((!config.apps.is_empty()).then(|| "inbound|plaintext".to_string()))
                 .collect(),
         },
@@ -249,6 +252,8 @@ fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_jso
         "clusterVersion": snap.cluster_version,
         "endpointVersion": snap.endpoint_version,
         "routeVersion": snap.route_version,
+        // Per service authority: its routes' names, in match order.
+        "outboundRoutes": snap.outbound.domains().map(|(d, routes)| (d.to_string(), routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
         "clusters": clusters,
         // Per app port: whether an AuthorizationPolicy applies to it.
         "inboundAuthorization": snap.inbound.iter().map(|(port, rules)| (port.to_string(), if rules.is_some() { "rules" } else { "none apply" })).collect::<BTreeMap<_, _>>(),

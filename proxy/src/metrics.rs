@@ -11,11 +11,19 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub cluster: String,
+    /// `route` for requests the app sent, `mirror` for copies.
+    pub kind: &'static str,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub tls_refused: Counter,
     pub inbound_connections: Counter,
+    pub upstream: Family<UpstreamLabels, Counter>,
 }
 
 impl Metrics {
@@ -34,6 +42,12 @@ impl Metrics {
             "Inbound mTLS handshakes refused",
             tls_refused.clone(),
         );
+        let upstream = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "upstream_requests",
+            "Outbound requests sent to each cluster, routed or mirrored",
+            upstream.clone(),
+        );
         registry.register(
             "inbound_connections",
             "Inbound TCP connections accepted",
@@ -44,12 +58,22 @@ impl Metrics {
             requests,
             tls_refused,
             inbound_connections,
+            upstream,
         }
     }
 
     pub fn request(&self, direction: &'static str, code: u16) {
         self.requests
             .get_or_create(&RequestLabels { direction, code })
+            .inc();
+    }
+
+    pub fn upstream(&self, cluster: &str, kind: &'static str) {
+        self.upstream
+            .get_or_create(&UpstreamLabels {
+                cluster: cluster.to_string(),
+                kind,
+            })
             .inc();
     }
 

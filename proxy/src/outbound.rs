@@ -1,9 +1,16 @@
 //! The outbound listener (15001): the app sends plain HTTP here, in proxy
 //! form (`GET http://echo.demo.svc.cluster.local:8080/`) or with a Host
-//! header. The host and port pick the cluster `outbound|PORT||HOST`; a pooled
-//! mTLS connection to one of its endpoints carries the request, straight to
-//! the destination sidecar on this network or through the destination
-//! network's gateway otherwise, always with the SNI `outbound_.PORT_._.HOST`.
+//! header. The host and port pick the service's routes from the primary's
+//! `outbound` route configuration (VirtualService: path, header and method
+//! matches, weighted destinations and subsets, timeout, retries, fault
+//! injection, mirroring); the matching route picks a cluster such as
+//! `outbound|PORT|SUBSET|HOST`. A pooled mTLS connection to one of its
+//! endpoints carries the request, straight to the destination sidecar on
+//! this network or through the destination network's gateway otherwise,
+//! with the cluster's SNI (`outbound_.PORT_SUBSET_.HOST`).
+//!
+//! Requests with a body are sent once: they are streamed, not buffered, so
+//! neither retried nor mirrored.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -26,6 +33,8 @@ use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use isthmus_api::names::ServiceKey;
 use isthmus_xds::Snapshot;
+use isthmus_xds::rbac;
+use isthmus_xds::routes::{Fault, Retry};
 use rustls::pki_types::ServerName;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
@@ -231,24 +240,67 @@ impl Outbound {
                 "request names no host (absolute URI or Host header)\n".into(),
             ));
         };
-        let cluster = ServiceKey::new(host.clone(), port).cluster_name();
         let snap = self.xds.load_full();
+        let plan = match Plan::of(&snap, &host, port, &req) {
+            Ok(plan) => plan,
+            Err(no_route) => {
+                self.metrics.request("outbound", 404);
+                return Ok(text(StatusCode::NOT_FOUND, no_route));
+            }
+        };
+        let (delay, abort) = (plan.fault.delay, plan.fault.abort);
+        if let Some((wait, share)) = delay
+            && chance(share)
+        {
+            tokio::time::sleep(wait).await;
+        }
+        if let Some((status, share)) = abort
+            && chance(share)
+        {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            self.metrics.request("outbound", status.as_u16());
+            return Ok(text(status, "fault filter abort".into()));
+        }
+        let timeout = plan.timeout;
+        let attempts = self.clone().attempts(snap, host, port, plan, req);
+        let resp = match timeout {
+            None => attempts.await,
+            Some(limit) => match tokio::time::timeout(limit, attempts).await {
+                Ok(resp) => resp,
+                Err(_) => text(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream request timeout".into(),
+                ),
+            },
+        };
+        self.metrics.request("outbound", resp.status().as_u16());
+        Ok(resp)
+    }
+
+    /// Sends the request to the plan's cluster, retrying as its policy says.
+    async fn attempts(
+        self: Arc<Self>,
+        snap: Arc<Snapshot>,
+        host: String,
+        port: u16,
+        plan: Plan,
+        req: Request<Incoming>,
+    ) -> Response<Body> {
+        let cluster = plan.cluster;
         let Some(info) = snap.clusters.get(&cluster).cloned() else {
-            self.metrics.request("outbound", 404);
-            return Ok(text(
+            return text(
                 StatusCode::NOT_FOUND,
                 format!(
                     "isthmus-proxy: {host}:{port} is not a mesh service (no cluster {cluster})\n"
                 ),
-            ));
+            );
         };
         let set = snap.endpoints.get(&cluster).cloned().unwrap_or_default();
         if set.priorities.iter().all(Vec::is_empty) {
-            self.metrics.request("outbound", 503);
-            return Ok(text(
+            return text(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("isthmus-proxy: {host}:{port} has no endpoints\n"),
-            ));
+                format!("isthmus-proxy: {cluster} has no endpoints\n"),
+            );
         }
         let path = req
             .uri()
@@ -265,65 +317,216 @@ impl Outbound {
         }
         parts.headers.remove("proxy-connection");
         parts.headers.remove("proxy-authorization");
-        // A request without a body can be sent again, to another endpoint.
-        let attempts = if has_body(&parts) { 1 } else { RETRY_ATTEMPTS };
+        // A request without a body can be sent again, to another endpoint,
+        // and copied to a mirror.
+        let bodyless = !has_body(&parts);
+        if bodyless && let Some(mirror) = &plan.mirror {
+            self.clone().mirror(&snap, mirror, &parts, &path);
+        }
+        let retry = plan.retry.unwrap_or_default();
+        let attempts = if bodyless {
+            1 + retry.retries as usize
+        } else {
+            1
+        };
         let mut body = Some(body.boxed());
         let mut tried = Vec::new();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::new();
         for attempt in 0..attempts {
+            // Past every endpoint, retries start over on the best ones.
+            if tried.len() >= set.priorities.iter().map(Vec::len).sum::<usize>() {
+                tried.clear();
+            }
             let Some(endpoint) = self.health.pick(&cluster, &set, n, &tried) else {
                 break;
             };
             tried.push(endpoint);
             let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
-                self.metrics.request("outbound", 400);
-                return Ok(text(
+                return text(
                     StatusCode::BAD_REQUEST,
                     "request target is not a valid URI\n".into(),
-                ));
+                );
             };
             let mut req = Request::new(body.take().unwrap_or_else(empty));
             *req.method_mut() = parts.method.clone();
             *req.uri_mut() = uri;
             *req.headers_mut() = parts.headers.clone();
             let last = attempt + 1 == attempts;
-            match self.client(&cluster).request(req).await {
-                Ok(resp) if resp.status().is_server_error() => {
+            self.metrics.upstream(&cluster, "route");
+            let sent = self.client(&cluster).request(req);
+            let outcome = match retry.per_try_timeout {
+                None => Ok(sent.await),
+                Some(limit) => tokio::time::timeout(limit, sent).await,
+            };
+            match outcome {
+                Ok(Ok(resp)) if resp.status().is_server_error() => {
                     self.health
                         .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
-                    if last {
-                        self.metrics.request("outbound", resp.status().as_u16());
-                        return Ok(resp.map(|b| b.boxed()));
+                    if last || !retry.on_status(resp.status().as_u16()) {
+                        return resp.map(|b| b.boxed());
                     }
                     last_error = format!("{endpoint} answered {}", resp.status());
                 }
-                Ok(resp) => {
+                Ok(Ok(resp)) => {
                     self.health.success(&cluster, endpoint);
-                    self.metrics.request("outbound", resp.status().as_u16());
-                    return Ok(resp.map(|b| b.boxed()));
+                    if last || !retry.on_status(resp.status().as_u16()) {
+                        return resp.map(|b| b.boxed());
+                    }
+                    last_error = format!("{endpoint} answered {}", resp.status());
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     self.health
                         .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
                     last_error = std::error::Error::source(&e)
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| e.to_string());
                     tracing::info!(%host, port, %endpoint, reason = %last_error, "outbound attempt failed");
+                    if !retry.on_connect_failure {
+                        break;
+                    }
+                }
+                Err(_) => {
+                    last_error = format!("{endpoint}: per-try timeout");
+                    if last || !(retry.on_5xx || retry.on_gateway_error) {
+                        return text(
+                            StatusCode::GATEWAY_TIMEOUT,
+                            "upstream request timeout".into(),
+                        );
+                    }
                 }
             }
         }
-        self.metrics.request("outbound", 503);
-        Ok(text(
+        text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("isthmus-proxy: {last_error}\n"),
-        ))
+        )
+    }
+
+    /// Sends a copy of a bodyless request to the mirror cluster, in the
+    /// background; its answer is dropped. As in Envoy, the copy's Host has
+    /// `-shadow` appended.
+    fn mirror(
+        self: Arc<Self>,
+        snap: &Snapshot,
+        cluster: &str,
+        parts: &http::request::Parts,
+        path: &str,
+    ) {
+        let set = snap.endpoints.get(cluster).cloned().unwrap_or_default();
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        let Some(endpoint) = self.health.pick(cluster, &set, n, &[]) else {
+            return;
+        };
+        let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {
+            return;
+        };
+        let mut req = Request::new(empty());
+        *req.method_mut() = parts.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = parts.headers.clone();
+        if let Some(host) = parts.headers.get("host").and_then(|h| h.to_str().ok()) {
+            let shadow = match host.rsplit_once(':') {
+                Some((name, port)) => format!("{name}-shadow:{port}"),
+                None => format!("{host}-shadow"),
+            };
+            if let Ok(v) = HeaderValue::from_str(&shadow) {
+                req.headers_mut().insert("host", v);
+            }
+        }
+        self.metrics.upstream(cluster, "mirror");
+        let client = self.client(cluster);
+        tokio::spawn(async move {
+            if let Err(e) = client.request(req).await {
+                tracing::debug!(%endpoint, error = %e, "mirrored request failed");
+            }
+        });
     }
 }
 
-/// Attempts for a request without a body: the first and two retries, each
-/// on an endpoint not tried yet.
-const RETRY_ATTEMPTS: usize = 3;
+/// What to do with one request: from the route it matches, or, for a
+/// service without routes from the primary yet, its cluster with the
+/// default retries. No matching route is a 404, as in Envoy.
+struct Plan {
+    cluster: String,
+    timeout: Option<Duration>,
+    retry: Option<Retry>,
+    mirror: Option<String>,
+    fault: Fault,
+}
+
+impl Plan {
+    fn of(snap: &Snapshot, host: &str, port: u16, req: &Request<Incoming>) -> Result<Self, String> {
+        let Some(routes) = snap.outbound.of(host, port) else {
+            return Ok(Plan {
+                cluster: ServiceKey::new(host.to_string(), port).cluster_name(),
+                timeout: None,
+                retry: Some(default_retry()),
+                mirror: None,
+                fault: Fault::default(),
+            });
+        };
+        let authority = format!("{host}:{port}");
+        let view = rbac::Request {
+            peer: None,
+            method: req.method().as_str(),
+            path: req.uri().path(),
+            authority: &authority,
+            port,
+            headers: req.headers(),
+        };
+        let Some(route) = routes.iter().find(|r| r.matches(&view)) else {
+            return Err(format!(
+                "isthmus-proxy: no route of {host}:{port} matches {} {}\n",
+                view.method, view.path
+            ));
+        };
+        let a = &route.action;
+        let total: u64 = a.clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut roll = rand::random_range(0..total.max(1));
+        let cluster = a
+            .clusters
+            .iter()
+            .find(|(_, w)| {
+                let hit = roll < u64::from(*w);
+                roll = roll.saturating_sub(u64::from(*w));
+                hit
+            })
+            .or(a.clusters.first())
+            .map(|(c, _)| c.clone())
+            .unwrap_or_default();
+        Ok(Plan {
+            cluster,
+            timeout: a.timeout,
+            retry: a.retry.clone(),
+            mirror: a
+                .mirror
+                .as_ref()
+                .filter(|(_, share)| chance(*share))
+                .map(|(c, _)| c.clone()),
+            fault: Fault {
+                delay: a.fault.delay,
+                abort: a.fault.abort,
+            },
+        })
+    }
+}
+
+/// Retries before the primary's routes arrive: up to three attempts, each
+/// on an endpoint not tried yet, after a failed connection or a 5xx.
+fn default_retry() -> Retry {
+    Retry {
+        retries: 2,
+        on_connect_failure: true,
+        on_5xx: true,
+        ..Default::default()
+    }
+}
+
+/// True for `share` requests in a million.
+fn chance(share: u32) -> bool {
+    share >= 1_000_000 || rand::random_range(0..1_000_000) < share
+}
 
 fn has_body(parts: &http::request::Parts) -> bool {
     let length = parts

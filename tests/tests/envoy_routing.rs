@@ -1,7 +1,8 @@
 //! Config turned into proxy config: a DestinationRule's subsets (by workload
 //! labels: east's echo is `version: v1`, west's `v2`) and a VirtualService's
 //! header match, weights, fault injection, retries, timeout and mirroring
-//! become Envoy routes and subset clusters. Requests then go where the rules
+//! become routes and subset clusters, which Envoy and isthmus-proxy follow
+//! alike. Requests then go where the rules
 //! say, across networks for the subset that lives in west. Then the whole
 //! valid corpus (every kind) is applied, and every proxy ACKs every type:
 //! Envoy sidecars and gateways, and, on the isthmus data plane,
@@ -95,35 +96,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         "same zone first: {body}"
     );
 
-    mesh.state
-        .client()
-        .unwrap()
-        .apply(RULES.to_string())
-        .await
-        .unwrap();
-    // The canary header goes to v2, which lives only in west: across networks.
-    eventually("the canary route to reach west", PATIENCE, || async {
-        let (s, body) = ask(&mesh, "/", &[("x-canary", "true")]).await?;
-        (s == 200 && body.contains("\"cluster\": \"west\"")).then_some(())
-    })
-    .await;
-    eventually("the teapot fault to apply", PATIENCE, || async {
-        let (s, _) = ask(&mesh, "/teapot", &[]).await?;
-        (s == 418).then_some(())
-    })
-    .await;
-    for _ in 0..10 {
-        let (s, body) = ask(&mesh, "/", &[("x-canary", "true")]).await.unwrap();
-        assert!(
-            s == 200 && body.contains("\"cluster\": \"west\""),
-            "{s} {body}"
-        );
-        let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
-        assert!(
-            s == 200 && body.contains("\"cluster\": \"east\""),
-            "v1 is east: {s} {body}"
-        );
-    }
+    routing_holds(&mesh).await;
     // Envoy holds the subset clusters, and mirrored the default route to v2.
     let (_, stats) = mesh
         .get("proxy-client-east", "admin", "/stats")
@@ -232,6 +205,40 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     mesh.wait_all_synced(5, PATIENCE).await;
 }
 
+/// RULES applied and followed, the same on both data planes: the canary
+/// header goes to v2, which lives only in west (across networks), /teapot
+/// gets the injected 418, the rest goes to v1 in east.
+async fn routing_holds(mesh: &Mesh) {
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(RULES.to_string())
+        .await
+        .unwrap();
+    eventually("the canary route to reach west", PATIENCE, || async {
+        let (s, body) = ask(mesh, "/", &[("x-canary", "true")]).await?;
+        (s == 200 && body.contains("\"cluster\": \"west\"")).then_some(())
+    })
+    .await;
+    eventually("the teapot fault to apply", PATIENCE, || async {
+        let (s, _) = ask(mesh, "/teapot", &[]).await?;
+        (s == 418).then_some(())
+    })
+    .await;
+    for _ in 0..10 {
+        let (s, body) = ask(mesh, "/", &[("x-canary", "true")]).await.unwrap();
+        assert!(
+            s == 200 && body.contains("\"cluster\": \"west\""),
+            "{s} {body}"
+        );
+        let (s, body) = ask(mesh, "/", &[]).await.unwrap();
+        assert!(
+            s == 200 && body.contains("\"cluster\": \"east\""),
+            "v1 is east: {s} {body}"
+        );
+    }
+}
+
 /// Authorization at echo's inbound listener, the same on both data planes.
 /// The corpus ALLOWs demo/client's GETs on 8080, which is what the client
 /// sends.
@@ -334,15 +341,26 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
         return;
     }
     let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
-    for docs in [RULES, CORPUS] {
-        mesh.state
-            .client()
-            .unwrap()
-            .apply(docs.to_string())
-            .await
-            .unwrap();
-        mesh.wait_all_synced(5, PATIENCE).await;
-    }
+    // isthmus-proxy follows the same VirtualService routes as Envoy, and
+    // mirrored the default route's requests to v2.
+    routing_holds(&mesh).await;
+    let mirrored = mesh
+        .counter(
+            "proxy-client-east",
+            "isthmus_proxy_upstream_requests_total",
+            &["outbound|8080|v2|echo.demo.svc.cluster.local", "mirror"],
+        )
+        .await
+        .unwrap();
+    assert!(mirrored >= 10.0, "v2 got the mirrored requests: {mirrored}");
+    mesh.wait_all_synced(5, PATIENCE).await;
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(CORPUS.to_string())
+        .await
+        .unwrap();
+    mesh.wait_all_synced(5, PATIENCE).await;
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "{body}");
     // isthmus-proxy enforces the same AuthorizationPolicies, from the same

@@ -1,8 +1,8 @@
 //! The xDS client of Isthmus's data planes (isthmus-proxy and
 //! isthmus-gateway): State-of-the-World ADS over gRPC for the subset of Envoy
 //! v3 the primary generates (Cluster and ClusterLoadAssignment, and for a
-//! sidecar the authorization rules of its inbound route configurations), as
-//! gRPC's proxyless clients do.
+//! sidecar its outbound routes and the authorization rules of its inbound
+//! route configurations), as gRPC's proxyless clients do.
 //!
 //! Responses are decoded outside any lock into a new immutable [`Snapshot`],
 //! which is swapped in whole (`ArcSwap`), so the request path never waits on
@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod rbac;
+pub mod routes;
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -93,8 +94,13 @@ pub struct Snapshot {
     /// `inbound|PORT` of the subscribed route configurations: `None` where
     /// no policy applies. A port missing here has no rules yet.
     pub inbound: HashMap<u16, Option<Arc<rbac::Rbac>>>,
+    /// The `outbound` route configuration: VirtualService routing.
+    pub outbound: Arc<routes::OutboundRoutes>,
     pub route_version: String,
 }
+
+/// The route configuration of a sidecar's outbound HTTP traffic.
+pub const OUTBOUND_ROUTE: &str = "outbound";
 
 /// The virtual host of inbound app port `port`, as the primary names it.
 pub fn inbound_route_name(port: u16) -> String {
@@ -359,6 +365,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 cluster_version: resp.version_info.clone(),
                 endpoint_version: current.endpoint_version.clone(),
                 inbound: current.inbound.clone(),
+                outbound: current.outbound.clone(),
                 route_version: current.route_version.clone(),
             })
         }
@@ -379,6 +386,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 cluster_version: current.cluster_version.clone(),
                 endpoint_version: resp.version_info.clone(),
                 inbound: current.inbound.clone(),
+                outbound: current.outbound.clone(),
                 route_version: current.route_version.clone(),
             })
         }
@@ -386,12 +394,20 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
             // The primary sends every subscribed route configuration in
             // each response, so this one replaces what we had.
             let mut inbound = HashMap::new();
+            let mut outbound = Arc::default();
             for (i, any) in resp.resources.iter().enumerate() {
                 if any.type_url != type_urls::ROUTE {
                     return Err(err(i, format!("unexpected type {}", any.type_url)));
                 }
                 let rc = RouteConfiguration::decode(any.value.as_slice())
                     .map_err(|e| err(i, e.to_string()))?;
+                if rc.name == OUTBOUND_ROUTE {
+                    outbound = Arc::new(
+                        routes::OutboundRoutes::decode(&rc)
+                            .map_err(|e| err(i, format!("{}: {e}", rc.name)))?,
+                    );
+                    continue;
+                }
                 for vh in &rc.virtual_hosts {
                     let Some(port) = vh
                         .name
@@ -416,6 +432,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 cluster_version: current.cluster_version.clone(),
                 endpoint_version: current.endpoint_version.clone(),
                 inbound,
+                outbound,
                 route_version: resp.version_info.clone(),
             })
         }

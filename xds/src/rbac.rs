@@ -41,7 +41,7 @@ pub struct Request<'a> {
 
 /// Permissions and principals share one rule tree.
 #[derive(Debug, Clone)]
-enum Rule {
+pub(crate) enum Rule {
     Any,
     All(Vec<Rule>),
     AnyOf(Vec<Rule>),
@@ -59,7 +59,7 @@ enum Rule {
 }
 
 #[derive(Debug, Clone)]
-enum Text {
+pub(crate) enum Text {
     Exact(String, bool),
     Prefix(String, bool),
     Suffix(String, bool),
@@ -104,7 +104,7 @@ impl Rbac {
 }
 
 impl Rule {
-    fn holds(&self, req: &Request) -> bool {
+    pub(crate) fn holds(&self, req: &Request) -> bool {
         match self {
             Rule::Any => true,
             Rule::All(rules) => rules.iter().all(|r| r.holds(req)),
@@ -155,7 +155,7 @@ fn header<'a>(req: &Request<'a>, name: &str) -> Option<std::borrow::Cow<'a, str>
 }
 
 impl Text {
-    fn holds(&self, value: &str) -> bool {
+    pub(crate) fn holds(&self, value: &str) -> bool {
         let fold = |s: &str, ci: bool| {
             if ci {
                 s.to_ascii_lowercase()
@@ -179,7 +179,7 @@ impl Text {
     }
 }
 
-fn text(m: &StringMatcher) -> Result<Text, String> {
+pub(crate) fn text(m: &StringMatcher) -> Result<Text, String> {
     let ci = m.ignore_case;
     let fold = |s: &str| {
         if ci {
@@ -212,7 +212,7 @@ fn path(m: &PathMatcher) -> Result<Rule, String> {
     }
 }
 
-fn header_rule(h: &HeaderMatcher) -> Result<Rule, String> {
+pub(crate) fn header_rule(h: &HeaderMatcher) -> Result<Rule, String> {
     use header_matcher::HeaderMatchSpecifier as S;
     let test = match &h.header_match_specifier {
         Some(S::StringMatch(m)) => Some(text(m)?),

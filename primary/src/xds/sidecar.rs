@@ -433,6 +433,29 @@ fn default_retries() -> RetryPolicy {
     }
 }
 
+/// Envoy's `retry_on` and retriable status codes from Istio's `retryOn`,
+/// as Istio reads it: numbers in the list are status codes to retry; without
+/// a list, Istio's default, which retries a 503.
+fn retry_conditions(retry_on: Option<&str>) -> (String, Vec<u32>) {
+    let Some(text) = retry_on else {
+        return (
+            "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into(),
+            vec![503],
+        );
+    };
+    let (mut on, mut codes) = (Vec::new(), Vec::new());
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        match part.parse::<u32>() {
+            Ok(code) => codes.push(code),
+            Err(_) => on.push(part),
+        }
+    }
+    if !codes.is_empty() && !on.contains(&"retriable-status-codes") {
+        on.push("retriable-status-codes");
+    }
+    (on.join(","), codes)
+}
+
 /// A fraction of a million, from Istio's percentage (0 to 100).
 fn fraction(percent: Option<f64>) -> envoy_types::pb::envoy::r#type::v3::FractionalPercent {
     let p = percent.unwrap_or(100.0).clamp(0.0, 100.0);
@@ -592,16 +615,18 @@ fn vs_routes(http: &istio::HttpRoute, vs_ns: &str, port: u16) -> Vec<Route> {
     let retry_policy = match &http.retries {
         None => Some(default_retries()),
         Some(r) if r.attempts == Some(0) => None,
-        Some(r) => Some(RetryPolicy {
-            retry_on: r.retry_on.clone().unwrap_or_else(|| {
-                "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes".into()
-            }),
-            num_retries: Some(UInt32Value {
-                value: r.attempts.and_then(|a| u32::try_from(a).ok()).unwrap_or(2),
-            }),
-            per_try_timeout: proto_duration(&r.per_try_timeout),
-            ..default_retries()
-        }),
+        Some(r) => {
+            let (retry_on, retriable_status_codes) = retry_conditions(r.retry_on.as_deref());
+            Some(RetryPolicy {
+                retry_on,
+                retriable_status_codes,
+                num_retries: Some(UInt32Value {
+                    value: r.attempts.and_then(|a| u32::try_from(a).ok()).unwrap_or(2),
+                }),
+                per_try_timeout: proto_duration(&r.per_try_timeout),
+                ..default_retries()
+            })
+        }
     };
     let request_mirror_policies = http
         .mirror
