@@ -27,13 +27,14 @@ pub struct Outliers {
 
 impl Outliers {
     /// An endpoint of the best priority that has one neither ejected nor
-    /// already tried for this request; if there is none, any untried one.
+    /// already tried for this request, chosen among those by `choose` (the
+    /// cluster's load balancing); if there is none, any untried one.
     pub fn pick(
         &self,
         cluster: &str,
         set: &EndpointSet,
-        n: usize,
         tried: &[SocketAddr],
+        choose: impl Fn(&[WeightedEndpoint]) -> SocketAddr,
     ) -> Option<SocketAddr> {
         let now = Instant::now();
         let ejected = self.ejected.load();
@@ -46,7 +47,7 @@ impl Outliers {
         for level in &set.priorities {
             let ok: Vec<WeightedEndpoint> = level.iter().filter(usable).copied().collect();
             if !ok.is_empty() {
-                return Some(weighted(&ok, n));
+                return Some(choose(&ok));
             }
         }
         set.priorities
@@ -109,8 +110,8 @@ impl Outliers {
     }
 }
 
-/// Weighted round robin over one priority's endpoints.
-fn weighted(endpoints: &[WeightedEndpoint], n: usize) -> SocketAddr {
+/// Weighted round robin over one priority's endpoints: the `n`th pick.
+pub fn round_robin(endpoints: &[WeightedEndpoint], n: usize) -> SocketAddr {
     let total: usize = endpoints
         .iter()
         .map(|e| e.weight as usize)
@@ -138,6 +139,10 @@ mod tests {
         }
     }
 
+    fn rr(ok: &[WeightedEndpoint]) -> SocketAddr {
+        round_robin(ok, 0)
+    }
+
     #[test]
     fn failing_endpoints_are_ejected_and_traffic_moves_to_the_next_priority() {
         let set = EndpointSet {
@@ -149,28 +154,28 @@ mod tests {
             max_ejection_percent: 100,
         };
         let o = Outliers::default();
-        assert_eq!(o.pick("c", &set, 0, &[]), Some(ep(1).addr));
+        assert_eq!(o.pick("c", &set, &[], rr), Some(ep(1).addr));
         o.failure("c", ep(1).addr, Some(&policy), &set);
         o.failure("c", ep(1).addr, Some(&policy), &set);
         assert_eq!(
-            o.pick("c", &set, 0, &[]),
+            o.pick("c", &set, &[], rr),
             Some(ep(1).addr),
             "two failures do not eject"
         );
         o.failure("c", ep(1).addr, Some(&policy), &set);
-        assert_eq!(o.pick("c", &set, 0, &[]), Some(ep(2).addr), "three do");
+        assert_eq!(o.pick("c", &set, &[], rr), Some(ep(2).addr), "three do");
         assert_eq!(
-            o.pick("other", &set, 0, &[]),
+            o.pick("other", &set, &[], rr),
             Some(ep(1).addr),
             "per cluster"
         );
         // A request that already tried ep(2) still finds something.
-        assert_eq!(o.pick("c", &set, 0, &[ep(2).addr]), Some(ep(1).addr));
+        assert_eq!(o.pick("c", &set, &[ep(2).addr], rr), Some(ep(1).addr));
         // Success resets the count.
         o.failure("c", ep(2).addr, Some(&policy), &set);
         o.success("c", ep(2).addr);
         o.failure("c", ep(2).addr, Some(&policy), &set);
         o.failure("c", ep(2).addr, Some(&policy), &set);
-        assert_eq!(o.pick("c", &set, 0, &[]), Some(ep(2).addr));
+        assert_eq!(o.pick("c", &set, &[], rr), Some(ep(2).addr));
     }
 }

@@ -2,9 +2,12 @@
 //!
 //! - [`identity`] keeps the proxy's SVID, from the local agent, renewed.
 //! - [`outbound`] (15001) routes the app's HTTP requests to mesh services
-//!   over mTLS, using clusters and endpoints from xDS ([`isthmus_xds`]).
+//!   over mTLS, following VirtualService routes and using clusters and
+//!   endpoints from xDS ([`isthmus_xds`]); [`pool`] applies a
+//!   DestinationRule's load balancing and connection pool.
 //! - [`inbound`] (15006) terminates mTLS from other sidecars, checks their
-//!   SPIFFE identity and hands the request to the local app.
+//!   SPIFFE identity, applies AuthorizationPolicy and hands the request to
+//!   the local app.
 //! - The admin listener (15000) serves `/ready` and `/config_dump`; 15090
 //!   serves `/metrics`.
 //!
@@ -16,6 +19,7 @@ pub mod identity;
 pub mod inbound;
 pub mod metrics;
 pub mod outbound;
+pub mod pool;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashMap};

@@ -191,6 +191,7 @@ pub struct Outbound {
     next: AtomicUsize,
     metrics: Arc<Metrics>,
     health: crate::health::Outliers,
+    pools: crate::pool::Pools,
 }
 
 impl Outbound {
@@ -206,6 +207,7 @@ impl Outbound {
             next: AtomicUsize::new(0),
             metrics,
             health: Default::default(),
+            pools: Default::default(),
         }
     }
 
@@ -329,16 +331,31 @@ impl Outbound {
         } else {
             1
         };
+        let pool = self.pools.of(&cluster, info.limits);
+        let _admitted = match pool.admit().await {
+            Ok(admitted) => admitted,
+            Err(overflow) => {
+                return text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("isthmus-proxy: {cluster}: {overflow}\n"),
+                );
+            }
+        };
         let mut body = Some(body.boxed());
         let mut tried = Vec::new();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let mut last_error = String::new();
+        // The retry in flight, counted against the cluster's maxRetries.
+        let mut _retrying = None;
         for attempt in 0..attempts {
             // Past every endpoint, retries start over on the best ones.
             if tried.len() >= set.priorities.iter().map(Vec::len).sum::<usize>() {
                 tried.clear();
             }
-            let Some(endpoint) = self.health.pick(&cluster, &set, n, &tried) else {
+            let Some(endpoint) = self
+                .health
+                .pick(&cluster, &set, &tried, |ok| pool.choose(info.lb, ok, n))
+            else {
                 break;
             };
             tried.push(endpoint);
@@ -354,26 +371,29 @@ impl Outbound {
             *req.headers_mut() = parts.headers.clone();
             let last = attempt + 1 == attempts;
             self.metrics.upstream(&cluster, "route");
+            let in_flight = pool.start(endpoint);
             let sent = self.client(&cluster).request(req);
             let outcome = match retry.per_try_timeout {
                 None => Ok(sent.await),
                 Some(limit) => tokio::time::timeout(limit, sent).await,
             };
+            drop(in_flight);
+            // Whether to try again, within the cluster's retry budget.
+            let again = |wanted: bool| (wanted && !last).then(|| pool.retry()).flatten();
             match outcome {
-                Ok(Ok(resp)) if resp.status().is_server_error() => {
-                    self.health
-                        .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
-                    if last || !retry.on_status(resp.status().as_u16()) {
-                        return resp.map(|b| b.boxed());
-                    }
-                    last_error = format!("{endpoint} answered {}", resp.status());
-                }
                 Ok(Ok(resp)) => {
-                    self.health.success(&cluster, endpoint);
-                    if last || !retry.on_status(resp.status().as_u16()) {
-                        return resp.map(|b| b.boxed());
+                    let status = resp.status();
+                    if status.is_server_error() {
+                        self.health
+                            .failure(&cluster, endpoint, info.outlier.as_ref(), &set);
+                    } else {
+                        self.health.success(&cluster, endpoint);
                     }
-                    last_error = format!("{endpoint} answered {}", resp.status());
+                    let Some(token) = again(retry.on_status(status.as_u16())) else {
+                        return resp.map(|b| b.boxed());
+                    };
+                    _retrying = Some(token);
+                    last_error = format!("{endpoint} answered {status}");
                 }
                 Ok(Err(e)) => {
                     self.health
@@ -382,18 +402,20 @@ impl Outbound {
                         .map(|s| s.to_string())
                         .unwrap_or_else(|| e.to_string());
                     tracing::info!(%host, port, %endpoint, reason = %last_error, "outbound attempt failed");
-                    if !retry.on_connect_failure {
+                    let Some(token) = again(retry.on_connect_failure) else {
                         break;
-                    }
+                    };
+                    _retrying = Some(token);
                 }
                 Err(_) => {
-                    last_error = format!("{endpoint}: per-try timeout");
-                    if last || !(retry.on_5xx || retry.on_gateway_error) {
+                    let Some(token) = again(retry.on_5xx || retry.on_gateway_error) else {
                         return text(
                             StatusCode::GATEWAY_TIMEOUT,
                             "upstream request timeout".into(),
                         );
-                    }
+                    };
+                    _retrying = Some(token);
+                    last_error = format!("{endpoint}: per-try timeout");
                 }
             }
         }
@@ -415,7 +437,10 @@ impl Outbound {
     ) {
         let set = snap.endpoints.get(cluster).cloned().unwrap_or_default();
         let n = self.next.fetch_add(1, Ordering::Relaxed);
-        let Some(endpoint) = self.health.pick(cluster, &set, n, &[]) else {
+        let Some(endpoint) = self
+            .health
+            .pick(cluster, &set, &[], |ok| crate::health::round_robin(ok, n))
+        else {
             return;
         };
         let Ok(uri) = format!("http://{endpoint}{path}").parse::<Uri>() else {

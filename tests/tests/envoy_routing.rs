@@ -2,15 +2,15 @@
 //! labels: east's echo is `version: v1`, west's `v2`) and a VirtualService's
 //! header match, weights, fault injection, retries, timeout and mirroring
 //! become routes and subset clusters, which Envoy and isthmus-proxy follow
-//! alike. Requests then go where the rules
-//! say, across networks for the subset that lives in west. Then the whole
-//! valid corpus (every kind) is applied, and every proxy ACKs every type:
-//! Envoy sidecars and gateways, and, on the isthmus data plane,
-//! isthmus-proxy and isthmus-gateway. Last, AuthorizationPolicies become
-//! RBAC at echo's sidecar, Envoy or isthmus-proxy: DENY by path, ALLOW by
-//! namespace, principal, method, port and a header condition, and traffic
-//! flows again once they are gone; then PeerAuthentication modes decide
-//! whether echo's Envoy takes plaintext.
+//! alike: requests go where the rules say, across networks for the subset
+//! that lives in west. Then the whole valid corpus (every kind) is applied,
+//! and every proxy ACKs every type: Envoy sidecars and gateways, and, on the
+//! isthmus data plane, isthmus-proxy and isthmus-gateway. AuthorizationPolicies
+//! become RBAC at echo's sidecar, Envoy or isthmus-proxy: DENY by path, ALLOW
+//! by namespace, principal, method, port and a header condition, and traffic
+//! flows again once they are gone. Last, PeerAuthentication modes decide
+//! whether echo's Envoy takes plaintext, and a DestinationRule's connection
+//! pool refuses isthmus-proxy's requests past its limits.
 //! Needs root for network namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -366,5 +366,47 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
     // isthmus-proxy enforces the same AuthorizationPolicies, from the same
     // RBAC rules in its inbound route configurations.
     authorization_holds(&mesh).await;
+
+    // A DestinationRule's connection pool: one connection and one waiting
+    // request; of six concurrent slow requests, some are refused at once.
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(ONE_CONNECTION.to_string())
+        .await
+        .unwrap();
+    let (ok, refused) = eventually("the connection pool to overflow", PATIENCE, || async {
+        let round = futures::future::join_all((0..6).map(|_| ask(&mesh, "/delay/500", &[]))).await;
+        let ok = round.iter().flatten().filter(|(s, _)| *s == 200).count();
+        let refused: Vec<String> = round
+            .into_iter()
+            .flatten()
+            .filter(|(s, _)| *s == 503)
+            .map(|(_, body)| body)
+            .collect();
+        (ok >= 1 && !refused.is_empty()).then_some((ok, refused))
+    })
+    .await;
+    assert!(ok + refused.len() == 6, "every request was answered");
+    assert!(
+        refused
+            .iter()
+            .all(|b| b.contains("of the cluster's 1 connections (DestinationRule connectionPool)")),
+        "{refused:?}"
+    );
     mesh.wait_all_synced(5, PATIENCE).await;
 }
+
+const ONE_CONNECTION: &str = r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: echo, namespace: demo}
+spec:
+  host: echo
+  trafficPolicy:
+    loadBalancer: {simple: LEAST_REQUEST}
+    connectionPool: {tcp: {maxConnections: 1}, http: {http1MaxPendingRequests: 1}}
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+"#;

@@ -49,6 +49,36 @@ pub struct ClusterInfo {
     pub allowed_sans: Vec<String>,
     /// Passive health checking, when the cluster asks for it.
     pub outlier: Option<OutlierPolicy>,
+    /// How to pick among a priority's endpoints.
+    pub lb: LbPolicy,
+    /// Circuit breakers, from a DestinationRule's connection pool.
+    pub limits: Limits,
+}
+
+/// Endpoint choice within a priority, from the cluster's `lb_policy`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// Weighted round robin.
+    #[default]
+    RoundRobin,
+    /// The less loaded of two endpoints picked at random (Envoy's default
+    /// for LEAST_REQUEST).
+    LeastRequest,
+    Random,
+}
+
+/// The cluster's default-priority circuit breakers; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Connections to the cluster, which for HTTP/1.1 bound the requests
+    /// in flight.
+    pub max_connections: Option<u32>,
+    /// Requests that may wait for a connection when all are busy.
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    pub max_retries: Option<u32>,
 }
 
 /// When to eject an endpoint, from the cluster's `outlier_detection`.
@@ -466,10 +496,35 @@ fn cluster_info(c: &Cluster) -> Result<ClusterInfo, String> {
     if c.name.is_empty() {
         return Err("cluster has no name".into());
     }
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy as Proto;
+    let lb = match Proto::try_from(c.lb_policy) {
+        Ok(Proto::RoundRobin) => LbPolicy::RoundRobin,
+        Ok(Proto::LeastRequest) => LbPolicy::LeastRequest,
+        Ok(Proto::Random) => LbPolicy::Random,
+        _ => {
+            return Err(format!(
+                "cluster {}: load balancing policy {} is not supported",
+                c.name, c.lb_policy
+            ));
+        }
+    };
+    let limits = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == 0))
+        .map(|t| Limits {
+            max_connections: t.max_connections.as_ref().map(|v| v.value),
+            max_pending_requests: t.max_pending_requests.as_ref().map(|v| v.value),
+            max_requests: t.max_requests.as_ref().map(|v| v.value),
+            max_retries: t.max_retries.as_ref().map(|v| v.value),
+        })
+        .unwrap_or_default();
     let mut info = ClusterInfo {
         name: c.name.clone(),
         sni: None,
         allowed_sans: vec![],
+        lb,
+        limits,
         outlier: c.outlier_detection.as_ref().map(|o| OutlierPolicy {
             consecutive_errors: o
                 .consecutive_5xx

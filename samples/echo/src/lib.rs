@@ -2,6 +2,9 @@
 //! answered with a JSON body naming the cluster and workload that answered
 //! and the method, path and headers it received, so a caller can see where
 //! its request landed and what identity the mesh passed along.
+//!
+//! `GET /delay/MS` answers after MS milliseconds (at most 10 s), for
+//! exercising timeouts and connection limits.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,6 +48,12 @@ pub fn answer(config: &Config, req: &Request<Incoming>) -> serde_json::Value {
     })
 }
 
+/// The wait a `/delay/MS` path asks for, capped at 10 s.
+fn delay(path: &str) -> Option<std::time::Duration> {
+    let ms: u64 = path.strip_prefix("/delay/")?.parse().ok()?;
+    Some(std::time::Duration::from_millis(ms.min(10_000)))
+}
+
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = TcpListener::bind(config.listen).await?;
     tracing::info!(listen = %config.listen, cluster = %config.cluster, "echo serving");
@@ -54,7 +63,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                 let body = answer(&config, &req);
+                let delay = delay(req.uri().path());
                 async move {
+                    if let Some(delay) = delay {
+                        tokio::time::sleep(delay).await;
+                    }
                     let mut text = serde_json::to_string_pretty(&body).unwrap_or_default();
                     text.push('\n');
                     let mut resp = Response::new(Full::new(Bytes::from(text)));
