@@ -1,6 +1,9 @@
 //! The inbound listener (15006): terminates mesh mTLS, requiring a client
 //! SVID from the trust bundle, then forwards HTTP to the local app chosen by
-//! the SNI's port. The caller's identity goes to the app in
+//! the SNI's port. Plaintext is told apart by its first byte and taken only
+//! for ports whose PeerAuthentication mode allows it (PERMISSIVE, DISABLE),
+//! chosen by the `Host` port, as an Envoy sidecar's plaintext chain does; a
+//! DISABLE port refuses mTLS. The caller's identity goes to the app in
 //! `x-forwarded-client-cert` (Istio's format); any such header the caller
 //! sent is replaced, so the app can trust it.
 //!
@@ -36,6 +39,15 @@ use crate::outbound::{Body, text};
 
 type AppClient = Client<HttpConnector, Incoming>;
 
+/// What every inbound connection shares.
+#[derive(Clone)]
+struct Inbound {
+    app_client: AppClient,
+    apps: Arc<HashMap<u16, SocketAddr>>,
+    config: Arc<ArcSwap<Snapshot>>,
+    metrics: Arc<Metrics>,
+}
+
 pub async fn serve(
     listener: TcpListener,
     tls: watch::Receiver<Arc<ServerConfig>>,
@@ -44,89 +56,210 @@ pub async fn serve(
     config: Arc<ArcSwap<Snapshot>>,
     metrics: Arc<Metrics>,
 ) {
-    let app_client: AppClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+    let inbound = Inbound {
+        app_client: Client::builder(TokioExecutor::new()).build(HttpConnector::new()),
+        apps,
+        config,
+        metrics,
+    };
     loop {
         let Ok((tcp, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
         let _ = tcp.set_nodelay(true);
-        metrics.inbound_connections.inc();
+        inbound.metrics.inbound_connections.inc();
         let acceptor = tokio_rustls::TlsAcceptor::from(tls.borrow().clone());
-        let (app_client, apps, metrics) = (app_client.clone(), apps.clone(), metrics.clone());
-        let config = config.clone();
         let me = svid.borrow().id.to_string();
+        let inbound = inbound.clone();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(
+            // A TLS record starts with a handshake byte; anything else is
+            // plaintext, which only PeerAuthentication can let in.
+            let mut first = [0u8; 1];
+            let tls_hello = match tokio::time::timeout(
                 isthmus_transport::HANDSHAKE_TIMEOUT,
-                acceptor.accept(tcp),
+                tcp.peek(&mut first),
             )
             .await
             {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "inbound mTLS refused");
-                    metrics.tls_refused.inc();
-                    return;
-                }
-                Err(_) => return,
+                Ok(Ok(1)) => first[0] == 0x16,
+                _ => return,
             };
-            let (_, conn) = tls.get_ref();
-            let peer_cert = conn.peer_certificates().and_then(|c| c.first()).cloned();
-            let peer_id = isthmus_ca::verifier::peer_id(conn.peer_certificates());
-            let port = conn
-                .server_name()
-                .and_then(|s| ServiceKey::parse_sni(s).ok())
-                .map(|k| k.port);
-            let (Some(peer_id), Some(peer_cert)) = (peer_id, peer_cert) else {
-                return; // the verifier already refused anything else
-            };
-            let Some((port, app)) = port.and_then(|p| Some((p, *apps.get(&p)?))) else {
-                tracing::info!(%peer, ?port, "SNI names no port this workload serves; closing");
-                return;
-            };
-            let peer_id: Arc<str> = peer_id.to_string().into();
-            let xfcc = format!(
-                "By={me};Hash={};URI={peer_id}",
-                hex::encode(Sha256::digest(peer_cert.as_ref()))
-            );
-            let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
-                return;
-            };
-            let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let refused = authorize(&config, port, &peer_id, &req);
-                let (app_client, xfcc, metrics) =
-                    (app_client.clone(), xfcc.clone(), metrics.clone());
-                async move {
-                    if let Some(refused) = refused {
-                        metrics.request("inbound", refused.status().as_u16());
-                        return Ok(refused);
-                    }
-                    forward(app_client, app, xfcc, metrics, req).await
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            if tls_hello {
+                inbound.mtls(tcp, peer, acceptor, &me).await;
+            } else {
+                inbound.plaintext(tcp, peer).await;
+            }
         });
     }
 }
 
-/// The response refusing the request, if the port's rules do.
+impl Inbound {
+    /// A mesh mTLS connection: the SNI names the app port.
+    async fn mtls(
+        self,
+        tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+        me: &str,
+    ) {
+        let tls =
+            match tokio::time::timeout(isthmus_transport::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                .await
+            {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    tracing::info!(%peer, error = %e, "inbound mTLS refused");
+                    self.metrics.tls_refused.inc();
+                    return;
+                }
+                Err(_) => return,
+            };
+        let (_, conn) = tls.get_ref();
+        let peer_cert = conn.peer_certificates().and_then(|c| c.first()).cloned();
+        let peer_id = isthmus_ca::verifier::peer_id(conn.peer_certificates());
+        let port = conn
+            .server_name()
+            .and_then(|s| ServiceKey::parse_sni(s).ok())
+            .map(|k| k.port);
+        let (Some(peer_id), Some(peer_cert)) = (peer_id, peer_cert) else {
+            return; // the verifier already refused anything else
+        };
+        let Some((port, app)) = port.and_then(|p| Some((p, *self.apps.get(&p)?))) else {
+            tracing::info!(%peer, ?port, "SNI names no port this workload serves; closing");
+            return;
+        };
+        if self
+            .config
+            .load()
+            .inbound
+            .get(&port)
+            .is_some_and(|p| !p.mtls)
+        {
+            tracing::info!(%peer, port, "port takes only plaintext (PeerAuthentication DISABLE); closing");
+            return;
+        }
+        let peer_id: Arc<str> = peer_id.to_string().into();
+        let xfcc = format!(
+            "By={me};Hash={};URI={peer_id}",
+            hex::encode(Sha256::digest(peer_cert.as_ref()))
+        );
+        let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
+            return;
+        };
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let refused = authorize(&self.config, port, Some(&peer_id), &req);
+            let (client, xfcc, metrics) =
+                (self.app_client.clone(), xfcc.clone(), self.metrics.clone());
+            async move {
+                if let Some(refused) = refused {
+                    metrics.request("inbound", refused.status().as_u16());
+                    return Ok(refused);
+                }
+                forward(client, app, Some(xfcc), metrics, req).await
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tls), service)
+            .await;
+    }
+
+    /// A plaintext connection, from outside the mesh. Closed at once unless
+    /// some port takes plaintext (as an Envoy sidecar finds no filter chain
+    /// for it); then each request's `Host` port picks the app, which must
+    /// take plaintext, and any `x-forwarded-client-cert` the caller sent is
+    /// removed: there is no verified identity to pass on.
+    async fn plaintext(self, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+        if !self.config.load().inbound.values().any(|p| p.plaintext) {
+            tracing::info!(%peer, "plaintext refused: every port takes mTLS only (PeerAuthentication)");
+            self.metrics.plaintext_refused.inc();
+            return;
+        }
+        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+            let port = request_port(&req);
+            let takes = port.filter(|p| {
+                self.config
+                    .load()
+                    .inbound
+                    .get(p)
+                    .is_some_and(|p| p.plaintext)
+            });
+            let target = takes.and_then(|p| Some((p, *self.apps.get(&p)?)));
+            let decision = match target {
+                None => Err(text(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "isthmus-proxy: port {} takes no plaintext (PeerAuthentication)\n",
+                        port.map_or_else(|| "(none in Host)".to_string(), |p| p.to_string())
+                    ),
+                )),
+                Some((p, app)) => match authorize(&self.config, p, None, &req) {
+                    Some(refused) => Err(refused),
+                    None => Ok(app),
+                },
+            };
+            let (client, metrics) = (self.app_client.clone(), self.metrics.clone());
+            async move {
+                match decision {
+                    Ok(app) => forward(client, app, None, metrics, req).await,
+                    Err(refused) => {
+                        metrics.request("inbound", refused.status().as_u16());
+                        Ok(refused)
+                    }
+                }
+            }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(tcp), service)
+            .await;
+    }
+}
+
+/// The port a plaintext request names in its `Host` (or absolute URI).
+fn request_port(req: &Request<Incoming>) -> Option<u16> {
+    let authority = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_string)
+        })?;
+    authority.rsplit_once(':')?.1.parse().ok()
+}
+
+/// The response refusing the request, if the port's mode or rules do.
+/// `peer` is the caller's verified SPIFFE ID; plaintext callers have none.
+/// Checked per request, so a policy change holds on open connections too.
 fn authorize(
     config: &ArcSwap<Snapshot>,
     port: u16,
-    peer: &str,
+    peer: Option<&str>,
     req: &Request<Incoming>,
 ) -> Option<Response<Body>> {
     let snapshot = config.load();
-    let Some(rules) = snapshot.inbound.get(&port) else {
+    let Some(inbound) = snapshot.inbound.get(&port) else {
         return Some(text(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("isthmus-proxy: no authorization rules for port {port} from the primary yet\n"),
         ));
     };
-    let rbac = rules.as_ref()?;
+    if peer.is_some() && !inbound.mtls {
+        // The mode changed under an open connection: refuse, and close it.
+        let mut refused = text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "isthmus-proxy: port {port} takes only plaintext (PeerAuthentication DISABLE)\n"
+            ),
+        );
+        refused
+            .headers_mut()
+            .insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+        return Some(refused);
+    }
+    let rbac = inbound.rules.as_ref()?;
     let authority = req
         .headers()
         .get(http::header::HOST)
@@ -134,7 +267,7 @@ fn authorize(
         .or_else(|| req.uri().authority().map(|a| a.as_str()))
         .unwrap_or("");
     let request = rbac::Request {
-        peer: Some(peer),
+        peer,
         method: req.method().as_str(),
         path: req.uri().path(),
         authority,
@@ -144,14 +277,19 @@ fn authorize(
     if rbac.allows(&request) {
         return None;
     }
-    tracing::debug!(%peer, port, path = req.uri().path(), "request refused by authorization policy");
+    tracing::debug!(
+        ?peer,
+        port,
+        path = req.uri().path(),
+        "request refused by authorization policy"
+    );
     Some(text(StatusCode::FORBIDDEN, "RBAC: access denied".into()))
 }
 
 async fn forward(
     client: AppClient,
     app: SocketAddr,
-    xfcc: HeaderValue,
+    xfcc: Option<HeaderValue>,
     metrics: Arc<Metrics>,
     mut req: Request<Incoming>,
 ) -> Result<Response<Body>, hyper::Error> {
@@ -168,7 +306,10 @@ async fn forward(
         ));
     };
     *req.uri_mut() = uri;
-    req.headers_mut().insert("x-forwarded-client-cert", xfcc);
+    match xfcc {
+        Some(xfcc) => req.headers_mut().insert("x-forwarded-client-cert", xfcc),
+        None => req.headers_mut().remove("x-forwarded-client-cert"),
+    };
     match client.request(req).await {
         Ok(resp) => {
             metrics.request("inbound", resp.status().as_u16());

@@ -158,7 +158,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                         .iter()
                         .map(|(port, _)| isthmus_xds::inbound_route_name(*port)),
                 )
-                .chain((!config.apps.is_empty()).then(|| "inbound|plaintext".to_string()))
+                .chain((!config.apps.is_empty()).then(|| isthmus_xds::PLAINTEXT_ROUTE.to_string()))
                 .collect(),
         },
         Some(xds_tls_rx),
@@ -259,7 +259,12 @@ fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_jso
         // Per service authority: its routes' names, in match order.
         "outboundRoutes": snap.outbound.domains().map(|(d, routes)| (d.to_string(), routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
         "clusters": clusters,
-        // Per app port: whether an AuthorizationPolicy applies to it.
-        "inboundAuthorization": snap.inbound.iter().map(|(port, rules)| (port.to_string(), if rules.is_some() { "rules" } else { "none apply" })).collect::<BTreeMap<_, _>>(),
+        // Per app port: what it takes (PeerAuthentication) and whether an
+        // AuthorizationPolicy applies to it.
+        "inboundPorts": snap.inbound.iter().map(|(port, p)| (port.to_string(), serde_json::json!({
+            "mtls": p.mtls,
+            "plaintext": p.plaintext,
+            "authorization": if p.rules.is_some() { "rules" } else { "none apply" },
+        }))).collect::<BTreeMap<_, _>>(),
     })
 }

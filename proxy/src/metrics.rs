@@ -22,6 +22,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub tls_refused: Counter,
+    pub plaintext_refused: Counter,
     pub inbound_connections: Counter,
     pub upstream: Family<UpstreamLabels, Counter>,
 }
@@ -32,6 +33,12 @@ impl Metrics {
         let requests = Family::<RequestLabels, Counter>::default();
         let tls_refused = Counter::default();
         let inbound_connections = Counter::default();
+        let plaintext_refused = Counter::default();
+        registry.register(
+            "inbound_plaintext_refused",
+            "Inbound plaintext connections refused: no port takes plaintext",
+            plaintext_refused.clone(),
+        );
         registry.register(
             "requests",
             "HTTP requests by direction and status",
@@ -57,6 +64,7 @@ impl Metrics {
             registry,
             requests,
             tls_refused,
+            plaintext_refused,
             inbound_connections,
             upstream,
         }

@@ -9,8 +9,8 @@
 //! become RBAC at echo's sidecar, Envoy or isthmus-proxy: DENY by path, ALLOW
 //! by namespace, principal, method, port and a header condition, and traffic
 //! flows again once they are gone. Last, PeerAuthentication modes decide
-//! whether echo's Envoy takes plaintext, and a DestinationRule's connection
-//! pool refuses isthmus-proxy's requests past its limits.
+//! whether echo's sidecar takes plaintext, and a DestinationRule's
+//! connection pool refuses isthmus-proxy's requests past its limits.
 //! Needs root for network namespaces.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -161,12 +161,17 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     assert_eq!(s, 200, "traffic still flows under the corpus");
 
     authorization_holds(&mesh).await;
-    let client = mesh.state.client().unwrap();
+    peer_authentication_holds(&mesh).await;
+    mesh.wait_all_synced(5, PATIENCE).await;
+}
 
-    // PeerAuthentication at echo's inbound listener: under the corpus's
-    // STRICT, plaintext finds no filter chain; PERMISSIVE takes it (and
-    // strips a forged x-forwarded-client-cert), mTLS still works; a
-    // workload's port-level STRICT overrides its namespace's PERMISSIVE.
+/// PeerAuthentication at echo's inbound listener, the same on both data
+/// planes: under the corpus's STRICT, plaintext is refused; PERMISSIVE takes
+/// it (and strips a forged x-forwarded-client-cert), mTLS still works; a
+/// workload's port-level STRICT overrides its namespace's PERMISSIVE;
+/// port-level DISABLE takes only plaintext.
+async fn peer_authentication_holds(mesh: &Mesh) {
+    let client = mesh.state.client().unwrap();
     let plain = || async {
         probe::get_with(
             mesh.netns("proxy-client-east"),
@@ -191,7 +196,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         !body.contains("forged"),
         "a caller's XFCC reached the app: {body}"
     );
-    let (s, _) = ask(&mesh, "/", &[]).await.unwrap();
+    let (s, _) = ask(mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "mTLS from the mesh still works under PERMISSIVE");
     client.apply(PORT_STRICT.to_string()).await.unwrap();
     eventually(
@@ -200,9 +205,26 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
         || async { plain().await.is_none().then_some(()) },
     )
     .await;
-    let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
+    let (s, body) = ask(mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "mTLS from the mesh works under STRICT: {body}");
-    mesh.wait_all_synced(5, PATIENCE).await;
+    // DISABLE: plaintext only, so the mesh's mTLS callers cannot reach it.
+    client.apply(PORT_DISABLE.to_string()).await.unwrap();
+    eventually("port-level DISABLE to take plaintext", PATIENCE, || async {
+        let (s, _) = plain().await?;
+        (s == 200).then_some(())
+    })
+    .await;
+    eventually("port-level DISABLE to refuse mTLS", PATIENCE, || async {
+        let (s, _) = ask(mesh, "/", &[]).await?;
+        (s != 200).then_some(())
+    })
+    .await;
+    client.apply(PORT_STRICT.to_string()).await.unwrap();
+    eventually("STRICT again to take mTLS", PATIENCE, || async {
+        let (s, _) = ask(mesh, "/", &[]).await?;
+        (s == 200).then_some(())
+    })
+    .await;
 }
 
 /// RULES applied and followed, the same on both data planes: the canary
@@ -306,6 +328,15 @@ spec:
   portLevelMtls: {"8080": {mode: STRICT}}
 "#;
 
+const PORT_DISABLE: &str = r#"
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: echo, namespace: demo}
+spec:
+  selector: {matchLabels: {app: echo}}
+  portLevelMtls: {"8080": {mode: DISABLE}}
+"#;
+
 const DENY_SECRET: &str = r#"
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
@@ -366,6 +397,8 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
     // isthmus-proxy enforces the same AuthorizationPolicies, from the same
     // RBAC rules in its inbound route configurations.
     authorization_holds(&mesh).await;
+    // ...and takes plaintext as PeerAuthentication says.
+    peer_authentication_holds(&mesh).await;
 
     // A DestinationRule's connection pool: one connection and one waiting
     // request; of six concurrent slow requests, some are refused at once.

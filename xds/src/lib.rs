@@ -120,10 +120,10 @@ pub struct Snapshot {
     pub endpoints: HashMap<String, Arc<EndpointSet>>,
     pub cluster_version: String,
     pub endpoint_version: String,
-    /// Authorization of each inbound app port, from the virtual host
-    /// `inbound|PORT` of the subscribed route configurations: `None` where
-    /// no policy applies. A port missing here has no rules yet.
-    pub inbound: HashMap<u16, Option<Arc<rbac::Rbac>>>,
+    /// Each inbound app port, from the virtual host `inbound|PORT` of the
+    /// subscribed route configurations. A port missing here has no rules
+    /// yet.
+    pub inbound: HashMap<u16, InboundPort>,
     /// The `outbound` route configuration: VirtualService routing.
     pub outbound: Arc<routes::OutboundRoutes>,
     pub route_version: String,
@@ -131,6 +131,22 @@ pub struct Snapshot {
 
 /// The route configuration of a sidecar's outbound HTTP traffic.
 pub const OUTBOUND_ROUTE: &str = "outbound";
+
+/// How an inbound app port takes requests.
+#[derive(Debug, Clone, Default)]
+pub struct InboundPort {
+    /// AuthorizationPolicy's rules; `None` where no policy applies.
+    pub rules: Option<Arc<rbac::Rbac>>,
+    /// Whether it takes mesh mTLS: its own route configuration exists
+    /// (PeerAuthentication STRICT or PERMISSIVE).
+    pub mtls: bool,
+    /// Whether it takes plaintext: the `inbound|plaintext` configuration
+    /// has a virtual host for it (PERMISSIVE or DISABLE).
+    pub plaintext: bool,
+}
+
+/// The route configuration of the inbound plaintext chain.
+pub const PLAINTEXT_ROUTE: &str = "inbound|plaintext";
 
 /// The virtual host of inbound app port `port`, as the primary names it.
 pub fn inbound_route_name(port: u16) -> String {
@@ -423,7 +439,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
         type_urls::ROUTE => {
             // The primary sends every subscribed route configuration in
             // each response, so this one replaces what we had.
-            let mut inbound = HashMap::new();
+            let mut inbound: HashMap<u16, InboundPort> = HashMap::new();
             let mut outbound = Arc::default();
             for (i, any) in resp.resources.iter().enumerate() {
                 if any.type_url != type_urls::ROUTE {
@@ -453,7 +469,13 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                         .transpose()
                         .map_err(|e| err(i, format!("{}: virtual host {}: {e}", rc.name, vh.name)))?
                         .flatten();
-                    inbound.insert(port, rules.map(Arc::new));
+                    let entry = inbound.entry(port).or_default();
+                    entry.rules = rules.map(Arc::new);
+                    if rc.name == PLAINTEXT_ROUTE {
+                        entry.plaintext = true;
+                    } else {
+                        entry.mtls = true;
+                    }
                 }
             }
             Ok(Snapshot {
@@ -710,8 +732,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(first.route_version, "v1");
-        assert!(first.inbound[&8080].is_some(), "8080 has rules");
-        assert!(first.inbound[&9090].is_none(), "no policy applies to 9090");
+        let (p8080, p9090) = (&first.inbound[&8080], &first.inbound[&9090]);
+        assert!(p8080.rules.is_some(), "8080 has rules");
+        assert!(p9090.rules.is_none(), "no policy applies to 9090");
+        assert!(
+            p8080.plaintext && !p8080.mtls,
+            "only the plaintext configuration names it"
+        );
         let e = apply(
             &first,
             &route_response(
