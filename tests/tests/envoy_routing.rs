@@ -384,6 +384,19 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
         .await
         .unwrap();
     assert!(mirrored >= 10.0, "v2 got the mirrored requests: {mirrored}");
+    // proxy-config shows the routes it follows, in match order.
+    let routes = isthmus_topology::inspect::proxy_config(
+        mesh.dir(),
+        "client-east",
+        isthmus_topology::inspect::ProxyConfigKind::Routes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        routes["outboundRoutes"]["echo.demo.svc.cluster.local:8080"],
+        serde_json::json!(["canary", "teapot", "default"]),
+        "{routes}"
+    );
     mesh.wait_all_synced(5, PATIENCE).await;
     mesh.state
         .client()

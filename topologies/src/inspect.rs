@@ -47,13 +47,30 @@ pub async fn proxy_config(
         }
     };
     if c.program.is_none() {
-        // isthmus-proxy or isthmus-gateway: clusters and their endpoints;
-        // they take no listeners, routes or secrets over xDS.
+        // isthmus-proxy or isthmus-gateway: clusters and their endpoints,
+        // and for isthmus-proxy its routes; their listeners are set by
+        // flags and their certificates come from the agent, not SDS.
         let dump = get("/config_dump".into()).await?;
+        let pick = |keys: &[&str]| {
+            let picked: serde_json::Map<String, serde_json::Value> = keys
+                .iter()
+                .filter_map(|k| Some((k.to_string(), dump.get(*k)?.clone())))
+                .collect();
+            serde_json::Value::Object(picked)
+        };
         return Ok(match what {
-            ProxyConfigKind::Clusters | ProxyConfigKind::Endpoints | ProxyConfigKind::All => dump,
+            ProxyConfigKind::Clusters | ProxyConfigKind::Endpoints | ProxyConfigKind::All => {
+                dump.clone()
+            }
+            ProxyConfigKind::Routes if c.kind == "proxy" => {
+                pick(&["routeVersion", "outboundRoutes", "inboundPorts"])
+            }
             _ => serde_json::json!({
-                "note": format!("{} takes only clusters and endpoints from xDS", c.name),
+                "note": format!(
+                    "{} takes no {} over xDS: its listeners are set by flags and its certificate comes from the agent",
+                    c.name,
+                    format!("{what:?}").to_lowercase()
+                ),
             }),
         });
     }
