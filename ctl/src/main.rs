@@ -174,6 +174,11 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "json")]
         output: Output,
     },
+    /// Cross-cluster failover on a local mesh.
+    Failover {
+        #[command(subcommand)]
+        command: FailoverCmd,
+    },
     /// The mesh CA: status, root and intermediate rotation, import.
     Ca {
         #[command(subcommand)]
@@ -184,6 +189,35 @@ enum Cmd {
     Component {
         #[command(subcommand)]
         component: isthmus_topology::component::Component,
+    },
+}
+
+#[derive(Subcommand)]
+enum FailoverCmd {
+    /// Prove failover on a mesh that `up` runs: kill every workload of
+    /// SERVICE in CLUSTER (app and sidecar) under a stream of requests,
+    /// report the failed requests and how long traffic took to settle on
+    /// other clusters, then start them again and report how long traffic
+    /// took to come back.
+    Drill {
+        /// `NAME.NAMESPACE[:PORT]`, e.g. `echo.demo:8080`.
+        service: String,
+        #[arg(long)]
+        cluster: String,
+        /// The client workload whose sidecar sends the requests (default:
+        /// another workload of the cluster).
+        #[arg(long)]
+        from: Option<String>,
+        /// Requests per second during the failover.
+        #[arg(long, default_value_t = 50)]
+        rate: u32,
+        /// Seconds each phase may take before the drill gives up.
+        #[arg(long, default_value_t = 60)]
+        patience: u64,
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+        #[arg(short, long, value_enum, default_value = "table")]
+        output: Output,
     },
 }
 
@@ -318,6 +352,50 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Component { component } => component.run().await,
         Cmd::Ca { command } => ca::run(command).await,
+        Cmd::Failover {
+            command:
+                FailoverCmd::Drill {
+                    service,
+                    cluster,
+                    from,
+                    rate,
+                    patience,
+                    state_dir,
+                    output,
+                },
+        } => {
+            let drill = isthmus_topology::drill::Drill {
+                service,
+                cluster,
+                from,
+                rate,
+                patience: std::time::Duration::from_secs(patience),
+                exe: std::env::current_exe()?,
+            };
+            let r = isthmus_topology::drill::run(&state_dir, &drill).await?;
+            print(output, &r, || {
+                let by: Vec<String> = r
+                    .answered_by
+                    .iter()
+                    .map(|(c, n)| format!("{c} {n}"))
+                    .collect();
+                format!(
+                    "drill: {} in {} (requests from {}; stopped {})\n\
+                     failover: {} ms until every answer came from another cluster; {} of {} requests failed; answered by: {}\n\
+                     return: {} ms after the restart, {} answered again\n",
+                    r.service,
+                    r.cluster,
+                    r.from,
+                    r.stopped.join(", "),
+                    r.failover_ms,
+                    r.failed,
+                    r.requests,
+                    by.join(", "),
+                    r.returned_ms,
+                    r.cluster,
+                )
+            })
+        }
         Cmd::ProxyConfig {
             proxy,
             what,

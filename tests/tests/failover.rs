@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};
 use isthmus_topology::netns;
-use isthmus_topology::runner::{self, DataPlane, NetMode};
+use isthmus_topology::runner::{self, DataPlane, MeshState, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
@@ -36,6 +36,62 @@ async fn traffic_fails_over_to_west_without_errors_and_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_fails_over_with_envoy_as_every_proxy() {
     failover(DataPlane::Envoy).await;
+}
+
+/// `isthmusctl failover drill` on a live local mesh: it kills east's echo
+/// (app and sidecar) under load, sees every request answered by west, and
+/// sees east answer again once restarted. Bad drills are refused by name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_failover_drill_reports_failover_and_return() {
+    if !isthmus_e2e::can_run("the_failover_drill_reports_failover_and_return", false) {
+        return;
+    }
+    let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
+    let drill = |service: &str, cluster: &str| isthmus_topology::drill::Drill {
+        service: service.into(),
+        cluster: cluster.into(),
+        from: None,
+        rate: 50,
+        patience: Duration::from_secs(60),
+        exe: NODE.into(),
+    };
+    let report = isthmus_topology::drill::run(mesh.dir(), &drill("echo.demo:8080", "east"))
+        .await
+        .unwrap();
+    assert_eq!(report.from, "client-east");
+    assert_eq!(report.stopped, ["echo-east", "proxy-echo-east"]);
+    assert_eq!(report.failed, 0, "{report:?}");
+    assert_eq!(
+        report.answered_by.keys().collect::<Vec<_>>(),
+        ["west"],
+        "{report:?}"
+    );
+    assert!(report.requests >= 20, "{report:?}");
+    // The drill left east running and serving.
+    for name in ["echo-east", "proxy-echo-east"] {
+        let pid = MeshState::load(mesh.dir())
+            .unwrap()
+            .component(name)
+            .unwrap()
+            .pid;
+        assert!(runner::alive(pid), "{name} runs again");
+    }
+    for (service, cluster, error) in [
+        ("echo.nope", "east", "cluster east has no service echo.nope"),
+        ("echo.demo:9", "east", "service echo.demo has no port 9"),
+        ("echo", "east", "name the service as NAME.NAMESPACE"),
+        (
+            "echo.demo",
+            "north",
+            "cluster \"north\" has no file registry",
+        ),
+    ] {
+        let e = isthmus_topology::drill::run(mesh.dir(), &drill(service, cluster))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(error), "{service} in {cluster}: {e}");
+    }
 }
 
 async fn failover(data_plane: DataPlane) {

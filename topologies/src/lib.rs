@@ -6,6 +6,7 @@
 
 pub mod client;
 pub mod component;
+pub mod drill;
 pub mod envoy;
 pub mod inspect;
 pub mod netns;
