@@ -381,7 +381,10 @@ async fn start(
     let client = client.context("no primary was started")?;
 
     // 2. Clusters: register, write registries, start agents and gateways.
-    for cluster in &tpl.clusters {
+    // East-west gateways carry traffic between networks, so a template of
+    // one network (single-cluster, flat-multicluster) runs none.
+    let with_gateways = networks.len() > 1;
+    for (i, cluster) in tpl.clusters.iter().enumerate() {
         let net_index = networks
             .iter()
             .position(|n| *n == cluster.network)
@@ -391,7 +394,28 @@ async fn start(
             .as_ref()
             .and_then(|l| l.namespace_of(&cluster.network))
             .map(str::to_string);
-        let pod = &addrs.pod[net_index];
+        // Clusters that share a network take address blocks of 64 in it.
+        let block = tpl.clusters[..i]
+            .iter()
+            .filter(|c| c.network == cluster.network)
+            .count();
+        let base = u8::try_from(64 * block)
+            .ok()
+            .filter(|_| cluster.workloads.len() <= 50)
+            .with_context(|| {
+                format!(
+                    "network {}: at most 4 clusters of at most 50 workloads each",
+                    cluster.network
+                )
+            })?;
+        if with_gateways && block > 0 {
+            bail!(
+                "network {}: `up` runs one cluster per network when the mesh has several networks",
+                cluster.network
+            );
+        }
+        let net_pod = &addrs.pod[net_index];
+        let pod = |h: u8| net_pod(base + h);
         let gw = addrs.gateway[net_index];
         let registered = client
             .register_cluster(&RegisterCluster {
@@ -399,7 +423,11 @@ async fn start(
                 network: cluster.network.clone(),
                 region: cluster.region.clone(),
                 zone: cluster.zone.clone(),
-                gateways: vec![gw.to_string()],
+                gateways: if with_gateways {
+                    vec![gw.to_string()]
+                } else {
+                    vec![]
+                },
                 token_ttl_seconds: 0,
             })
             .await?;
@@ -472,59 +500,61 @@ async fn start(
         state.save()?;
         wait_ready(ns.as_deref(), agent_admin, pid, &spawner.log(&name)).await?;
 
-        let name = format!("gateway-{}", cluster.name);
-        let gw_listen = SocketAddr::new(IpAddr::V4(gw), ports::GATEWAY);
-        let gw_admin = SocketAddr::new(IpAddr::V4(gw), ports::ADMIN);
-        let gw_metrics = SocketAddr::new(IpAddr::V4(gw), ports::METRICS);
-        let component = if opts.envoy_for(&name) {
-            let token = std::fs::read_to_string(agent_dir.join("gateway-token"))?;
-            let bootstrap = crate::envoy::gateway_bootstrap(
-                &cluster.name,
-                &gw.to_string(),
-                gw_admin,
-                &state.primary_grpc,
-                &token,
-                &agent_dir.join("roots.pem"),
-            )?;
-            let listeners = BTreeMap::from([
-                ("gateway".into(), gw_listen.to_string()),
-                ("admin".into(), gw_admin.to_string()),
-            ]);
-            spawn_envoy(
-                &spawner,
-                spec(&name, "gateway", listeners),
-                &cdir,
-                &bootstrap,
-            )?
-        } else {
-            let args = vec![
-                "gateway".into(),
-                "--primary".into(),
-                state.primary_grpc.clone(),
-                "--cluster".into(),
-                cluster.name.clone(),
-                "--token-file".into(),
-                agent_dir.join("gateway-token").display().to_string(),
-                "--roots".into(),
-                agent_dir.join("roots.pem").display().to_string(),
-                "--listen".into(),
-                gw_listen.to_string(),
-                "--admin".into(),
-                gw_admin.to_string(),
-                "--metrics".into(),
-                gw_metrics.to_string(),
-            ];
-            let listeners = BTreeMap::from([
-                ("gateway".into(), gw_listen.to_string()),
-                ("admin".into(), gw_admin.to_string()),
-                ("metrics".into(), gw_metrics.to_string()),
-            ]);
-            spawner.spawn(spec(&name, "gateway", listeners), args)?
-        };
-        let pid = component.pid;
-        state.components.push(component);
-        state.save()?;
-        wait_ready(ns.as_deref(), gw_admin, pid, &spawner.log(&name)).await?;
+        if with_gateways {
+            let name = format!("gateway-{}", cluster.name);
+            let gw_listen = SocketAddr::new(IpAddr::V4(gw), ports::GATEWAY);
+            let gw_admin = SocketAddr::new(IpAddr::V4(gw), ports::ADMIN);
+            let gw_metrics = SocketAddr::new(IpAddr::V4(gw), ports::METRICS);
+            let component = if opts.envoy_for(&name) {
+                let token = std::fs::read_to_string(agent_dir.join("gateway-token"))?;
+                let bootstrap = crate::envoy::gateway_bootstrap(
+                    &cluster.name,
+                    &gw.to_string(),
+                    gw_admin,
+                    &state.primary_grpc,
+                    &token,
+                    &agent_dir.join("roots.pem"),
+                )?;
+                let listeners = BTreeMap::from([
+                    ("gateway".into(), gw_listen.to_string()),
+                    ("admin".into(), gw_admin.to_string()),
+                ]);
+                spawn_envoy(
+                    &spawner,
+                    spec(&name, "gateway", listeners),
+                    &cdir,
+                    &bootstrap,
+                )?
+            } else {
+                let args = vec![
+                    "gateway".into(),
+                    "--primary".into(),
+                    state.primary_grpc.clone(),
+                    "--cluster".into(),
+                    cluster.name.clone(),
+                    "--token-file".into(),
+                    agent_dir.join("gateway-token").display().to_string(),
+                    "--roots".into(),
+                    agent_dir.join("roots.pem").display().to_string(),
+                    "--listen".into(),
+                    gw_listen.to_string(),
+                    "--admin".into(),
+                    gw_admin.to_string(),
+                    "--metrics".into(),
+                    gw_metrics.to_string(),
+                ];
+                let listeners = BTreeMap::from([
+                    ("gateway".into(), gw_listen.to_string()),
+                    ("admin".into(), gw_admin.to_string()),
+                    ("metrics".into(), gw_metrics.to_string()),
+                ]);
+                spawner.spawn(spec(&name, "gateway", listeners), args)?
+            };
+            let pid = component.pid;
+            state.components.push(component);
+            state.save()?;
+            wait_ready(ns.as_deref(), gw_admin, pid, &spawner.log(&name)).await?;
+        }
 
         // 3. Workloads: the sample app and its sidecar.
         for (j, w) in cluster.workloads.iter().enumerate() {

@@ -69,6 +69,14 @@ const BUILTIN: &[(&str, &str)] = &[
         include_str!("../templates/multi-network.yaml"),
     ),
     ("ha-primary", include_str!("../templates/ha-primary.yaml")),
+    (
+        "single-cluster",
+        include_str!("../templates/single-cluster.yaml"),
+    ),
+    (
+        "flat-multicluster",
+        include_str!("../templates/flat-multicluster.yaml"),
+    ),
 ];
 
 /// Names of the templates this build ships.
