@@ -176,7 +176,7 @@ impl Inbound {
             return;
         }
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let port = request_port(&req);
+            let port = crate::outbound::authority(&req).map(|(_, port)| port);
             let takes = port.filter(|p| {
                 self.config
                     .load()
@@ -213,21 +213,6 @@ impl Inbound {
             .serve_connection(TokioIo::new(tcp), service)
             .await;
     }
-}
-
-/// The port a plaintext request names in its `Host` (or absolute URI).
-fn request_port(req: &Request<Incoming>) -> Option<u16> {
-    let authority = req
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            req.headers()
-                .get(http::header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })?;
-    authority.rsplit_once(':')?.1.parse().ok()
 }
 
 /// The response refusing the request, if the port's mode or rules do.

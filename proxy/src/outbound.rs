@@ -568,8 +568,9 @@ fn empty() -> Body {
         .boxed()
 }
 
-/// The authority a request is for: the absolute URI's, else the Host header.
-fn authority(req: &Request<Incoming>) -> Option<(String, u16)> {
+/// The authority a request is for: the absolute URI's, else the Host
+/// header; the port defaults to 80.
+pub(crate) fn authority(req: &Request<Incoming>) -> Option<(String, u16)> {
     let auth = req
         .uri()
         .authority()

@@ -111,13 +111,7 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
     mesh.wait_all_synced(5, PATIENCE).await;
 
     // The whole valid corpus: every kind, and Envoy ACKs all that follows.
-    mesh.state
-        .client()
-        .unwrap()
-        .apply(CORPUS.to_string())
-        .await
-        .unwrap();
-    mesh.wait_all_synced(5, PATIENCE).await;
+    apply_and_sync(&mesh, CORPUS).await;
     for proxy in ["proxy-client-east", "proxy-echo-west"] {
         let (_, stats) = mesh.get(proxy, "admin", "/stats").await.unwrap();
         for line in stats.lines().filter(|l| l.contains("update_rejected")) {
@@ -162,6 +156,17 @@ async fn virtual_services_and_destination_rules_route_envoy_traffic() {
 
     authorization_holds(&mesh).await;
     peer_authentication_holds(&mesh).await;
+    mesh.wait_all_synced(5, PATIENCE).await;
+}
+
+/// Applies `docs` and waits for the five proxies and gateways to ACK them.
+async fn apply_and_sync(mesh: &Mesh, docs: &str) {
+    mesh.state
+        .client()
+        .unwrap()
+        .apply(docs.to_string())
+        .await
+        .unwrap();
     mesh.wait_all_synced(5, PATIENCE).await;
 }
 
@@ -398,13 +403,7 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
         "{routes}"
     );
     mesh.wait_all_synced(5, PATIENCE).await;
-    mesh.state
-        .client()
-        .unwrap()
-        .apply(CORPUS.to_string())
-        .await
-        .unwrap();
-    mesh.wait_all_synced(5, PATIENCE).await;
+    apply_and_sync(&mesh, CORPUS).await;
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();
     assert_eq!(s, 200, "{body}");
     // isthmus-proxy enforces the same AuthorizationPolicies, from the same

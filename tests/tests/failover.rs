@@ -13,20 +13,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use isthmus_e2e::{Mesh, eventually};
+use isthmus_e2e::{Mesh, cluster_of, eventually};
 use isthmus_topology::netns;
 use isthmus_topology::runner::{self, DataPlane, MeshState, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
 const REQUESTS: usize = 600;
-
-fn cluster_of(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["cluster"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn traffic_fails_over_to_west_without_errors_and_comes_back() {

@@ -8,19 +8,12 @@
 
 use std::time::Duration;
 
-use isthmus_e2e::{Mesh, can_run};
+use isthmus_e2e::{Mesh, can_run, cluster_of};
 use isthmus_topology::runner::NetMode;
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const PATIENCE: Duration = Duration::from_secs(60);
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
-
-fn cluster_of(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["cluster"].as_str().map(str::to_string))
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_cluster_serves_without_a_gateway() {
