@@ -160,17 +160,23 @@ enum Cmd {
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
-    /// What one proxy of a local mesh holds: its listeners, routes,
-    /// clusters, endpoints or secrets, from its admin endpoint (Envoy's
-    /// config dump; isthmus-proxy's own). Secrets show no private key.
+    /// What one proxy holds: its listeners, routes, clusters, endpoints or
+    /// secrets, from its admin endpoint (Envoy's config dump;
+    /// isthmus-proxy's own). Secrets show no private key.
     ProxyConfig {
-        /// The proxy: a workload (`client-east`), `gateway-east`, or a
-        /// component name from `status`.
+        /// The proxy: in a local mesh, a workload (`client-east`),
+        /// `gateway-east`, or a component name from `status`; with
+        /// `--admin`, any name for the output.
         proxy: String,
         #[arg(value_enum)]
         what: isthmus_topology::inspect::ProxyConfigKind,
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
+        /// The proxy's admin address (`HOST:PORT`), for a proxy that no
+        /// local mesh records; it must be reachable from here (for
+        /// Kubernetes, through `kubectl port-forward`).
+        #[arg(long)]
+        admin: Option<std::net::SocketAddr>,
         #[arg(short, long, value_enum, default_value = "json")]
         output: Output,
     },
@@ -400,9 +406,21 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             proxy,
             what,
             state_dir,
+            admin,
             output,
         } => {
-            let value = isthmus_topology::inspect::proxy_config(&state_dir, &proxy, what).await?;
+            use isthmus_topology::inspect;
+            let value = match admin {
+                Some(admin) => {
+                    let target = inspect::AdminTarget {
+                        name: proxy,
+                        admin,
+                        netns: None,
+                    };
+                    inspect::proxy_config_at(&target, what).await?
+                }
+                None => inspect::proxy_config(&state_dir, &proxy, what).await?,
+            };
             print(
                 if output == Output::Table {
                     Output::Json

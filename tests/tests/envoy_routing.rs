@@ -402,6 +402,17 @@ async fn isthmus_proxies_ack_the_whole_corpus() {
         serde_json::json!(["canary", "teapot", "default"]),
         "{routes}"
     );
+    let by_address = isthmus_topology::inspect::proxy_config_at(
+        &isthmus_topology::inspect::AdminTarget {
+            name: "client".into(),
+            admin: mesh.listener("proxy-client-east", "admin"),
+            netns: mesh.netns("proxy-client-east").map(str::to_string),
+        },
+        isthmus_topology::inspect::ProxyConfigKind::Routes,
+    )
+    .await
+    .unwrap();
+    assert_eq!(by_address, routes, "the same by admin address alone");
     mesh.wait_all_synced(5, PATIENCE).await;
     apply_and_sync(&mesh, CORPUS).await;
     let (s, body) = ask(&mesh, "/", &[]).await.unwrap();

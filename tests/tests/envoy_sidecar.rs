@@ -91,6 +91,19 @@ async fn envoy_as_every_sidecar_and_gateway() {
     let show = |what| proxy_config(mesh.dir(), "client-east", what);
     let listeners = show(ProxyConfigKind::Listeners).await.unwrap().to_string();
     assert!(listeners.contains("outbound_15001"), "{listeners}");
+    // The same by admin address alone, as for a proxy no local mesh records.
+    let by_address = isthmus_topology::inspect::proxy_config_at(
+        &isthmus_topology::inspect::AdminTarget {
+            name: "client".into(),
+            admin: mesh.listener("proxy-client-east", "admin"),
+            netns: mesh.netns("proxy-client-east").map(str::to_string),
+        },
+        ProxyConfigKind::Listeners,
+    )
+    .await
+    .unwrap()
+    .to_string();
+    assert!(by_address.contains("outbound_15001"), "{by_address}");
     let routes = show(ProxyConfigKind::Routes).await.unwrap().to_string();
     assert!(
         routes.contains("echo.demo.svc.cluster.local:8080"),

@@ -17,7 +17,18 @@ pub enum ProxyConfigKind {
     All,
 }
 
-/// Reads one proxy's config from its admin endpoint, inside its namespace.
+/// A proxy's admin endpoint: an Envoy or an Isthmus proxy or gateway.
+#[derive(Debug, Clone)]
+pub struct AdminTarget {
+    /// How the output names it.
+    pub name: String,
+    pub admin: std::net::SocketAddr,
+    /// The network namespace to reach it from, if any.
+    pub netns: Option<String>,
+}
+
+/// Reads one proxy's config from its admin endpoint, inside its namespace,
+/// finding it in the local mesh at `state_dir`.
 pub async fn proxy_config(
     state_dir: &std::path::Path,
     proxy: &str,
@@ -31,26 +42,44 @@ pub async fn proxy_config(
         .with_context(|| {
             format!("no proxy or gateway named {proxy:?} (see `isthmusctl status`)")
         })?;
-    let admin: std::net::SocketAddr = c
+    let admin = c
         .listeners
         .get("admin")
         .context("the proxy has no admin listener")?
         .parse()?;
-    let get = |path: String| {
-        let ns = c.netns.clone();
-        async move {
-            let (status, body) = crate::probe::get(ns.as_deref(), admin, &path).await?;
-            if status != 200 {
-                bail!("{path}: {status}: {body}");
-            }
-            Ok::<serde_json::Value, anyhow::Error>(serde_json::from_str(&body)?)
+    proxy_config_at(
+        &AdminTarget {
+            name: c.name.clone(),
+            admin,
+            netns: c.netns.clone(),
+        },
+        what,
+    )
+    .await
+}
+
+/// Reads the config of the proxy at an admin address. Envoy (whose config
+/// dump has `configs`) is asked for the one kind; isthmus-proxy and
+/// isthmus-gateway serve their own dump, with clusters and endpoints, and
+/// for isthmus-proxy its routes.
+pub async fn proxy_config_at(
+    target: &AdminTarget,
+    what: ProxyConfigKind,
+) -> anyhow::Result<serde_json::Value> {
+    let get = |path: String| async move {
+        let (status, body) = crate::probe::get(target.netns.as_deref(), target.admin, &path)
+            .await
+            .with_context(|| format!("{}'s admin endpoint at {}", target.name, target.admin))?;
+        if status != 200 {
+            bail!("{path}: {status}: {body}");
         }
+        serde_json::from_str::<serde_json::Value>(&body)
+            .with_context(|| format!("{path} of {} is not JSON", target.name))
     };
-    if c.program.is_none() {
-        // isthmus-proxy or isthmus-gateway: clusters and their endpoints,
-        // and for isthmus-proxy its routes; their listeners are set by
+    let dump = get("/config_dump".into()).await?;
+    if dump.get("configs").is_none() {
+        // isthmus-proxy or isthmus-gateway: their listeners are set by
         // flags and their certificates come from the agent, not SDS.
-        let dump = get("/config_dump".into()).await?;
         let pick = |keys: &[&str]| {
             let picked: serde_json::Map<String, serde_json::Value> = keys
                 .iter()
@@ -62,13 +91,13 @@ pub async fn proxy_config(
             ProxyConfigKind::Clusters | ProxyConfigKind::Endpoints | ProxyConfigKind::All => {
                 dump.clone()
             }
-            ProxyConfigKind::Routes if c.kind == "proxy" => {
+            ProxyConfigKind::Routes if dump.get("routeVersion").is_some() => {
                 pick(&["routeVersion", "outboundRoutes", "inboundPorts"])
             }
             _ => serde_json::json!({
                 "note": format!(
                     "{} takes no {} over xDS: its listeners are set by flags and its certificate comes from the agent",
-                    c.name,
+                    target.name,
                     format!("{what:?}").to_lowercase()
                 ),
             }),
