@@ -529,10 +529,7 @@ impl Plan {
                 .as_ref()
                 .filter(|(_, share)| chance(*share))
                 .map(|(c, _)| c.clone()),
-            fault: Fault {
-                delay: a.fault.delay,
-                abort: a.fault.abort,
-            },
+            fault: a.fault,
         })
     }
 }

@@ -118,7 +118,7 @@ impl Retry {
 }
 
 /// Faults to inject, each with its share of requests per million.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct Fault {
     pub delay: Option<(Duration, u32)>,
     pub abort: Option<(u16, u32)>,
