@@ -60,8 +60,8 @@ impl Pools {
 
 pub struct ClusterPool {
     limits: Limits,
-    /// Permits for requests in flight, when limited.
-    active: Option<Arc<Semaphore>>,
+    /// Permits for requests in flight, when limited, and their number.
+    active: Option<(Arc<Semaphore>, u32)>,
     waiting: AtomicUsize,
     retries: AtomicUsize,
     /// Requests in flight per endpoint, for least-request picks.
@@ -92,10 +92,11 @@ impl Drop for Counted {
     }
 }
 
-/// A retry in flight, under `maxRetries`.
-pub struct RetryToken<'a>(&'a AtomicUsize);
+/// One place in a counted set (a retry in flight, a waiting request),
+/// given back on drop.
+pub struct Slot<'a>(&'a AtomicUsize);
 
-impl Drop for RetryToken<'_> {
+impl Drop for Slot<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
@@ -107,7 +108,7 @@ impl ClusterPool {
             .into_iter()
             .flatten()
             .min()
-            .map(|n| Arc::new(Semaphore::new(n as usize)));
+            .map(|n| (Arc::new(Semaphore::new(n as usize)), n));
         Self {
             limits,
             active,
@@ -120,7 +121,7 @@ impl ClusterPool {
     /// Admits a request: at once if a connection is free, after a wait if
     /// few enough wait already, else [`Overflow`].
     pub async fn admit(&self) -> Result<Admission, Overflow> {
-        let Some(active) = &self.active else {
+        let Some((active, connections)) = &self.active else {
             return Ok(Admission { _permit: None });
         };
         if let Ok(permit) = active.clone().try_acquire_owned() {
@@ -133,14 +134,10 @@ impl ClusterPool {
             .max_pending_requests
             .map_or(DEFAULT_MAX_PENDING, |n| n as usize);
         let waiting = self.waiting.fetch_add(1, Ordering::Relaxed);
-        let _waiting = WaitGuard(&self.waiting);
+        let _waiting = Slot(&self.waiting);
         if waiting >= max_pending {
             return Err(Overflow {
-                active: [self.limits.max_connections, self.limits.max_requests]
-                    .into_iter()
-                    .flatten()
-                    .min()
-                    .unwrap_or(0),
+                active: *connections,
                 waiting,
             });
         }
@@ -150,9 +147,9 @@ impl ClusterPool {
     }
 
     /// A retry, if `maxRetries` leaves room for one.
-    pub fn retry(&self) -> Option<RetryToken<'_>> {
+    pub fn retry(&self) -> Option<Slot<'_>> {
         let now = self.retries.fetch_add(1, Ordering::Relaxed);
-        let token = RetryToken(&self.retries);
+        let token = Slot(&self.retries);
         match self.limits.max_retries {
             Some(max) if now >= max as usize => None,
             _ => Some(token),
@@ -206,14 +203,6 @@ impl ClusterPool {
                 }
             }
         }
-    }
-}
-
-struct WaitGuard<'a>(&'a AtomicUsize);
-
-impl Drop for WaitGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

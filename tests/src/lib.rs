@@ -229,10 +229,7 @@ impl Mesh {
 /// The cluster that answered, from the sample echo app's JSON answer
 /// (empty if the body is not one).
 pub fn cluster_of(body: &str) -> String {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()
-        .and_then(|v| v["cluster"].as_str().map(str::to_string))
-        .unwrap_or_default()
+    isthmus_topology::drill::answered_by(body).unwrap_or_default()
 }
 
 pub fn counter_value(text: &str, metric: &str, labels: &[&str]) -> f64 {

@@ -15,12 +15,10 @@ const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const PATIENCE: Duration = Duration::from_secs(60);
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn single_cluster_serves_without_a_gateway() {
-    if !can_run("single_cluster_serves_without_a_gateway", false) {
-        return;
-    }
-    let mesh = Mesh::up_template("single-cluster", NetMode::Netns, NODE, None)
+/// Starts a one-network template and checks what both share: no gateway
+/// runs, east's client is answered by east's echo, and all `proxies` ACK.
+async fn up_one_network(template: &str, proxies: usize) -> Mesh {
+    let mesh = Mesh::up_template(template, NetMode::Netns, NODE, None)
         .await
         .expect("mesh starts");
     let kinds: Vec<&str> = mesh
@@ -38,7 +36,16 @@ async fn single_cluster_serves_without_a_gateway() {
         .await
         .unwrap();
     assert_eq!((s, cluster_of(&body).as_str()), (200, "east"), "{body}");
-    mesh.wait_all_synced(2, PATIENCE).await;
+    mesh.wait_all_synced(proxies, PATIENCE).await;
+    mesh
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_cluster_serves_without_a_gateway() {
+    if !can_run("single_cluster_serves_without_a_gateway", false) {
+        return;
+    }
+    up_one_network("single-cluster", 2).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,19 +56,7 @@ async fn flat_multicluster_reaches_the_other_cluster_pod_to_pod() {
     ) {
         return;
     }
-    let mesh = Mesh::up_template("flat-multicluster", NetMode::Netns, NODE, None)
-        .await
-        .expect("mesh starts");
-    assert!(
-        mesh.state.components.iter().all(|c| c.kind != "gateway"),
-        "one network needs no gateway"
-    );
-    let (s, body) = mesh
-        .get("proxy-client-east", "outbound", URL)
-        .await
-        .unwrap();
-    assert_eq!((s, cluster_of(&body).as_str()), (200, "east"), "{body}");
-    mesh.wait_all_synced(3, PATIENCE).await;
+    let mesh = up_one_network("flat-multicluster", 3).await;
     // West's echo is one of the client's endpoints at its own pod address
     // (its sidecar's inbound listener), a priority below east's.
     let dump = isthmus_topology::inspect::proxy_config(

@@ -80,13 +80,10 @@ impl Target {
     async fn ask(&self) -> (u16, String) {
         let url = format!("http://{}/", self.fqdn_port);
         match probe::get(self.netns.as_deref(), self.outbound, &url).await {
-            Ok((status, body)) => {
-                let by = serde_json::from_str::<serde_json::Value>(&body)
-                    .ok()
-                    .and_then(|v| v["cluster"].as_str().map(str::to_string))
-                    .unwrap_or_else(|| "(unknown)".into());
-                (status, by)
-            }
+            Ok((status, body)) => (
+                status,
+                answered_by(&body).unwrap_or_else(|| "(unknown)".into()),
+            ),
             Err(_) => (0, String::new()),
         }
     }
@@ -113,6 +110,15 @@ impl Target {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The cluster named in the sample echo app's answer, if it is one.
+pub fn answered_by(body: &str) -> Option<String> {
+    serde_json::from_str::<serde_json::Value>(body)
+        .ok()?
+        .get("cluster")?
+        .as_str()
+        .map(str::to_string)
 }
 
 pub async fn run(state_dir: &Path, drill: &Drill) -> anyhow::Result<DrillReport> {
