@@ -78,6 +78,9 @@ pub struct Authority {
     /// what follows a cluster intermediate in a chain. Empty when the signing
     /// certificate is the anchor.
     chain: Vec<CertificateDer<'static>>,
+    /// When the first certificate on the way from the signing CA to the
+    /// anchor expires: nothing this CA signs may outlive it.
+    not_after_unix: i64,
 }
 
 impl Authority {
@@ -97,6 +100,7 @@ impl Authority {
             &format!("Isthmus root CA ({trust_domain})"),
             ROOT_TTL,
             BasicConstraints::Unconstrained,
+            &key,
         );
         params.subject_alt_names = vec![uri_san(&format!("spiffe://{trust_domain}"))?];
         let cert = params.self_signed(&key)?;
@@ -114,6 +118,7 @@ impl Authority {
             "Isthmus subordinate CA",
             ROOT_TTL,
             BasicConstraints::Constrained(1),
+            &key,
         );
         params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -168,6 +173,7 @@ impl Authority {
             "Isthmus import probe",
             Duration::from_secs(600),
             BasicConstraints::Constrained(0),
+            &probe_ca_key,
         );
         let probe_ca = probe_ca_params.signed_by(&probe_ca_key, &issuer)?;
         let probe_issuer = Issuer::from_ca_cert_der(probe_ca.der(), probe_ca_key)?;
@@ -201,6 +207,13 @@ impl Authority {
                 &e,
             )
         })?;
+        let not_after_unix = std::iter::once(&anchor)
+            .chain(chain.iter())
+            .map(|c| svid::inspect(c).map(|i| i.not_after_unix))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .min()
+            .unwrap_or(i64::MAX);
         Ok(Self {
             cert_pem: pem::encode("CERTIFICATE", &cert),
             cert,
@@ -209,7 +222,14 @@ impl Authority {
             trust_domain: trust_domain.to_string(),
             anchor,
             chain,
+            not_after_unix,
         })
+    }
+
+    /// When the signing CA (or a certificate above it) expires. Cluster
+    /// intermediates it signs end no later; operators must replace it before.
+    pub fn not_after_unix(&self) -> i64 {
+        self.not_after_unix
     }
 
     /// The root the mesh trusts for this CA.
@@ -278,10 +298,15 @@ impl Authority {
             &format!("Isthmus intermediate CA ({cluster})"),
             INTERMEDIATE_TTL,
             BasicConstraints::Constrained(0),
+            &csr.public_key,
         );
         params
             .distinguished_name
             .push(DnType::OrganizationalUnitName, cluster);
+        // Never outlive the CA above: an imported signing CA may be short-lived.
+        if let Ok(cap) = OffsetDateTime::from_unix_timestamp(self.not_after_unix) {
+            params.not_after = params.not_after.min(cap);
+        }
         params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         finish(cert, &params, SvidKind::Signing)
@@ -440,9 +465,23 @@ fn parse_csr(csr: &str) -> Result<CertificateSigningRequestParams, CaError> {
     })
 }
 
-fn ca_params(cn: &str, ttl: Duration, constraints: BasicConstraints) -> CertificateParams {
+/// Parameters of a CA certificate for `key`. Its subject ends with the
+/// start of the key's identifier (the SKI), so no two CAs share a subject:
+/// two roots alive together during a rotation, or an old and a new cluster
+/// intermediate, are told apart by name as well as by key. Path building and
+/// CRL matching go by name first, and a CRL of the old root matched by name
+/// to a new root with the same subject fails its signature check, which is
+/// what wedged a root rotation that followed an intermediate rotation.
+fn ca_params(
+    cn: &str,
+    ttl: Duration,
+    constraints: BasicConstraints,
+    key: &impl rcgen::PublicKeyData,
+) -> CertificateParams {
     let mut params = CertificateParams::default();
-    params.distinguished_name = dn(cn);
+    let key_id = params.key_identifier(key);
+    let short = hex::encode(&key_id[..key_id.len().min(8)]);
+    params.distinguished_name = dn(&format!("{cn} {short}"));
     params
         .distinguished_name
         .push(DnType::OrganizationName, "Isthmus");
@@ -674,6 +713,88 @@ mod tests {
             "{err:?}"
         );
         assert!(verify(&revoking, &leaf_chain(&new)).is_ok());
+    }
+
+    /// Root and intermediate rotations in sequence: a CRL of the old root
+    /// (from an intermediate rotation) must not trip intermediates of the
+    /// new root while both are trusted.
+    #[test]
+    fn a_crl_of_the_old_root_leaves_the_new_roots_chains_alone() {
+        let old = Authority::generate("cluster.local").unwrap();
+        let new = Authority::generate("cluster.local").unwrap();
+        let signer = |root: &Authority, name: &str| {
+            let (csr, key) = generate_csr(name).unwrap();
+            let inter = root.sign_intermediate(&csr, name).unwrap();
+            (Signer::from_pem(&inter.pem, &key).unwrap(), inter)
+        };
+        let (east_1, east_1_cert) = signer(&old, "east");
+        let (east_2, east_2_cert) = signer(&old, "east");
+        let (west, _) = signer(&new, "west");
+        // Every CA has a subject of its own.
+        let subject = |der: &CertificateDer<'_>| {
+            use x509_parser::prelude::{FromDer, X509Certificate};
+            X509Certificate::from_der(der)
+                .unwrap()
+                .1
+                .subject()
+                .to_string()
+        };
+        assert_ne!(subject(old.cert()), subject(new.cert()));
+        assert_ne!(subject(&east_1_cert.der), subject(&east_2_cert.der));
+        assert!(subject(old.cert()).contains("Isthmus root CA (cluster.local) "));
+
+        let crl = old.revocation_list(&[east_1_cert.der], 1).unwrap();
+        let bundle = crate::TrustBundle::from_der(
+            "cluster.local",
+            vec![old.cert().clone(), new.cert().clone()],
+        )
+        .unwrap()
+        .with_crls_pem(&crl)
+        .unwrap();
+        assert!(verify(&bundle, &leaf_chain(&west)).is_ok());
+        assert!(verify(&bundle, &leaf_chain(&east_2)).is_ok());
+        let err = verify(&bundle, &leaf_chain(&east_1)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
+    }
+
+    /// Roots made before subjects carried a key identifier all share one
+    /// subject; their CRLs are still told apart by key identifier.
+    #[test]
+    fn roots_sharing_a_subject_keep_their_crls_apart() {
+        let legacy_root = || {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = dn("Isthmus root CA (cluster.local)");
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            params.subject_alt_names = vec![uri_san("spiffe://cluster.local").unwrap()];
+            set_validity(&mut params, ROOT_TTL);
+            let cert = params.self_signed(&key).unwrap();
+            Authority::from_pem(&cert.pem(), &key.serialize_pem(), "cluster.local").unwrap()
+        };
+        let (old, new) = (legacy_root(), legacy_root());
+        let (csr, key) = generate_csr("east").unwrap();
+        let revoked = old.sign_intermediate(&csr, "east").unwrap();
+        let (csr, key_west) = generate_csr("west").unwrap();
+        let west = new.sign_intermediate(&csr, "west").unwrap();
+        let west = Signer::from_pem(&west.pem, &key_west).unwrap();
+        let east = Signer::from_pem(&revoked.pem, &key).unwrap();
+        let crl = old.revocation_list(&[revoked.der], 1).unwrap();
+        let bundle = crate::TrustBundle::from_der(
+            "cluster.local",
+            vec![old.cert().clone(), new.cert().clone()],
+        )
+        .unwrap()
+        .with_crls_pem(&crl)
+        .unwrap();
+        assert!(verify(&bundle, &leaf_chain(&west)).is_ok());
+        assert!(verify(&bundle, &leaf_chain(&east)).is_err());
     }
 
     /// Multi-mesh: a peer of a federated trust domain verifies against that

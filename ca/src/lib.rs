@@ -2,7 +2,8 @@
 //!
 //! It owns everything about X.509 in the mesh: parsing and validating SPIFFE
 //! IDs ([`spiffe`]), issuing roots, per-cluster intermediates and workload
-//! leaves from CSRs ([`issue`]), checking that a certificate is a conformant
+//! leaves from CSRs ([`issue`]), checking an imported CA in Istio's plug-in
+//! layout ([`plugin`]), checking that a certificate is a conformant
 //! X.509-SVID ([`svid`]), and the rustls verifiers that proxies, gateways and
 //! the primary use to authenticate peers ([`verifier`]). The same checks run on
 //! what the CA issues and on what peers present, so the two cannot drift.
@@ -12,11 +13,13 @@
 pub mod issue;
 pub mod jwk;
 pub mod pem;
+pub mod plugin;
 pub mod spiffe;
 pub mod svid;
 pub mod verifier;
 
 pub use issue::{Authority, CaError, IssuedCert, Signer};
+pub use plugin::{ImportError, PluginFiles};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use svid::{SvidError, SvidKind};
 pub use verifier::{SpiffeClientVerifier, SpiffeServerVerifier, TrustBundle};

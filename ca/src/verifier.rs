@@ -29,7 +29,9 @@ pub struct TrustBundle {
     trust_domain: String,
     roots: Vec<CertificateDer<'static>>,
     anchors: Arc<Vec<TrustAnchor<'static>>>,
-    crls: Arc<Vec<webpki::CertRevocationList<'static>>>,
+    /// The CRLs, grouped by the root that issued them (`crls[i]` belongs to
+    /// `anchors[i]`). See [`TrustBundle::with_crls_pem`].
+    crls: Arc<Vec<Vec<webpki::CertRevocationList<'static>>>>,
     crl_ders: Vec<Vec<u8>>,
     /// Other trust domains this one federates with, each with its own
     /// roots. A peer is verified only against the bundle of the trust domain
@@ -141,6 +143,15 @@ impl TrustBundle {
 
     /// The same bundle, also refusing what the CRLs in `pem_text` revoke.
     /// Their signatures are checked when a chain is verified.
+    ///
+    /// Each CRL is tied to the root that issued it, by issuer name and, when
+    /// the CRL names one, by authority key identifier. A chain is checked
+    /// under each root with only that root's CRLs. webpki picks a CRL by
+    /// issuer name alone, so two roots with one subject (which roots made
+    /// before subjects carried the key identifier have) would otherwise
+    /// check the new root's intermediates against the old root's CRL and
+    /// fail its signature. A CRL that no root issued (one of an imported
+    /// signing CA below the root) is checked under every root.
     pub fn with_crls_pem(mut self, pem_text: &str) -> Result<Self, BundleError> {
         let ders: Vec<Vec<u8>> = ::pem::parse_many(pem_text)
             .map_err(|e| BundleError::BadCrl {
@@ -151,19 +162,34 @@ impl TrustBundle {
             .filter(|p| p.tag() == "X509 CRL")
             .map(|p| p.into_contents())
             .collect();
-        let crls = ders
+        let roots: Vec<CaName> = self
+            .roots
             .iter()
             .enumerate()
             .map(|(index, der)| {
-                webpki::OwnedCertRevocationList::from_der(der)
-                    .map(webpki::CertRevocationList::from)
-                    .map_err(|e| BundleError::BadCrl {
-                        index,
-                        reason: e.to_string(),
-                    })
+                CaName::of_cert(der).ok_or_else(|| BundleError::BadRoot {
+                    index,
+                    reason: "not a parseable X.509 certificate".into(),
+                })
             })
-            .collect::<Result<Vec<_>, _>>()?;
-        self.crls = Arc::new(crls);
+            .collect::<Result<_, _>>()?;
+        let mut grouped: Vec<Vec<webpki::CertRevocationList<'static>>> =
+            self.roots.iter().map(|_| Vec::new()).collect();
+        for (index, der) in ders.iter().enumerate() {
+            let bad = |reason: String| BundleError::BadCrl { index, reason };
+            let crl =
+                webpki::OwnedCertRevocationList::from_der(der).map_err(|e| bad(e.to_string()))?;
+            let issuer = CaName::of_crl(der).ok_or_else(|| bad("not a parseable CRL".into()))?;
+            // A root's CRL checks chains under that root only. A CRL of a
+            // CA below the roots (an imported signing CA) checks them all.
+            let by_root = roots.iter().any(|r| r.issued(&issuer));
+            for (root, group) in roots.iter().zip(grouped.iter_mut()) {
+                if !by_root || root.issued(&issuer) {
+                    group.push(webpki::CertRevocationList::from(crl.clone()));
+                }
+            }
+        }
+        self.crls = Arc::new(grouped);
         self.crl_ders = ders;
         Ok(self)
     }
@@ -228,29 +254,64 @@ impl TrustBundle {
             };
         }
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        let crls: Vec<&webpki::CertRevocationList<'_>> = self.crls.iter().collect();
-        // Every certificate in the chain is checked against the CRLs; one
-        // whose issuer published no CRL is not revoked.
-        let revocation = match webpki::RevocationOptionsBuilder::new(&crls) {
-            Ok(builder) => Some(
-                builder
-                    .with_depth(webpki::RevocationCheckDepth::Chain)
-                    .with_status_policy(webpki::UnknownStatusPolicy::Allow)
-                    .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
-                    .build(),
-            ),
-            Err(_) => None, // no CRLs
-        };
-        ee.verify_for_usage(
-            algs.all,
-            &self.anchors,
-            intermediates,
-            now,
-            usage,
-            revocation,
-            None,
-        )
-        .map_err(webpki_error)?;
+        if self.crls.iter().all(Vec::is_empty) {
+            ee.verify_for_usage(
+                algs.all,
+                &self.anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(webpki_error)?;
+        } else {
+            // Under each root with its own CRLs; the first root that
+            // vouches for the chain wins. Of the failures, a revocation
+            // says most, and "unknown issuer" (the other root) least.
+            let mut failure: Option<webpki::Error> = None;
+            let mut verified = false;
+            for (anchor, crls) in self.anchors.iter().zip(self.crls.iter()) {
+                let crls: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
+                // Every certificate in the chain is checked against the
+                // CRLs; one whose issuer published no CRL is not revoked.
+                let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
+                    b.with_depth(webpki::RevocationCheckDepth::Chain)
+                        .with_status_policy(webpki::UnknownStatusPolicy::Allow)
+                        .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
+                        .build()
+                });
+                match ee.verify_for_usage(
+                    algs.all,
+                    std::slice::from_ref(anchor),
+                    intermediates,
+                    now,
+                    usage,
+                    revocation,
+                    None,
+                ) {
+                    Ok(_) => {
+                        verified = true;
+                        break;
+                    }
+                    Err(e) => {
+                        let rank = |e: &webpki::Error| match e {
+                            webpki::Error::CertRevoked => 2,
+                            webpki::Error::UnknownIssuer => 0,
+                            _ => 1,
+                        };
+                        if failure.as_ref().is_none_or(|f| rank(&e) > rank(f)) {
+                            failure = Some(e);
+                        }
+                    }
+                }
+            }
+            if !verified {
+                return Err(webpki_error(
+                    failure.unwrap_or(webpki::Error::UnknownIssuer),
+                ));
+            }
+        }
         let id = svid::validate(end_entity, SvidKind::Leaf)
             .map_err(|e| other(format!("peer certificate is not a valid SVID: {e}")))?
             .ok_or_else(|| other("peer certificate has no SPIFFE ID".to_string()))?;
@@ -261,6 +322,58 @@ impl TrustBundle {
             )));
         }
         Ok(id)
+    }
+}
+
+/// What ties a CRL to the CA that issued it: the issuer's name, and its key
+/// identifier where the certificate or CRL carries one.
+struct CaName {
+    name: Vec<u8>,
+    key_id: Option<Vec<u8>>,
+}
+
+impl CaName {
+    fn of_cert(der: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
+        let (_, cert) = X509Certificate::from_der(der).ok()?;
+        let key_id = cert
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                _ => None,
+            });
+        Some(Self {
+            name: cert.subject().as_raw().to_vec(),
+            key_id,
+        })
+    }
+
+    fn of_crl(der: &[u8]) -> Option<Self> {
+        use x509_parser::prelude::{CertificateRevocationList, FromDer, ParsedExtension};
+        let (_, crl) = CertificateRevocationList::from_der(der).ok()?;
+        let key_id = crl
+            .extensions()
+            .iter()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(a) => {
+                    a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            });
+        Some(Self {
+            name: crl.issuer().as_raw().to_vec(),
+            key_id,
+        })
+    }
+
+    /// Whether `crl_issuer` (a CRL's) names this CA.
+    fn issued(&self, crl_issuer: &CaName) -> bool {
+        self.name == crl_issuer.name
+            && match (&self.key_id, &crl_issuer.key_id) {
+                (Some(ours), Some(theirs)) => ours == theirs,
+                _ => true,
+            }
     }
 }
 

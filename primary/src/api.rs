@@ -145,18 +145,22 @@ async fn import_root(
     if req.until > 3 {
         return Err(bad(format!("until: {} is not a phase (1 to 3)", req.until)));
     }
-    let chain = if req.cert_chain.trim().is_empty() {
-        req.ca_cert.clone()
-    } else {
-        req.cert_chain.clone()
-    };
-    let authority = isthmus_ca::Authority::from_parts(
-        &req.root_cert,
-        &format!("{}{chain}", req.ca_cert),
-        &req.ca_key,
+    let authority = isthmus_ca::plugin::import(
+        &isthmus_ca::PluginFiles {
+            root_cert: &req.root_cert,
+            ca_cert: &req.ca_cert,
+            ca_key: &req.ca_key,
+            cert_chain: &req.cert_chain,
+        },
         shared.ca().trust_domain(),
     )
-    .map_err(|e| bad(format!("imported CA: {e}")))?;
+    .map_err(|e| bad(e.to_string()))?;
+    if authority.not_after_unix() < crate::records::now_unix() as i64 + 30 * 86_400 {
+        tracing::warn!(
+            not_after = authority.not_after_unix(),
+            "the imported CA expires within 30 days; cluster intermediates end with it, so replace it before then"
+        );
+    }
     crate::rotation::request_root(&shared, Some((authority, true)), req.until, false).await?;
     Ok((StatusCode::ACCEPTED, Json(crate::rotation::view(&shared))))
 }
