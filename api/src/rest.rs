@@ -101,6 +101,10 @@ pub struct RootView {
     pub fingerprint: String,
     pub subject: String,
     pub not_after_unix: i64,
+    /// When the CA that signs under this root expires: the root itself, or
+    /// an imported signing CA below it. Cluster intermediates end no later.
+    #[serde(default)]
+    pub signer_not_after_unix: i64,
     pub imported: bool,
     pub signing: bool,
     /// Connected workloads holding a certificate that chains to this root.

@@ -94,36 +94,76 @@ fn expires(unix: i64) -> String {
     }
 }
 
-fn phase_name(phase: u8) -> &'static str {
-    match phase {
-        1 => "trust both roots",
-        2 => "re-issue under the new root",
-        3 => "drop the old root",
+/// What a phase does. A rollback swaps the roots: its phase 2 re-issues
+/// under the old root again, and its phase 3 drops the new one.
+fn phase_name(phase: u8, rolled_back: bool) -> &'static str {
+    match (phase, rolled_back) {
+        (1, _) => "trust both roots",
+        (2, false) => "re-issue under the new root",
+        (2, true) => "re-issue under the old root again",
+        (3, false) => "drop the old root",
+        (3, true) => "drop the new root",
         _ => "finished",
     }
 }
 
+/// The rotation's progress in one line: what the phase does, then either
+/// what it waits for or that it is paused and how to go on.
+fn progress(r: &isthmus_api::rest::RotationView) -> String {
+    let (paused, waiting): (Vec<&String>, Vec<&String>) =
+        r.waiting_for.iter().partition(|w| w.starts_with("paused"));
+    let mut line = format!(
+        "phase {}/3 {}{}",
+        r.phase,
+        phase_name(r.phase, r.rolled_back),
+        if r.rolled_back { " (rolling back)" } else { "" }
+    );
+    if !waiting.is_empty() {
+        line += &format!(
+            ": waiting for {}",
+            waiting
+                .iter()
+                .map(|w| w.as_str())
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    } else if let Some(p) = paused.first() {
+        line += &format!(": {p}");
+    }
+    line
+}
+
 pub fn table(view: &CaView) -> String {
     let mut s = format!(
-        "trust domain {}, bundle sequence {}\n\n{:<14} {:<11} {:<8} {:<9} {:<10} SUBJECT\n",
+        "trust domain {}, bundle sequence {}\n\n{:<14} {:<11} {:<11} {:<8} {:<9} {:<10} SUBJECT\n",
         view.trust_domain,
         view.bundle_sequence,
         "ROOT",
         "EXPIRES",
+        "CA EXPIRES",
         "SIGNING",
         "IMPORTED",
         "WORKLOADS"
     );
     for r in &view.roots {
         s += &format!(
-            "{:<14} {:<11} {:<8} {:<9} {:<10} {}\n",
+            "{:<14} {:<11} {:<11} {:<8} {:<9} {:<10} {}\n",
             short(&r.fingerprint),
             expires(r.not_after_unix),
+            expires(r.signer_not_after_unix),
             if r.signing { "yes" } else { "no" },
             if r.imported { "yes" } else { "no" },
             r.workloads,
             r.subject
         );
+    }
+    for r in view.roots.iter().filter(|r| r.signing) {
+        if r.signer_not_after_unix - (now_unix() as i64) < 30 * 86_400 {
+            s += &format!(
+                "WARNING: the signing CA expires {}; cluster intermediates end with it, so rotate to a new root (`isthmusctl ca rotate-root` or `ca import-root`) before then\n",
+                expires(r.signer_not_after_unix)
+            );
+        }
     }
     if view.workloads_unknown > 0 {
         s += &format!(
@@ -177,12 +217,16 @@ pub fn table(view: &CaView) -> String {
                 short(&r.to),
                 if r.rolled_back { " (rolling back)" } else { "" },
                 r.phase,
-                phase_name(r.phase),
+                phase_name(r.phase, r.rolled_back),
                 r.until
             )
         };
         for w in &r.waiting_for {
-            s += &format!("  waiting for {w}\n");
+            if w.starts_with("paused") {
+                s += &format!("  {w}\n");
+            } else {
+                s += &format!("  waiting for {w}\n");
+            }
         }
     }
     s
@@ -225,23 +269,20 @@ async fn follow_root(conn: &Conn, first: CaView) -> anyhow::Result<()> {
         let Some(r) = &view.rotation else {
             bail!("no root rotation is recorded");
         };
-        let line = if r.phase >= 4 {
+        let line = if r.phase >= 4 && r.rolled_back {
+            format!(
+                "done: rolled back; root {} signs again and {} is no longer trusted",
+                short(&r.to),
+                short(&r.from)
+            )
+        } else if r.phase >= 4 {
             format!(
                 "done: root {} replaced {}; every workload holds a certificate under it",
                 short(&r.to),
                 short(&r.from)
             )
         } else {
-            format!(
-                "phase {}/3 {}{}",
-                r.phase,
-                phase_name(r.phase),
-                if r.waiting_for.is_empty() {
-                    String::new()
-                } else {
-                    format!(": waiting for {}", r.waiting_for.join("; "))
-                }
-            )
+            progress(r)
         };
         if line != last {
             println!("{line}");
@@ -421,5 +462,48 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_api::rest::RotationView;
+
+    fn rotation(phase: u8, rolled_back: bool, waiting_for: &[&str]) -> RotationView {
+        RotationView {
+            from: "a".repeat(64),
+            to: "b".repeat(64),
+            phase,
+            until: 3,
+            rolled_back,
+            started_unix: 0,
+            phase_started_unix: 0,
+            waiting_for: waiting_for.iter().map(|w| w.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn progress_lines_say_what_the_phase_does_and_waits_for() {
+        assert_eq!(
+            progress(&rotation(
+                1,
+                false,
+                &["paused after phase 1: run `isthmusctl ca rotate-root` to go on"]
+            )),
+            "phase 1/3 trust both roots: paused after phase 1: run `isthmusctl ca rotate-root` to go on"
+        );
+        assert_eq!(
+            progress(&rotation(2, false, &["agent of east", "proxy p1"])),
+            "phase 2/3 re-issue under the new root: waiting for agent of east; proxy p1"
+        );
+        assert_eq!(
+            progress(&rotation(2, true, &["agent of east"])),
+            "phase 2/3 re-issue under the old root again (rolling back): waiting for agent of east"
+        );
+        assert_eq!(
+            progress(&rotation(3, true, &[])),
+            "phase 3/3 drop the new root (rolling back)"
+        );
     }
 }

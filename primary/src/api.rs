@@ -451,6 +451,10 @@ async fn roots(State(shared): State<Arc<Shared>>) -> String {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> Response {
+    shared
+        .metrics
+        .ca_signer_expiry_seconds
+        .set(shared.ca().authority.not_after_unix() - crate::records::now_unix() as i64);
     let mut out = String::new();
     match prometheus_client::encoding::text::encode(&mut out, &shared.metrics.registry) {
         Ok(()) => (

@@ -198,6 +198,13 @@ impl CaState {
             )
         })?;
         let authority = record.authority(entry, kek)?;
+        let left = authority.not_after_unix() - now_unix() as i64;
+        if left < 30 * 86_400 {
+            tracing::warn!(
+                days_left = left / 86_400,
+                "the signing CA expires within 30 days and cluster intermediates end with it: rotate to a new root (`isthmusctl ca rotate-root` or `ca import-root`) before then"
+            );
+        }
         let bundle = record.bundle()?;
         let mut ca_chain = Vec::new();
         for r in &record.roots {

@@ -70,6 +70,8 @@ pub struct Config {
     /// it does not exist.
     #[arg(long, env = "ISTHMUS_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// The mesh's SPIFFE trust domain: workload IDs read
+    /// `spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT`.
     #[arg(long, default_value = isthmus_api::DEFAULT_TRUST_DOMAIN)]
     pub trust_domain: String,
     /// File with the key-encryption key (32 random bytes, base64) that seals
@@ -108,6 +110,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub leader_elections_won: Counter,
     pub intermediates_issued: Family<Vec<(String, String)>, Counter>,
+    /// Set at each scrape; see [`api`]'s metrics handler.
+    pub ca_signer_expiry_seconds: Gauge,
 }
 
 impl Metrics {
@@ -126,6 +130,12 @@ impl Metrics {
             intermediates_issued.clone(),
         );
         let leader_elections_won = Counter::default();
+        let ca_signer_expiry_seconds = Gauge::default();
+        registry.register(
+            "ca_signer_expiry_seconds",
+            "Seconds until the CA that signs cluster intermediates (or a certificate above it) expires; alert well before 0",
+            ca_signer_expiry_seconds.clone(),
+        );
         registry.register(
             "leader",
             "1 while this replica leads, else 0",
@@ -167,6 +177,7 @@ impl Metrics {
             leader,
             leader_elections_won,
             intermediates_issued,
+            ca_signer_expiry_seconds,
         }
     }
 }

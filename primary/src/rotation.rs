@@ -136,6 +136,11 @@ pub async fn request_root(
                 }
             }
             None => {
+                if let Some(busy) = intermediate_in_progress(shared).await? {
+                    return Err(RotationError::Conflict(format!(
+                        "cluster {busy} is rotating its intermediate; a root rotation re-issues every intermediate, so wait until `isthmusctl ca status` shows that rotation done, then start this one"
+                    )));
+                }
                 let (authority, imported) = match &next {
                     Some((a, imported)) => (a, *imported),
                     None => {
@@ -181,13 +186,34 @@ pub async fn request_root(
     ))
 }
 
-/// Starts replacing a cluster's intermediate.
+/// The first cluster whose intermediate rotation has not finished.
+async fn intermediate_in_progress(shared: &Shared) -> Result<Option<String>, RotationError> {
+    let (clusters, _) = shared.store.list(keys::CLUSTERS).await?;
+    Ok(clusters.iter().find_map(|kv| {
+        let c: ClusterRecord = serde_json::from_slice(&kv.value).ok()?;
+        c.intermediate_rotation
+            .as_ref()
+            .filter(|r| r.state != "done")
+            .map(|_| c.name.clone())
+    }))
+}
+
+/// Starts replacing a cluster's intermediate. Refused while a root rotation
+/// runs: that re-issues every intermediate itself, and an intermediate
+/// revoked under a root that is about to leave would gain nothing.
 pub async fn request_intermediate(shared: &Shared, cluster: &str) -> Result<(), RotationError> {
     let key = keys::cluster(cluster);
     for _ in 0..5 {
         let kv = shared.store.get(&key).await?.ok_or_else(|| {
             RotationError::Invalid(format!("no cluster named {cluster:?} is registered"))
         })?;
+        let (ca, _) = load_ca(shared).await?;
+        if let Some(r) = ca.rotation.as_ref().filter(|r| r.phase < 4) {
+            return Err(RotationError::Conflict(format!(
+                "a root rotation is in phase {}/3, and it re-issues every cluster's intermediate itself; let it finish (`isthmusctl ca rotate-root` resumes a paused one) or roll it back (`isthmusctl ca rotate-root --rollback`), then rotate {cluster}'s intermediate",
+                r.phase
+            )));
+        }
         let mut c: ClusterRecord = serde_json::from_slice(&kv.value).map_err(internal)?;
         let current = c.current_intermediate.clone().ok_or_else(|| {
             RotationError::Conflict(format!("cluster {cluster:?} has not joined yet"))
@@ -595,6 +621,12 @@ pub fn view(shared: &Shared) -> CaView {
                 .map(|i| i.subject)
                 .unwrap_or_default(),
             not_after_unix: e.not_after_unix,
+            signer_not_after_unix: isthmus_ca::pem::certs(&e.chain_pem, "chain")
+                .unwrap_or_default()
+                .iter()
+                .filter_map(|c| isthmus_ca::svid::inspect(c).ok())
+                .map(|i| i.not_after_unix)
+                .fold(e.not_after_unix, i64::min),
             imported: e.imported,
             signing: e.fingerprint == rec.signing,
             workloads: per_root.get(e.fingerprint.as_str()).copied().unwrap_or(0),

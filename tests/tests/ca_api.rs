@@ -1,7 +1,8 @@
 //! The CA through the primary's API, in process: importing a CA in Istio's
 //! plug-in layout (a P-384 root over an RSA signing CA), refusals that change
 //! nothing, pausing and rolling back a rotation, finishing one, the SPIFFE
-//! bundle endpoint, and joining a cluster under the imported CA.
+//! bundle endpoint, joining a cluster under the imported CA, and the
+//! operations refused while another runs, each naming the way out.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -55,7 +56,7 @@ async fn an_imported_plug_in_ca_is_rotated_in_and_signs_intermediates() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("400") && err.contains("does not match"),
+        err.contains("400") && err.contains("ca-key.pem is not the key of ca-cert.pem"),
         "{err}"
     );
     let same = p.api.ca_status().await.unwrap();
@@ -180,4 +181,97 @@ async fn an_imported_plug_in_ca_is_rotated_in_and_signs_intermediates() {
         )
         .unwrap();
     assert_eq!(verified, id);
+}
+
+/// Operations that cannot run now are refused at once with the reason and
+/// the command that unblocks them, and change nothing.
+#[tokio::test]
+async fn ca_operations_refused_while_another_runs_name_the_way_out() {
+    let p = InProcessPrimary::start().await;
+    let (token, _) = p.register("east", 0).await;
+    p.join("east", &token).await.unwrap();
+
+    // A root rotation in phase 1 (waiting for east's silent agent): no
+    // intermediate rotation.
+    p.api
+        .rotate_root(&RotateRoot {
+            until: 1,
+            rollback: false,
+        })
+        .await
+        .unwrap();
+    let err = p
+        .api
+        .rotate_intermediate("east")
+        .await
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "409",
+        "a root rotation is in phase 1/3",
+        "isthmusctl ca rotate-root --rollback",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    let v = p.api.ca_status().await.unwrap();
+    let east = v.clusters.iter().find(|c| c.cluster == "east").unwrap();
+    assert_eq!(east.rotation, None, "nothing started: {east:?}");
+
+    // A second primary, whose only cluster's agent joined and went silent.
+    let p = InProcessPrimary::start().await;
+    let (token, _) = p.register("east", 0).await;
+    p.join("east", &token).await.unwrap();
+
+    // An intermediate rotation in progress (this agent never renews): no
+    // root rotation or import, and no second intermediate rotation.
+    p.api.rotate_intermediate("east").await.unwrap();
+    let err = p
+        .api
+        .rotate_root(&RotateRoot {
+            until: 3,
+            rollback: false,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    for want in [
+        "409",
+        "cluster east is rotating its intermediate",
+        "isthmusctl ca status",
+    ] {
+        assert!(err.contains(want), "{want:?} missing from: {err}");
+    }
+    let root = Authority::generate("cluster.local").unwrap();
+    let (ca_cert, ca_key) = root
+        .sign_subordinate(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .unwrap();
+    let err = p
+        .api
+        .import_root(&ImportRoot {
+            root_cert: root.cert_pem().to_string(),
+            ca_cert,
+            ca_key,
+            cert_chain: String::new(),
+            until: 3,
+        })
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("409") && err.contains("cluster east is rotating its intermediate"),
+        "{err}"
+    );
+    let err = p
+        .api
+        .rotate_intermediate("east")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("409") && err.contains("already rotating"),
+        "{err}"
+    );
+    let v = p.api.ca_status().await.unwrap();
+    assert_eq!(v.roots.len(), 1, "no root was added: {v:?}");
+    assert!(v.rotation.is_none(), "no rotation started: {v:?}");
 }

@@ -7,6 +7,9 @@
 //! - an intermediate rotation of east completes the same way: no workload
 //!   holds a certificate from the old intermediate, and a certificate from it
 //!   is refused (revoked by a CRL);
+//! - a second root rotation follows at once, with that CRL in the bundle:
+//!   it completes, both clusters stay healthy and every sidecar renews
+//!   under the third root;
 //! - not one request fails.
 //!
 //! Needs root for network namespaces (CI runs as root).
@@ -214,6 +217,55 @@ async fn root_and_intermediate_rotation_under_load_fail_no_request() {
         accepted(&mesh, &fresh).await,
         "a certificate from the new intermediate works"
     );
+
+    // A root rotation right after the intermediate rotation, whose CRL (of
+    // the old root) is in the bundle: this sequence used to wedge phase 2,
+    // with the primary refusing every agent (BadSignature).
+    let revoked_root = ca(&mesh).await.unwrap().signing_root;
+    mesh.state
+        .client()
+        .unwrap()
+        .rotate_root(&RotateRoot {
+            until: 3,
+            rollback: false,
+        })
+        .await
+        .unwrap();
+    let done = eventually(
+        "the root rotation after the intermediate rotation to finish",
+        PATIENCE,
+        || async {
+            let v = ca(&mesh).await?;
+            let r = v.rotation.as_ref()?;
+            (r.from == revoked_root && r.phase == 4).then_some(v)
+        },
+    )
+    .await;
+    let third_root = done.signing_root.clone();
+    assert_ne!(third_root, revoked_root);
+    assert_eq!(done.roots.len(), 1, "{done:?}");
+    assert_eq!(
+        done.roots[0].workloads, 3,
+        "every sidecar renewed under the new root: {done:?}"
+    );
+    for c in &done.clusters {
+        assert_eq!(c.root.as_deref(), Some(third_root.as_str()), "{c:?}");
+    }
+    let clusters = mesh.state.client().unwrap().list_clusters().await.unwrap();
+    for c in &clusters {
+        assert_eq!(c.health, "healthy", "{c:?}");
+    }
+    let fresh = mesh.workload_svid("east", "client-east").await.unwrap();
+    assert!(
+        accepted(&mesh, &fresh).await,
+        "a certificate under the third root works"
+    );
+    eventually(
+        "west's sidecar to refuse a certificate under the dropped root",
+        PATIENCE,
+        || async { (!accepted(&mesh, &old_intermediate_svid).await).then_some(()) },
+    )
+    .await;
 
     let report = load.stop().await;
     eprintln!(
