@@ -4,8 +4,8 @@
 //! local mesh's state dir (`--state-dir`) or through `--primary`, `--token`
 //! and `--ca-file` (or `ISTHMUS_PRIMARY`, `ISTHMUS_TOKEN`, `ISTHMUS_CA_FILE`).
 //! `up`, `down` and `status` run and inspect a mesh on this machine. The
-//! hidden `component` command runs one Isthmus process; `up` uses it so a
-//! single binary is all a laptop needs.
+//! `component` command runs one Isthmus process; `up` uses it so a single
+//! binary is all a laptop needs.
 
 mod ca;
 
@@ -25,8 +25,43 @@ use isthmus_topology::runner::{self, MeshState, NetMode, UpOptions};
     about = "Operate an Isthmus service mesh"
 )]
 struct Cli {
+    #[command(flatten)]
+    global: Global,
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The options every command accepts anywhere on the command line, before
+/// or after its name, as kubectl's and istioctl's do.
+///
+/// Clap copies a global option's value into every subcommand along the
+/// parsed path that has an argument of the same id, and a value given on
+/// the command line outranks an environment variable, which outranks a
+/// default. So the commands keep their own `Conn` and `-o` (with their own
+/// defaults and environment variables), and `isthmusctl --state-dir D ca
+/// status` fills the same field as `isthmusctl ca status --state-dir D`.
+/// The ids and value types here must match those of [`Conn`] and of the
+/// commands' `output`. They carry no environment variable: the command's own
+/// argument reads it, so `ISTHMUS_PRIMARY` never crosses into a component.
+#[derive(clap::Args)]
+struct Global {
+    /// A local mesh's state dir: `up`, `down`, `status` and `failover` run
+    /// there; operator commands read its primary and admin token from it.
+    #[arg(long, global = true)]
+    state_dir: Option<PathBuf>,
+    /// The primary's REST API, `https://HOST:15014` [env: ISTHMUS_PRIMARY].
+    #[arg(long, global = true)]
+    primary: Option<String>,
+    /// Admin bearer token [env: ISTHMUS_TOKEN].
+    #[arg(long, global = true)]
+    token: Option<String>,
+    /// PEM file with the mesh root, to verify the primary
+    /// [env: ISTHMUS_CA_FILE].
+    #[arg(long, global = true)]
+    ca_file: Option<PathBuf>,
+    /// Output format (each command has its own default).
+    #[arg(short, long, global = true, value_enum)]
+    output: Option<Output>,
 }
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -89,6 +124,7 @@ enum Cmd {
         /// Return once the mesh is ready instead of staying in the foreground.
         #[arg(long)]
         detach: bool,
+        /// Where the mesh keeps its state, logs and credentials.
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
         /// Network layout.
@@ -105,13 +141,16 @@ enum Cmd {
     },
     /// Stop a local mesh and remove its network namespaces.
     Down {
+        /// The local mesh's state dir (from `up --state-dir`).
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
     },
     /// Show every component of a local mesh.
     Status {
+        /// The local mesh's state dir (from `up --state-dir`).
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -123,17 +162,23 @@ enum Cmd {
     /// Apply config (Istio kinds, Cluster, Mesh) from files, directories
     /// or stdin (`-f -`); all documents are validated before any is stored.
     Apply {
+        /// A file, a directory (its .yaml, .yml and .json files) or `-` for
+        /// stdin (repeatable).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         #[command(flatten)]
         conn: Conn,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Show config objects of a kind, or one by name.
     Get {
+        /// The kind or its plural, e.g. `VirtualService` or `virtualservices`.
         kind: String,
+        /// One object's name (default: every object of the kind).
         name: Option<String>,
+        /// The namespace to look in.
         #[arg(short, long, default_value = "default")]
         namespace: String,
         /// Every namespace.
@@ -141,13 +186,17 @@ enum Cmd {
         all_namespaces: bool,
         #[command(flatten)]
         conn: Conn,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Delete a config object.
     Delete {
+        /// The kind or its plural, e.g. `VirtualService` or `virtualservices`.
         kind: String,
+        /// The object's name.
         name: String,
+        /// The object's namespace.
         #[arg(short, long, default_value = "default")]
         namespace: String,
         #[command(flatten)]
@@ -157,6 +206,7 @@ enum Cmd {
     ProxyStatus {
         #[command(flatten)]
         conn: Conn,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -168,8 +218,10 @@ enum Cmd {
         /// `gateway-east`, or a component name from `status`; with
         /// `--admin`, any name for the output.
         proxy: String,
+        /// Which part of the proxy's config to show.
         #[arg(value_enum)]
         what: isthmus_topology::inspect::ProxyConfigKind,
+        /// The local mesh's state dir (from `up --state-dir`).
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
         /// The proxy's admin address (`HOST:PORT`), for a proxy that no
@@ -177,6 +229,7 @@ enum Cmd {
         /// Kubernetes, through `kubectl port-forward`).
         #[arg(long)]
         admin: Option<std::net::SocketAddr>,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "json")]
         output: Output,
     },
@@ -190,8 +243,9 @@ enum Cmd {
         #[command(subcommand)]
         command: ca::CaCmd,
     },
-    /// Run one Isthmus process (used by `up`).
-    #[command(hide = true)]
+    /// Run one Isthmus process: primary, agent, gateway, proxy or echo.
+    /// `up` starts each component this way, so this binary is all a machine
+    /// needs; `isthmusctl component KIND --help` lists its flags.
     Component {
         #[command(subcommand)]
         component: isthmus_topology::component::Component,
@@ -208,6 +262,7 @@ enum FailoverCmd {
     Drill {
         /// `NAME.NAMESPACE[:PORT]`, e.g. `echo.demo:8080`.
         service: String,
+        /// The cluster whose workloads of SERVICE are stopped.
         #[arg(long)]
         cluster: String,
         /// The client workload whose sidecar sends the requests (default:
@@ -220,8 +275,10 @@ enum FailoverCmd {
         /// Seconds each phase may take before the drill gives up.
         #[arg(long, default_value_t = 60)]
         patience: u64,
+        /// The local mesh's state dir (from `up --state-dir`).
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -231,11 +288,17 @@ enum FailoverCmd {
 enum ClusterCmd {
     /// Register a cluster; prints its one-time join token.
     Register {
+        /// The cluster's name, which its agent passes as `--cluster`.
         name: String,
+        /// The network the cluster's workloads are on; clusters on one
+        /// network reach each other's endpoints directly, others through
+        /// gateways.
         #[arg(long)]
         network: String,
+        /// The cluster's region, for locality-ordered failover.
         #[arg(long, default_value = "")]
         region: String,
+        /// The cluster's zone within its region.
         #[arg(long, default_value = "")]
         zone: String,
         /// East-west gateway IP (repeatable).
@@ -246,6 +309,7 @@ enum ClusterCmd {
         token_ttl: u64,
         #[command(flatten)]
         conn: Conn,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -253,12 +317,14 @@ enum ClusterCmd {
     List {
         #[command(flatten)]
         conn: Conn,
+        /// Output format.
         #[arg(short, long, value_enum, default_value = "table")]
         output: Output,
     },
     /// Remove a cluster: its endpoints leave every proxy and its agent's
     /// credentials stop working.
     Deregister {
+        /// The cluster's name.
         name: String,
         #[command(flatten)]
         conn: Conn,
@@ -727,5 +793,136 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 s
             })
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// Every command (components included) and every option says what it
+    /// is for in `--help`. `ca`'s own options are left to its owner's
+    /// check for now.
+    #[test]
+    fn every_command_and_option_has_help() {
+        fn walk(cmd: &clap::Command, path: &str, missing: &mut Vec<String>) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if id != "help" && id != "version" && arg.get_help().is_none() {
+                    missing.push(format!("{path} {id}"));
+                }
+            }
+            for sub in cmd.get_subcommands() {
+                let sub_path = format!("{path} {}", sub.get_name());
+                if sub.get_about().is_none() {
+                    missing.push(sub_path.clone());
+                }
+                if sub_path != "isthmusctl ca" {
+                    walk(sub, &sub_path, missing);
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        walk(&Cli::command(), "isthmusctl", &mut missing);
+        assert!(missing.is_empty(), "no help text: {missing:#?}");
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        // Clap's own checks: unique ids and shorts in every subcommand once
+        // the global options are propagated into it.
+        Cli::command().debug_assert();
+    }
+
+    /// The `Conn` and output `ca status` parses from `args`.
+    fn ca_status(args: &[&str]) -> (Option<PathBuf>, Option<String>, Option<String>, Output) {
+        let cli = Cli::try_parse_from(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        match cli.command {
+            Cmd::Ca {
+                command: ca::CaCmd::Status { conn, output },
+            } => (conn.state_dir, conn.primary, conn.token, output),
+            _ => panic!("{args:?} did not parse as `ca status`"),
+        }
+    }
+
+    #[test]
+    fn global_options_are_accepted_before_and_after_the_command() {
+        let want = (Some(PathBuf::from("D")), None, None, Output::Table);
+        assert!(ca_status(&["isthmusctl", "--state-dir", "D", "ca", "status"]) == want);
+        assert!(ca_status(&["isthmusctl", "ca", "status", "--state-dir", "D"]) == want);
+        assert!(ca_status(&["isthmusctl", "ca", "--state-dir", "D", "status"]) == want);
+
+        let want = (
+            None,
+            Some("https://p:15014".into()),
+            Some("T".into()),
+            Output::Json,
+        );
+        let before = [
+            "isthmusctl",
+            "--primary",
+            "https://p:15014",
+            "--token",
+            "T",
+            "-o",
+            "json",
+            "ca",
+            "status",
+        ];
+        let after = [
+            "isthmusctl",
+            "ca",
+            "status",
+            "--primary",
+            "https://p:15014",
+            "--token",
+            "T",
+            "-o",
+            "json",
+        ];
+        assert!(ca_status(&before) == want);
+        assert!(ca_status(&after) == want);
+    }
+
+    #[test]
+    fn a_global_option_outranks_the_commands_default() {
+        // `status` defaults to ./isthmus-data and a table.
+        let cli = Cli::try_parse_from(["isthmusctl", "--state-dir", "D", "-o", "yaml", "status"])
+            .expect("parses");
+        let Cmd::Status { state_dir, output } = cli.command else {
+            panic!("not `status`");
+        };
+        assert_eq!(state_dir, PathBuf::from("D"));
+        assert!(output == Output::Yaml);
+
+        let cli = Cli::try_parse_from(["isthmusctl", "status"]).expect("parses");
+        let Cmd::Status { state_dir, output } = cli.command else {
+            panic!("not `status`");
+        };
+        assert_eq!(state_dir, PathBuf::from("./isthmus-data"));
+        assert!(output == Output::Table);
+    }
+
+    #[test]
+    fn global_options_reach_commands_nested_two_deep() {
+        let cli = Cli::try_parse_from([
+            "isthmusctl",
+            "--state-dir",
+            "D",
+            "-o",
+            "json",
+            "cluster",
+            "list",
+        ])
+        .expect("parses");
+        let Cmd::Cluster {
+            command: ClusterCmd::List { conn, output },
+        } = cli.command
+        else {
+            panic!("not `cluster list`");
+        };
+        assert_eq!(conn.state_dir, Some(PathBuf::from("D")));
+        assert!(output == Output::Json);
     }
 }

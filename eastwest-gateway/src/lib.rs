@@ -41,10 +41,15 @@ pub struct Config {
     /// The mesh roots, to authenticate the primary (written by the agent).
     #[arg(long)]
     pub roots: PathBuf,
+    /// Where other networks' sidecars connect: mesh mTLS, routed by SNI
+    /// and passed through undecrypted.
     #[arg(long, default_value = "0.0.0.0:15443")]
     pub listen: SocketAddr,
+    /// Admin listener: /ready, /healthz, /config_dump. Give each process on
+    /// one host its own.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Prometheus /metrics listener. Give each process on one host its own.
     #[arg(long, default_value = "127.0.0.1:15090")]
     pub metrics: SocketAddr,
 }

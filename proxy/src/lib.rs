@@ -50,12 +50,20 @@ pub struct Config {
     /// The xDS node id; defaults to `sidecar~<cluster>~<pid>`.
     #[arg(long)]
     pub node_id: Option<String>,
+    /// Outbound listener: the app sends plain HTTP here (proxy form, as
+    /// `curl -x` sends it, or with a Host header) to reach mesh services.
     #[arg(long, default_value = "127.0.0.1:15001")]
     pub outbound: SocketAddr,
+    /// Inbound listener: other sidecars and gateways connect here with mesh
+    /// mTLS; its address and port are what the registry lists for this
+    /// workload.
     #[arg(long, default_value = "0.0.0.0:15006")]
     pub inbound: SocketAddr,
+    /// Admin listener: /ready, /healthz, /config_dump. Give each process on
+    /// one host its own.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
+    /// Prometheus /metrics listener. Give each process on one host its own.
     #[arg(long, default_value = "127.0.0.1:15090")]
     pub metrics: SocketAddr,
     /// This workload's address, which the primary matches against the

@@ -18,6 +18,7 @@ use tokio::net::TcpListener;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
+    /// Where the echo serves HTTP (its sidecar's `--app PORT=` points here).
     #[arg(long, default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
     /// Reported in every answer.
