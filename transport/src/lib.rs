@@ -4,9 +4,11 @@
 //!
 //! Handshakes run in their own tasks so one slow or hostile client never holds
 //! up another, and a failed handshake is logged and dropped rather than ending
-//! the server.
+//! the server: at DEBUG when the client just went away, at rate-limited INFO
+//! when it is a real refusal (`handshake_log`).
 
 pub mod admin;
+pub mod handshake_log;
 
 use std::io;
 use std::path::PathBuf;
@@ -226,6 +228,7 @@ pub fn tls_incoming<L: Listener>(
     config: watch::Receiver<Arc<ServerConfig>>,
 ) -> ReceiverStream<Result<TlsStream<L::Io>, io::Error>> {
     let (tx, rx) = mpsc::channel(64);
+    let refusals = Arc::new(handshake_log::RefusalLog::new(std::time::Instant::now()));
     tokio::spawn(async move {
         loop {
             let (conn, peer) = match listener.accept().await {
@@ -241,13 +244,14 @@ pub fn tls_incoming<L: Listener>(
             }
             let acceptor = tokio_rustls::TlsAcceptor::from(config.borrow().clone());
             let tx = tx.clone();
+            let refusals = refusals.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(conn)).await {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }
-                    Ok(Err(e)) => tracing::info!(%peer, error = %e, "TLS handshake refused"),
-                    Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
+                    Ok(Err(e)) => handshake_log::log_failure(&refusals, &peer, &e),
+                    Err(_) => handshake_log::log_timeout(&refusals, &peer),
                 }
             });
         }
