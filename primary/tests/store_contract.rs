@@ -39,13 +39,16 @@ fn free_port() -> u16 {
 /// Starts etcd, or says why it cannot. In CI etcd must be there.
 async fn start_etcd() -> Option<(Etcd, EtcdStore)> {
     if Command::new("etcd").arg("--version").output().is_err() {
+        // The rule of isthmus_e2e::skip: a failure in CI, else a line that
+        // passes libtest's capture so scripts/test.sh can name the test.
+        let ci = std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+        let reason = "the etcd binary is not installed (scripts/install-deps.sh installs it)";
         assert!(
-            std::env::var("CI").is_err(),
-            "etcd is not installed, and CI must run the etcd contract tests"
+            !ci,
+            "etcd contract could not run in CI (CI is set): {reason}"
         );
-        eprintln!(
-            "SKIPPED etcd contract: the etcd binary is not installed (scripts/install-deps.sh installs it)"
-        );
+        use std::io::Write;
+        let _ = writeln!(std::io::stderr(), "SKIPPED etcd contract: {reason}");
         return None;
     }
     let dir = tempfile::tempdir().expect("temp dir");

@@ -691,19 +691,35 @@ impl Mesh {
     }
 }
 
+/// True in a CI run: `CI` is set to anything but empty, `0` or `false`.
+pub fn in_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"))
+}
+
+/// Says that `test` cannot run its real scenario here, and why. In CI
+/// (see [`in_ci`]) that is a failure: the test panics with the reason, so a
+/// CI run that lacks root, Envoy or etcd cannot pass having run nothing.
+/// Elsewhere it prints `SKIPPED test: reason` straight to stderr, past
+/// libtest's capture, so `cargo test` shows it and `scripts/test.sh` can
+/// name the skipped tests in its summary.
+pub fn skip(test: &str, reason: &str) {
+    assert!(
+        !in_ci(),
+        "{test} could not run its scenario in CI (CI is set): {reason}"
+    );
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {reason}");
+}
+
 /// Whether a test that needs network namespaces (and, with `envoy`, the
-/// Envoy binary) can run here; if not, says why. In CI both must be there.
+/// Envoy binary) can run here; if not, [`skip`]s it: a failure in CI.
 pub fn can_run(test: &str, envoy: bool) -> bool {
     if !netns::available() {
-        eprintln!("SKIPPED {test}: network namespaces need root and iproute2");
+        skip(test, "network namespaces need root and iproute2");
         return false;
     }
     if envoy && isthmus_topology::envoy::binary().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
-        );
-        eprintln!("SKIPPED {test}: no envoy binary (run scripts/install-deps.sh)");
+        skip(test, "no envoy binary (run scripts/install-deps.sh)");
         return false;
     }
     true

@@ -12,7 +12,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};
-use isthmus_topology::netns;
 use isthmus_topology::runner::{self, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -55,18 +54,12 @@ async fn envoy_serves_as_west_gateway_over_delta_ads() {
 
 /// Runs the scenario with Envoy's ADS `api_type` set to `api_type`.
 async fn envoy_gateway(api_type: &str) {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED envoy gateway interop ({api_type}): network namespaces need root and iproute2"
-        );
+    let test = format!("envoy gateway interop ({api_type})");
+    if !isthmus_e2e::can_run(&test, false) {
         return;
     }
     let Some(envoy) = envoy() else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
-        );
-        eprintln!("SKIPPED envoy gateway interop: no envoy binary (run scripts/install-deps.sh)");
+        isthmus_e2e::skip(&test, "no envoy binary (run scripts/install-deps.sh)");
         return;
     };
     let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");

@@ -14,7 +14,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, cluster_of, eventually};
-use isthmus_topology::netns;
 use isthmus_topology::runner::{self, DataPlane, MeshState, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -88,16 +87,10 @@ async fn the_failover_drill_reports_failover_and_return() {
 }
 
 async fn failover(data_plane: DataPlane) {
-    if !netns::available() {
-        eprintln!("SKIPPED failover ({data_plane:?}): network namespaces need root and iproute2");
-        return;
-    }
-    if data_plane == DataPlane::Envoy && isthmus_topology::envoy::binary().is_err() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "CI must have Envoy (scripts/install-deps.sh puts it in .venv)"
-        );
-        eprintln!("SKIPPED failover (Envoy): no envoy binary (run scripts/install-deps.sh)");
+    if !isthmus_e2e::can_run(
+        &format!("failover ({data_plane:?})"),
+        data_plane == DataPlane::Envoy,
+    ) {
         return;
     }
     let mut mesh = Mesh::up_data_plane(

@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use isthmus_ca::{Authority, Signer, SpiffeId, TrustBundle};
 use isthmus_e2e::{Mesh, eventually, mesh_request};
-use isthmus_topology::netns;
 use isthmus_topology::runner::NetMode;
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -49,10 +48,10 @@ async fn call(mesh: &Mesh, who: isthmus_transport::Identity) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_federated_trust_domain_is_trusted_through_its_own_roots_only() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED a_federated_trust_domain_is_trusted_through_its_own_roots_only: creating network namespaces needs root and iproute2"
-        );
+    if !isthmus_e2e::can_run(
+        "a_federated_trust_domain_is_trusted_through_its_own_roots_only",
+        false,
+    ) {
         return;
     }
     let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");

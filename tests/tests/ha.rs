@@ -14,7 +14,6 @@ use std::time::{Duration, Instant};
 
 use isthmus_e2e::{Mesh, eventually};
 use isthmus_topology::client::PrimaryClient;
-use isthmus_topology::netns;
 use isthmus_topology::runner::{self, NetMode};
 use tokio::sync::Mutex;
 
@@ -41,10 +40,10 @@ struct Writes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_loses_no_write_and_fails_no_request() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED killing_the_leader_loses_no_write_and_fails_no_request: creating network namespaces needs root and iproute2"
-        );
+    if !isthmus_e2e::can_run(
+        "killing_the_leader_loses_no_write_and_fails_no_request",
+        false,
+    ) {
         return;
     }
     let mesh = Mesh::up_template("ha-primary", NetMode::Netns, NODE, None)

@@ -19,11 +19,7 @@ const ECHO_ID: &str = "spiffe://cluster.local/ns/demo/sa/echo";
 const PATIENCE: Duration = Duration::from_secs(30);
 
 fn can_run(test: &str) -> bool {
-    let ok = netns::available();
-    if !ok {
-        eprintln!("SKIPPED {test}: creating network namespaces needs root and iproute2");
-    }
-    ok
+    isthmus_e2e::can_run(test, false)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use isthmus_e2e::{Mesh, eventually};
-use isthmus_topology::netns;
 use isthmus_topology::runner::{self, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -17,10 +16,7 @@ const OUTAGE_REQUESTS: u32 = 3000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_keeps_working_while_the_primary_is_down() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED the_mesh_keeps_working_while_the_primary_is_down: creating network namespaces needs root and iproute2"
-        );
+    if !isthmus_e2e::can_run("the_mesh_keeps_working_while_the_primary_is_down", false) {
         return;
     }
     let mut mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
