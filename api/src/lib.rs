@@ -26,7 +26,7 @@ pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 /// The default cluster DNS domain used in service FQDNs.
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
 
-/// Well-known ports (see the port table in DESIGN.md).
+/// Well-known ports (see the port table in docs/architecture.md).
 pub mod ports {
     pub const PRIMARY_GRPC: u16 = 15012;
     pub const PRIMARY_HTTP: u16 = 15014;
