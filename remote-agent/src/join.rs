@@ -181,7 +181,10 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(s) => bail!("join refused by the primary: {}", s.message()),
+            Err(s) => match isthmus_transport::grpc_wrong_port(&config.primary, &s) {
+                Some(wrong) => bail!("joining: {wrong}"),
+                None => bail!("join refused by the primary: {}", s.message()),
+            },
         }
     };
     let bundle = TrustBundle::from_pem(&response.trust_domain, &response.trust_bundle_pem)?;

@@ -1,7 +1,8 @@
 //! Cluster registration security against a primary running in-process on
 //! loopback: join tokens are single-use, expiring and bound to their
 //! cluster; an agent speaks only for its own cluster; a deregistered
-//! cluster's agent is refused.
+//! cluster's agent is refused. A CLI or agent pointed at the wrong port is
+//! told what it reached and what it needs.
 
 // Test code: a panic is how an assertion fails.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -238,5 +239,61 @@ async fn join_tokens_and_agent_streams_are_held_to_their_cluster() {
             .unwrap()
             .iter()
             .all(|c| c.name != "east")
+    );
+}
+
+/// isthmusctl at the gRPC port (15012) and an agent at the REST port (15014)
+/// each get an error naming the address reached and the port it needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_port_says_what_was_reached_and_what_was_expected() {
+    let p = Primary::start().await;
+
+    // `isthmusctl --primary https://HOST:15012 cluster list`
+    let cli = isthmus_topology::client::PrimaryClient::new(&p.grpc, &p.admin_token, None).unwrap();
+    let e = format!("{:#}", cli.list_clusters().await.unwrap_err());
+    assert!(e.contains(&format!("{} answered with gRPC", p.grpc)), "{e}");
+    assert!(
+        e.contains("REST API") && e.contains("https://HOST:15014"),
+        "{e}"
+    );
+
+    // `isthmus-agent --primary https://HOST:15014 --join-token T ...`
+    #[derive(clap::Parser)]
+    struct Agent {
+        #[command(flatten)]
+        config: isthmus_agent::Config,
+    }
+    let (token, _) = p.register("east", 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("agent");
+    let registry = dir.path().join("registry.yaml");
+    let agent = <Agent as clap::Parser>::try_parse_from([
+        "isthmus-agent",
+        "--primary",
+        &p.http,
+        "--join-token",
+        &token,
+        "--cluster",
+        "east",
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--registry",
+        registry.to_str().unwrap(),
+    ])
+    .unwrap();
+    std::fs::create_dir_all(&state).unwrap();
+    let e = tokio::time::timeout(PATIENCE, isthmus_agent::join::ensure_joined(&agent.config))
+        .await
+        .expect("the join gives up rather than retrying")
+        .err()
+        .map(|e| format!("{e:#}"))
+        .expect("joining through the REST port fails");
+    assert!(
+        e.contains(&format!("{} answered with plain HTTP", p.http)),
+        "{e}"
+    );
+    assert!(
+        e.contains("gRPC port") && e.contains("https://HOST:15012"),
+        "{e}"
     );
 }

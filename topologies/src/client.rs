@@ -9,6 +9,34 @@ use isthmus_api::rest::{ClusterView, ErrorBody, RegisterCluster, Registered};
 use reqwest::Method;
 use serde::de::DeserializeOwned;
 
+/// When an answer came from a gRPC server (the primary's 15012, most
+/// likely) rather than from the REST API, says what was reached and what
+/// the CLI needs. A gRPC server answers any unknown path with HTTP 200, an
+/// empty body and `grpc-status: 12`, which would otherwise read as an
+/// empty JSON answer.
+pub fn grpc_instead_of_rest(base: &str, headers: &reqwest::header::HeaderMap) -> Option<String> {
+    let grpc_status = headers.get("grpc-status");
+    let grpc_type = headers
+        .get(reqwest::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/grpc"));
+    if grpc_status.is_none() && !grpc_type {
+        return None;
+    }
+    let status = grpc_status
+        .and_then(|v| v.to_str().ok())
+        .map(|s| format!(" (grpc-status {s})"))
+        .unwrap_or_default();
+    Some(format!(
+        "{base} answered with gRPC{status}: that is the primary's gRPC port \
+         (default {grpc}, for agents, gateways and sidecars), but isthmusctl \
+         needs the primary's REST API (default port {rest}): use --primary \
+         https://HOST:{rest} or ISTHMUS_PRIMARY=https://HOST:{rest}",
+        grpc = isthmus_api::ports::PRIMARY_GRPC,
+        rest = isthmus_api::ports::PRIMARY_HTTP,
+    ))
+}
+
 #[derive(Clone)]
 pub struct PrimaryClient {
     base: String,
@@ -119,6 +147,9 @@ impl PrimaryClient {
             .send()
             .await
             .with_context(|| format!("{what}is the primary running at {}?", self.base))?;
+        if let Some(wrong) = grpc_instead_of_rest(&self.base, resp.headers()) {
+            bail!("{what}{wrong}");
+        }
         let status = resp.status();
         let bytes = resp.bytes().await?;
         if !status.is_success() {
@@ -133,6 +164,9 @@ impl PrimaryClient {
     pub async fn healthz(&self) -> anyhow::Result<()> {
         let url = format!("{}/healthz", self.base);
         let resp = self.http.get(&url).send().await?;
+        if let Some(wrong) = grpc_instead_of_rest(&self.base, resp.headers()) {
+            bail!("{wrong}");
+        }
         if !resp.status().is_success() {
             bail!("{url}: {}", resp.status());
         }
@@ -308,5 +342,38 @@ impl PrimaryClient {
     /// Which replica answered, and which leads.
     pub async fn leader(&self) -> anyhow::Result<isthmus_api::rest::LeaderView> {
         self.call(Method::GET, "/api/v1/leader", None).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+
+    #[test]
+    fn a_grpc_answer_names_both_ports() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+        h.insert("grpc-status", HeaderValue::from_static("12"));
+        let msg = grpc_instead_of_rest("https://10.0.0.1:15012", &h).expect("a gRPC answer");
+        assert!(
+            msg.contains("https://10.0.0.1:15012 answered with gRPC (grpc-status 12)"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("15012") && msg.contains("https://HOST:15014"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_json_answer_is_not_a_wrong_port() {
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert_eq!(grpc_instead_of_rest("https://h:15014", &h), None);
+        assert_eq!(
+            grpc_instead_of_rest("https://h:15014", &HeaderMap::new()),
+            None
+        );
     }
 }

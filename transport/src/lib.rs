@@ -389,3 +389,51 @@ pub fn write_private(path: &std::path::Path, contents: &str) -> io::Result<()> {
         .open(path)?;
     f.write_all(contents.as_bytes())
 }
+
+/// When a gRPC call to the primary at `url` got a plain HTTP answer (no
+/// `grpc-status`, as from the primary's REST API on 15014), says what was
+/// reached and what was expected. tonic alone reports only `grpc-status
+/// header missing, mapped from HTTP status code 404`.
+pub fn grpc_wrong_port(url: &str, status: &tonic::Status) -> Option<String> {
+    status
+        .message()
+        .contains("grpc-status header missing")
+        .then(|| {
+            format!(
+                "{url} answered with plain HTTP, not gRPC ({}): that looks like the \
+                 primary's REST API (default port {rest}, for isthmusctl); agents, \
+                 gateways and sidecars need its gRPC port: --primary https://HOST:{grpc}",
+                status.message(),
+                rest = isthmus_api::ports::PRIMARY_HTTP,
+                grpc = isthmus_api::ports::PRIMARY_GRPC,
+            )
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_http_answer_to_grpc_names_both_ports() {
+        let s = tonic::Status::unimplemented(
+            "grpc-status header missing, mapped from HTTP status code 404",
+        );
+        let msg = grpc_wrong_port("https://10.0.0.1:15014", &s).expect("a wrong port");
+        assert!(
+            msg.starts_with("https://10.0.0.1:15014 answered with plain HTTP"),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("15014") && msg.contains("https://HOST:15012"),
+            "{msg}"
+        );
+        assert!(msg.contains("HTTP status code 404"), "{msg}");
+    }
+
+    #[test]
+    fn a_grpc_refusal_is_not_a_wrong_port() {
+        let s = tonic::Status::permission_denied("join token already used");
+        assert_eq!(grpc_wrong_port("https://h:15012", &s), None);
+    }
+}
