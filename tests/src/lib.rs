@@ -216,6 +216,49 @@ impl Mesh {
         .await
     }
 
+    /// Whether west's echo sidecar answers 200 to one request sent as
+    /// `svid` from east's client namespace through west's gateway: how a
+    /// test proves a certificate is still (or no longer) accepted.
+    pub async fn accepted_at_west(&self, svid: &isthmus_proxy::identity::Svid) -> bool {
+        let Ok(bundle) = self.bundle() else {
+            return false;
+        };
+        let east = self.netns("proxy-client-east").map(str::to_string);
+        match mesh_request(
+            east.as_deref(),
+            self.listener("gateway-west", "gateway"),
+            "outbound_.8080_._.echo.demo.svc.cluster.local",
+            &bundle,
+            svid.identity(),
+        )
+        .await
+        {
+            Ok(x) => x
+                .response
+                .as_deref()
+                .is_ok_and(|r| r.starts_with("HTTP/1.1 200")),
+            Err(_) => false,
+        }
+    }
+
+    /// SIGKILLs the primary and starts it again with its arguments, as
+    /// `isthmusctl restart primary` does.
+    pub async fn kill_and_restart_primary(&mut self, node: &str) -> anyhow::Result<()> {
+        let pid = self.component("primary").pid;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        eventually(
+            "the primary to be gone",
+            Duration::from_secs(30),
+            || async { (!runner::alive(pid)).then_some(()) },
+        )
+        .await;
+        runner::restart(&mut self.state, "primary", Path::new(node)).await?;
+        Ok(())
+    }
+
     /// The mesh's trust bundle, as agents hold it.
     pub fn bundle(&self) -> anyhow::Result<TrustBundle> {
         let pem = std::fs::read_to_string(self.dir().join("clusters/east/agent/roots.pem"))?;

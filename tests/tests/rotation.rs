@@ -20,13 +20,12 @@ use std::path::Path;
 use std::time::Duration;
 
 use isthmus_api::rest::{CaView, RotateRoot};
-use isthmus_e2e::{Load, Mesh, eventually, mesh_request};
+use isthmus_e2e::{Load, Mesh, eventually};
 use isthmus_topology::netns;
 use isthmus_topology::runner::{self, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
-const SNI: &str = "outbound_.8080_._.echo.demo.svc.cluster.local";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// The CA status, through a client rebuilt each time: the primary's serving
@@ -36,26 +35,8 @@ async fn ca(mesh: &Mesh) -> Option<CaView> {
     mesh.state.client().ok()?.ca_status().await.ok()
 }
 
-/// Sends one request as `svid` straight to west's echo sidecar, through
-/// west's gateway, and says whether it got a 200.
 async fn accepted(mesh: &Mesh, svid: &isthmus_proxy::identity::Svid) -> bool {
-    let bundle = mesh.bundle().expect("bundle");
-    let east = mesh.netns("proxy-client-east").map(str::to_string);
-    match mesh_request(
-        east.as_deref(),
-        mesh.listener("gateway-west", "gateway"),
-        SNI,
-        &bundle,
-        svid.identity(),
-    )
-    .await
-    {
-        Ok(x) => x
-            .response
-            .as_deref()
-            .is_ok_and(|r| r.starts_with("HTTP/1.1 200")),
-        Err(_) => false,
-    }
+    mesh.accepted_at_west(svid).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
