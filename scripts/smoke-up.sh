@@ -2,7 +2,8 @@
 # Runs `isthmusctl up multi-network --detach`, executes the command it prints
 # last, checks the echo answered with the caller's SPIFFE ID, and checks that
 # `down` leaves no process and no network namespace behind. On the way it
-# applies config and rotates the root and an intermediate through the CLI.
+# applies config, kills the primary and restarts it with `isthmusctl
+# restart`, and rotates the root, an intermediate and the root again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 state=$(mktemp -d)
@@ -30,15 +31,35 @@ grep -q 'spec.http\[0\].route\[1\].weight: weights must sum to 100' "$out.err" |
 cargo run -q -p isthmusctl -- proxy-config client-east clusters --state-dir "$state" | grep -q 'outbound|8080||echo.demo.svc.cluster.local' \
   || { echo "smoke: proxy-config shows no echo cluster"; exit 1; }
 
-# The CA commands: a full root rotation and an intermediate rotation, then
-# the status shows one root (the new one) holding all three workloads, and a
-# request still crosses the mesh.
 ctl() { cargo run -q -p isthmusctl -- "$@" --state-dir "$state"; }
+
+# The primary crashes (SIGKILL) and is brought back by the documented
+# command; `status` follows the new process, the CA commands below run
+# against it, and `down` at the end stops it.
+primary_pid() { ctl status -o json | python3 -c 'import json,sys; print(next(c["pid"] for c in json.load(sys.stdin)["components"] if c["name"] == "primary"))'; }
+old_pid=$(primary_pid)
+kill -9 "$old_pid"
+ctl restart primary | tee "$out"
+grep -q '^primary restarted (pid [0-9]*)' "$out" || { echo "smoke: restart printed: $(cat "$out")"; exit 1; }
+ctl status -o json | python3 -c '
+import json, sys
+p = next(c for c in json.load(sys.stdin)["components"] if c["name"] == "primary")
+assert p["running"] and p["pid"] != int(sys.argv[1]), p
+' "$old_pid" || { echo "smoke: status does not show the restarted primary running"; exit 1; }
+for _ in $(seq 100); do ctl ca status >/dev/null 2>&1 && break; sleep 0.2; done
+ctl ca status >/dev/null || { echo "smoke: the restarted primary does not answer"; exit 1; }
+
+# The CA commands: a full root rotation and an intermediate rotation, then
+# a second root rotation (the sequence that used to wedge phase 2); the
+# status shows one root (the last) holding all three workloads, and a
+# request still crosses the mesh.
 old_root=$(ctl ca status -o json | python3 -c 'import json,sys; print(json.load(sys.stdin)["signingRoot"])')
 ctl ca rotate-root | tee "$out"
 grep -q '^done: root' "$out" || { echo "smoke: ca rotate-root did not finish"; exit 1; }
 ctl ca rotate-intermediate east | tee "$out"
 grep -q '^done: intermediate' "$out" || { echo "smoke: ca rotate-intermediate did not finish"; exit 1; }
+ctl ca rotate-root | tee "$out"
+grep -q '^done: root' "$out" || { echo "smoke: ca rotate-root after rotate-intermediate did not finish"; exit 1; }
 ctl ca status -o json | python3 -c '
 import json, sys
 v = json.load(sys.stdin)

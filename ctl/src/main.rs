@@ -145,6 +145,18 @@ enum Cmd {
         #[arg(long, default_value = "./isthmus-data")]
         state_dir: PathBuf,
     },
+    /// Restart one component of a local mesh (for example `primary` after a
+    /// crash, or to pick up a new build) with the arguments `up` gave it. A
+    /// running one is stopped first (SIGTERM, then SIGKILL after 10 s).
+    /// `status` and `down` follow the new process.
+    Restart {
+        /// The component's name, as `status` lists it (`primary`,
+        /// `agent-east`, `gateway-west`, `proxy-client-east`, ...).
+        component: String,
+        /// The local mesh's state dir (from `up --state-dir`).
+        #[arg(long, default_value = "./isthmus-data")]
+        state_dir: PathBuf,
+    },
     /// Show every component of a local mesh.
     Status {
         /// The local mesh's state dir (from `up --state-dir`).
@@ -553,6 +565,29 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
             for line in runner::down(&state_dir) {
                 println!("{line}");
             }
+            Ok(())
+        }
+        Cmd::Restart {
+            component,
+            state_dir,
+        } => {
+            let mut state = MeshState::load(&state_dir)?;
+            let pid = state
+                .component(&component)
+                .map(|c| c.pid)
+                .with_context(|| {
+                    format!(
+                        "the mesh in {} has no component {component:?}; `isthmusctl status --state-dir {}` lists them",
+                        state_dir.display(),
+                        state_dir.display()
+                    )
+                })?;
+            if runner::alive(pid) {
+                runner::stop(pid, std::time::Duration::from_secs(10)).await;
+            }
+            let exe = std::env::current_exe().context("locating isthmusctl itself")?;
+            let pid = runner::restart(&mut state, &component, &exe).await?;
+            println!("{component} restarted (pid {pid})");
             Ok(())
         }
         Cmd::Status { state_dir, output } => {

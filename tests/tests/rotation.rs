@@ -21,7 +21,6 @@ use std::time::Duration;
 
 use isthmus_api::rest::{CaView, RotateRoot};
 use isthmus_e2e::{Load, Mesh, eventually};
-use isthmus_topology::netns;
 use isthmus_topology::runner::{self, NetMode};
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
@@ -41,10 +40,10 @@ async fn accepted(mesh: &Mesh, svid: &isthmus_proxy::identity::Svid) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_and_intermediate_rotation_under_load_fail_no_request() {
-    if !netns::available() {
-        eprintln!(
-            "SKIPPED root_and_intermediate_rotation_under_load_fail_no_request: creating network namespaces needs root and iproute2"
-        );
+    if !isthmus_e2e::can_run(
+        "root_and_intermediate_rotation_under_load_fail_no_request",
+        false,
+    ) {
         return;
     }
     let mut mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");

@@ -930,6 +930,26 @@ pub async fn restart(state: &mut MeshState, name: &str, exe: &Path) -> anyhow::R
     Ok(pid)
 }
 
+/// Stops `pid`: SIGTERM, then SIGKILL if it still runs after `grace`.
+/// Returns once it is gone (or after one more second of SIGKILL).
+pub async fn stop(pid: u32, grace: std::time::Duration) {
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+    let target = Pid::from_raw(pid as i32);
+    let _ = kill(target, Signal::SIGTERM);
+    let deadline = tokio::time::Instant::now() + grace;
+    while alive(pid) && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    if alive(pid) {
+        let _ = kill(target, Signal::SIGKILL);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(1);
+        while alive(pid) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// True if `pid` is a live (not zombie) process.
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
