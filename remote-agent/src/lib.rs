@@ -31,8 +31,10 @@ use tokio::sync::watch;
 /// Everything the agent is told at start-up.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
-    /// The primary's gRPC address, `https://HOST:15012`.
-    #[arg(long, env = "ISTHMUS_PRIMARY")]
+    /// The primary's gRPC address, `https://HOST:15012` (replicas:
+    /// comma-separated). Not its REST API on 15014, which is isthmusctl's
+    /// (`ISTHMUS_PRIMARY`).
+    #[arg(long, env = "ISTHMUS_PRIMARY_GRPC")]
     pub primary: String,
     /// One-time join token from `isthmusctl cluster register`. Not needed
     /// once the agent has joined (its state dir holds its credentials).

@@ -402,7 +402,8 @@ pub fn grpc_wrong_port(url: &str, status: &tonic::Status) -> Option<String> {
             format!(
                 "{url} answered with plain HTTP, not gRPC ({}): that looks like the \
                  primary's REST API (default port {rest}, for isthmusctl); agents, \
-                 gateways and sidecars need its gRPC port: --primary https://HOST:{grpc}",
+                 gateways and sidecars need its gRPC port: --primary https://HOST:{grpc} \
+                 or ISTHMUS_PRIMARY_GRPC=https://HOST:{grpc}",
                 status.message(),
                 rest = isthmus_api::ports::PRIMARY_HTTP,
                 grpc = isthmus_api::ports::PRIMARY_GRPC,
