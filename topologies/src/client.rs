@@ -42,6 +42,9 @@ pub struct PrimaryClient {
     base: String,
     token: String,
     http: reqwest::Client,
+    /// Where the primary was sought, for errors: the URL, or the local
+    /// socket a `--state-dir` client dials (its URL host is a placeholder).
+    reached_as: String,
 }
 
 impl PrimaryClient {
@@ -107,6 +110,13 @@ impl PrimaryClient {
             base: base.trim_end_matches('/').to_string(),
             token: token.trim().to_string(),
             http,
+            reached_as: match socket {
+                Some(s) => format!(
+                    "its API socket {} (a local mesh's primary: `isthmusctl status` shows whether it runs, `isthmusctl restart primary` starts it again)",
+                    s.display()
+                ),
+                None => base.trim_end_matches('/').to_string(),
+            },
         })
     }
 
@@ -146,7 +156,7 @@ impl PrimaryClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("{what}is the primary running at {}?", self.base))?;
+            .with_context(|| format!("{what}is the primary running at {}?", self.reached_as))?;
         if let Some(wrong) = grpc_instead_of_rest(&self.base, resp.headers()) {
             bail!("{what}{wrong}");
         }
@@ -349,6 +359,23 @@ impl PrimaryClient {
 mod tests {
     use super::*;
     use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
+
+    /// A local mesh's client dials a socket; when nothing listens there, the
+    /// error names the socket and the commands that help, not the URL's
+    /// placeholder host.
+    #[tokio::test]
+    async fn a_down_local_primary_is_named_by_its_socket() {
+        let socket =
+            std::env::temp_dir().join(format!("isthmus-absent-{}.sock", std::process::id()));
+        let root = isthmus_ca::Authority::generate("cluster.local").expect("root");
+        let client = PrimaryClient::over_socket(&socket, "token", root.cert_pem()).expect("client");
+        let err = format!(
+            "{:#}",
+            client.ca_status().await.expect_err("nothing listens")
+        );
+        assert!(err.contains(&socket.display().to_string()), "{err}");
+        assert!(err.contains("isthmusctl restart primary"), "{err}");
+    }
 
     #[test]
     fn a_grpc_answer_names_both_ports() {
