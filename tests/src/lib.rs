@@ -5,6 +5,8 @@
 //! holding real or foreign certificates. Every wait polls a condition
 //! against a deadline.
 
+pub mod istio_ca;
+
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
