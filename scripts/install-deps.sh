@@ -11,6 +11,7 @@ missing=()
 command -v etcd >/dev/null || missing+=(etcd-server)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v curl >/dev/null || missing+=(curl)
+command -v openssl >/dev/null || missing+=(openssl) # Istio-style CAs in tests/tests/istio_cacerts.rs
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if ((${#missing[@]})); then
   echo "installing from Debian: ${missing[*]}"
