@@ -43,6 +43,10 @@ pub enum CaError {
     CsrBadSignature,
     #[error("CSR could not be used: {0}")]
     CsrUnusable(String),
+    #[error(
+        "{0} is reserved for Isthmus's own components (namespace isthmus-system); run the workload under another namespace"
+    )]
+    ReservedIdentity(SpiffeId),
     #[error("requested lifetime {requested:?} exceeds the maximum of {max:?}")]
     TtlTooLong { requested: Duration, max: Duration },
     #[error("key or certificate could not be loaded: {0}")]
@@ -271,7 +275,13 @@ impl Authority {
             crl_number: SerialNumber::from_slice(&number.to_be_bytes()),
             issuing_distribution_point: None,
             revoked_certs,
-            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            // The CRL's AKI must be the issuer's own SKI, however that was
+            // derived (an imported CA's is often a SHA-1 of its key), so a
+            // verifier can tie the CRL to exactly this CA.
+            key_identifier_method: match svid::subject_key_id(&self.cert) {
+                Some(ski) => rcgen::KeyIdMethod::PreSpecified(ski),
+                None => rcgen::KeyIdMethod::Sha256,
+            },
         };
         let crl = params.signed_by(&self.issuer)?;
         Ok(crl.pem()?)
@@ -308,6 +318,18 @@ impl Authority {
             params.not_after = params.not_after.min(cap);
         }
         params.subject_alt_names = vec![uri_san(&format!("spiffe://{}", self.trust_domain))?];
+        // A cluster intermediate issues SPIFFE IDs (URI SANs) only. It may
+        // not vouch for any DNS name or IP address, so its key cannot mint
+        // a certificate that passes for the primary (`isthmus-primary`, or
+        // the primary's address) with any client of the primary.
+        params.name_constraints = Some(rcgen::NameConstraints {
+            permitted_subtrees: vec![],
+            excluded_subtrees: vec![
+                rcgen::GeneralSubtree::DnsName(String::new()),
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V4([0; 4], [0; 4])),
+                rcgen::GeneralSubtree::IpAddress(rcgen::CidrSubnet::V6([0; 16], [0; 16])),
+            ],
+        });
         let cert = params.signed_by(&csr.public_key, &self.issuer)?;
         finish(cert, &params, SvidKind::Signing)
     }
@@ -369,22 +391,41 @@ impl Signer {
         &self.chain
     }
 
-    /// Issues a leaf for `identity` from a CSR, whatever SANs the CSR asks for.
-    /// A TTL of zero means the default; one above the maximum is refused.
+    /// Issues a workload leaf for `identity` from a CSR, whatever SANs the
+    /// CSR asks for. A TTL of zero means the default; one above the maximum
+    /// is refused, and so is a reserved identity ([`SpiffeId::is_reserved`]).
     pub fn sign_workload_csr(
         &self,
         csr: &str,
         identity: &SpiffeId,
         ttl: Duration,
     ) -> Result<IssuedCert, CaError> {
+        if identity.is_reserved() {
+            return Err(CaError::ReservedIdentity(identity.clone()));
+        }
         let ttl = effective_ttl(ttl)?;
         let csr = parse_csr(csr)?;
         self.sign_leaf(&csr.public_key, identity, ttl)
     }
 
-    /// Issues a leaf and a fresh key for `identity`; for the agent's own
-    /// identity. Returns the certificate and the key PEM.
+    /// Issues a workload leaf and a fresh key for `identity` (SDS, tests).
+    /// A reserved identity is refused. Returns the certificate and the key
+    /// PEM.
     pub fn issue_workload(
+        &self,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<(IssuedCert, String), CaError> {
+        if identity.is_reserved() {
+            return Err(CaError::ReservedIdentity(identity.clone()));
+        }
+        self.issue_system(identity, ttl)
+    }
+
+    /// Issues a leaf and a fresh key for one of Isthmus's own identities
+    /// (the agent's), reserved ones included. Only the agent calls this, for
+    /// itself; nothing a workload sends reaches it.
+    pub fn issue_system(
         &self,
         identity: &SpiffeId,
         ttl: Duration,
@@ -566,6 +607,23 @@ mod tests {
         assert_eq!(info.spiffe_id, Some(caller));
         let lifetime = info.not_after_unix - OffsetDateTime::now_utc().unix_timestamp();
         assert!((DEFAULT_WORKLOAD_TTL.as_secs() as i64 - lifetime).abs() < 60);
+    }
+
+    #[test]
+    fn reserved_identities_are_never_signed_for_workloads() {
+        let (_root, signer) = mesh();
+        let (csr, _) = generate_csr("x").unwrap();
+        for (ns, sa) in [
+            ("isthmus-system", "isthmus-agent"),
+            ("isthmus-system", "anything"),
+        ] {
+            let id = SpiffeId::workload("cluster.local", ns, sa).unwrap();
+            let err = signer
+                .sign_workload_csr(&csr, &id, Duration::ZERO)
+                .unwrap_err();
+            assert!(matches!(err, CaError::ReservedIdentity(_)), "{err}");
+            assert!(err.to_string().contains("reserved"), "{err}");
+        }
     }
 
     #[test]
@@ -761,6 +819,64 @@ mod tests {
             ),
             "{err:?}"
         );
+    }
+
+    /// A cluster intermediate's key cannot mint a server certificate for
+    /// the primary's name or address, while its SPIFFE leaves still verify.
+    #[test]
+    fn a_cluster_intermediate_cannot_stand_in_for_the_primary() {
+        let (root, signer) = mesh();
+        // The forgery: a server certificate for the primary, signed with
+        // the intermediate's key.
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(vec!["isthmus-primary".to_string(), "192.0.2.1".to_string()])
+                .unwrap();
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        set_validity(&mut params, Duration::from_secs(600));
+        let forged = params.signed_by(&key, &signer.issuer).unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(root.cert().clone()).unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            std::sync::Arc::new(roots),
+            std::sync::Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        )
+        .build()
+        .unwrap();
+        for name in ["isthmus-primary", "192.0.2.1"] {
+            let err = rustls::client::danger::ServerCertVerifier::verify_server_cert(
+                &*verifier,
+                forged.der(),
+                signer.chain(),
+                &rustls_pki_types::ServerName::try_from(name).unwrap(),
+                &[],
+                rustls_pki_types::UnixTime::now(),
+            )
+            .unwrap_err();
+            assert!(
+                format!("{err:?}").contains("NameConstraint"),
+                "{name}: {err:?}"
+            );
+        }
+        // The primary's own certificate, from the root's CA, still works.
+        let (cert_pem, _) = root
+            .issue_server_cert(&["isthmus-primary".to_string(), "192.0.2.1".to_string()])
+            .unwrap();
+        let cert = pem::certs(&cert_pem, "server").unwrap().remove(0);
+        rustls::client::danger::ServerCertVerifier::verify_server_cert(
+            &*verifier,
+            &cert,
+            &[],
+            &rustls_pki_types::ServerName::try_from("192.0.2.1").unwrap(),
+            &[],
+            rustls_pki_types::UnixTime::now(),
+        )
+        .unwrap();
+        // And the intermediate's SPIFFE leaves verify as before.
+        let bundle =
+            crate::TrustBundle::from_der("cluster.local", vec![root.cert().clone()]).unwrap();
+        assert!(verify(&bundle, &leaf_chain(&signer)).is_ok());
     }
 
     /// Roots made before subjects carried a key identifier all share one

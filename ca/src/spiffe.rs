@@ -8,6 +8,9 @@ use std::str::FromStr;
 
 /// The longest SPIFFE ID the standard allows, in bytes.
 pub const MAX_ID_LEN: usize = 2048;
+/// The namespace of Isthmus's own identities (`isthmus-system/isthmus-agent`
+/// is every agent's); reserved, never issued to a workload.
+pub const SYSTEM_NAMESPACE: &str = "isthmus-system";
 /// The longest trust domain the standard allows, in bytes.
 pub const MAX_TRUST_DOMAIN_LEN: usize = 255;
 
@@ -135,6 +138,15 @@ impl SpiffeId {
     }
 
     /// The namespace and service account of an Istio-style identity.
+    /// Whether this is one of Isthmus's own identities (the namespace
+    /// [`SYSTEM_NAMESPACE`], where the agent's identity lives), which no
+    /// workload may be issued: a workload holding the agent's identity
+    /// could speak for its cluster to the primary.
+    pub fn is_reserved(&self) -> bool {
+        self.namespace_and_account()
+            .is_some_and(|(ns, _)| ns == SYSTEM_NAMESPACE)
+    }
+
     pub fn namespace_and_account(&self) -> Option<(&str, &str)> {
         let mut parts = self.path().strip_prefix('/')?.split('/');
         match (

@@ -122,6 +122,17 @@ pub fn validate(der: &[u8], kind: SvidKind) -> Result<Option<SpiffeId>, SvidErro
     }
 }
 
+/// The certificate's subject key identifier, if it carries one.
+pub fn subject_key_id(der: &[u8]) -> Option<Vec<u8>> {
+    let cert = parse(der).ok()?;
+    cert.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+            _ => None,
+        })
+}
+
 /// The certificate's serial number, as its DER INTEGER bytes.
 pub fn serial(der: &[u8]) -> Result<Vec<u8>, SvidError> {
     Ok(parse(der)?.raw_serial().to_vec())

@@ -29,9 +29,9 @@ pub struct TrustBundle {
     trust_domain: String,
     roots: Vec<CertificateDer<'static>>,
     anchors: Arc<Vec<TrustAnchor<'static>>>,
-    /// The CRLs, grouped by the root that issued them (`crls[i]` belongs to
-    /// `anchors[i]`). See [`TrustBundle::with_crls_pem`].
-    crls: Arc<Vec<Vec<webpki::CertRevocationList<'static>>>>,
+    /// The CRLs, each with the name and key identifier of the CA that
+    /// issued it. See [`TrustBundle::with_crls_pem`].
+    crls: Arc<Vec<(webpki::CertRevocationList<'static>, CaName)>>,
     crl_ders: Vec<Vec<u8>>,
     /// Other trust domains this one federates with, each with its own
     /// roots. A peer is verified only against the bundle of the trust domain
@@ -144,14 +144,14 @@ impl TrustBundle {
     /// The same bundle, also refusing what the CRLs in `pem_text` revoke.
     /// Their signatures are checked when a chain is verified.
     ///
-    /// Each CRL is tied to the root that issued it, by issuer name and, when
-    /// the CRL names one, by authority key identifier. A chain is checked
-    /// under each root with only that root's CRLs. webpki picks a CRL by
-    /// issuer name alone, so two roots with one subject (which roots made
-    /// before subjects carried the key identifier have) would otherwise
-    /// check the new root's intermediates against the old root's CRL and
-    /// fail its signature. A CRL that no root issued (one of an imported
-    /// signing CA below the root) is checked under every root.
+    /// webpki picks the CRL for a certificate by issuer name alone, and CAs
+    /// can share a name: roots made before subjects carried the key
+    /// identifier, or two CAs made by the same tooling (every CA made by
+    /// Istio's `tools/certs` is `O=Istio, CN=Root CA` over `CN=Intermediate
+    /// CA`). A CRL of one such CA would then be checked against the other's
+    /// key and fail its signature, refusing chains that are fine. So each
+    /// CRL keeps its issuer's name and key identifier (its AKI), and a chain
+    /// is checked only against the CRLs of the CAs on its own path.
     pub fn with_crls_pem(mut self, pem_text: &str) -> Result<Self, BundleError> {
         let ders: Vec<Vec<u8>> = ::pem::parse_many(pem_text)
             .map_err(|e| BundleError::BadCrl {
@@ -162,34 +162,19 @@ impl TrustBundle {
             .filter(|p| p.tag() == "X509 CRL")
             .map(|p| p.into_contents())
             .collect();
-        let roots: Vec<CaName> = self
-            .roots
+        let crls = ders
             .iter()
             .enumerate()
             .map(|(index, der)| {
-                CaName::of_cert(der).ok_or_else(|| BundleError::BadRoot {
-                    index,
-                    reason: "not a parseable X.509 certificate".into(),
-                })
+                let bad = |reason: String| BundleError::BadCrl { index, reason };
+                let crl = webpki::OwnedCertRevocationList::from_der(der)
+                    .map_err(|e| bad(e.to_string()))?;
+                let issuer =
+                    CaName::of_crl(der).ok_or_else(|| bad("not a parseable CRL".into()))?;
+                Ok((webpki::CertRevocationList::from(crl), issuer))
             })
-            .collect::<Result<_, _>>()?;
-        let mut grouped: Vec<Vec<webpki::CertRevocationList<'static>>> =
-            self.roots.iter().map(|_| Vec::new()).collect();
-        for (index, der) in ders.iter().enumerate() {
-            let bad = |reason: String| BundleError::BadCrl { index, reason };
-            let crl =
-                webpki::OwnedCertRevocationList::from_der(der).map_err(|e| bad(e.to_string()))?;
-            let issuer = CaName::of_crl(der).ok_or_else(|| bad("not a parseable CRL".into()))?;
-            // A root's CRL checks chains under that root only. A CRL of a
-            // CA below the roots (an imported signing CA) checks them all.
-            let by_root = roots.iter().any(|r| r.issued(&issuer));
-            for (root, group) in roots.iter().zip(grouped.iter_mut()) {
-                if !by_root || root.issued(&issuer) {
-                    group.push(webpki::CertRevocationList::from(crl.clone()));
-                }
-            }
-        }
-        self.crls = Arc::new(grouped);
+            .collect::<Result<Vec<_>, BundleError>>()?;
+        self.crls = Arc::new(crls);
         self.crl_ders = ders;
         Ok(self)
     }
@@ -254,8 +239,8 @@ impl TrustBundle {
             };
         }
         let ee = webpki::EndEntityCert::try_from(end_entity).map_err(webpki_error)?;
-        if self.crls.iter().all(Vec::is_empty) {
-            ee.verify_for_usage(
+        let path = ee
+            .verify_for_usage(
                 algs.all,
                 &self.anchors,
                 intermediates,
@@ -265,51 +250,52 @@ impl TrustBundle {
                 None,
             )
             .map_err(webpki_error)?;
-        } else {
-            // Under each root with its own CRLs; the first root that
-            // vouches for the chain wins. Of the failures, a revocation
-            // says most, and "unknown issuer" (the other root) least.
-            let mut failure: Option<webpki::Error> = None;
-            let mut verified = false;
-            for (anchor, crls) in self.anchors.iter().zip(self.crls.iter()) {
-                let crls: Vec<&webpki::CertRevocationList<'_>> = crls.iter().collect();
-                // Every certificate in the chain is checked against the
-                // CRLs; one whose issuer published no CRL is not revoked.
+        if !self.crls.is_empty() {
+            // The CAs on the path found, and only their CRLs.
+            let mut on_path: Vec<CaName> = path
+                .intermediate_certificates()
+                .filter_map(|c| CaName::of_cert(c.der().as_ref()))
+                .collect();
+            let anchor = path.anchor();
+            let root = self.anchors.iter().position(|a| {
+                a.subject == anchor.subject
+                    && a.subject_public_key_info == anchor.subject_public_key_info
+            });
+            if let Some(name) = root.and_then(|i| CaName::of_cert(self.roots[i].as_ref())) {
+                on_path.push(name);
+            }
+            let crls: Vec<&webpki::CertRevocationList<'_>> = self
+                .crls
+                .iter()
+                .filter(|(_, issuer)| on_path.iter().any(|ca| ca.issued(issuer)))
+                .map(|(crl, _)| crl)
+                .collect();
+            if !crls.is_empty() {
+                // The same path again, now with revocation: every
+                // certificate on it is checked against its issuer's CRL,
+                // and one whose issuer published none is not revoked.
+                let path_intermediates: Vec<CertificateDer<'_>> =
+                    path.intermediate_certificates().map(|c| c.der()).collect();
+                let anchors = match root {
+                    Some(i) => &self.anchors[i..=i],
+                    None => &self.anchors[..],
+                };
                 let revocation = webpki::RevocationOptionsBuilder::new(&crls).ok().map(|b| {
                     b.with_depth(webpki::RevocationCheckDepth::Chain)
                         .with_status_policy(webpki::UnknownStatusPolicy::Allow)
                         .with_expiration_policy(webpki::ExpirationPolicy::Ignore)
                         .build()
                 });
-                match ee.verify_for_usage(
+                ee.verify_for_usage(
                     algs.all,
-                    std::slice::from_ref(anchor),
-                    intermediates,
+                    anchors,
+                    &path_intermediates,
                     now,
                     usage,
                     revocation,
                     None,
-                ) {
-                    Ok(_) => {
-                        verified = true;
-                        break;
-                    }
-                    Err(e) => {
-                        let rank = |e: &webpki::Error| match e {
-                            webpki::Error::CertRevoked => 2,
-                            webpki::Error::UnknownIssuer => 0,
-                            _ => 1,
-                        };
-                        if failure.as_ref().is_none_or(|f| rank(&e) > rank(f)) {
-                            failure = Some(e);
-                        }
-                    }
-                }
-            }
-            if !verified {
-                return Err(webpki_error(
-                    failure.unwrap_or(webpki::Error::UnknownIssuer),
-                ));
+                )
+                .map_err(webpki_error)?;
             }
         }
         let id = svid::validate(end_entity, SvidKind::Leaf)
@@ -327,6 +313,7 @@ impl TrustBundle {
 
 /// What ties a CRL to the CA that issued it: the issuer's name, and its key
 /// identifier where the certificate or CRL carries one.
+#[derive(Debug, Clone)]
 struct CaName {
     name: Vec<u8>,
     key_id: Option<Vec<u8>>,

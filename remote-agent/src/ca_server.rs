@@ -217,6 +217,10 @@ impl CertificateService for CaService {
                 | CaError::TtlTooLong { .. } => {
                     self.refuse("bad_request", Status::invalid_argument(e.to_string()))
                 }
+                CaError::ReservedIdentity(_) => {
+                    tracing::warn!(audit = true, %workload, identity = %id, "refused a reserved identity to a workload");
+                    self.refuse("reserved_identity", Status::permission_denied(e.to_string()))
+                }
                 other => Status::internal(other.to_string()),
             })?;
         tracing::info!(

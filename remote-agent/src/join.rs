@@ -238,7 +238,7 @@ impl Credentials {
         )?;
         let (cert, key) = self
             .signer
-            .issue_workload(&id, Duration::from_secs(24 * 3600))?;
+            .issue_system(&id, Duration::from_secs(24 * 3600))?;
         Ok(isthmus_transport::Identity::from_pem(
             &format!("{}{}", cert.pem, self.intermediate_pem),
             &key,

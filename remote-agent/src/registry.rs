@@ -138,6 +138,12 @@ impl Registry {
                     w.namespace
                 )
             })?;
+            if w.namespace == isthmus_ca::spiffe::SYSTEM_NAMESPACE {
+                return Err(format!(
+                    "workloads[{i}].namespace: {:?} is reserved for Isthmus's own identities (the agent's); put the workload in another namespace",
+                    w.namespace
+                ));
+            }
             check_label(&w.service_account).map_err(|_| {
                 format!(
                     "workloads[{i}].serviceAccount: {:?} is not a DNS label",

@@ -59,6 +59,7 @@ pub async fn run(dir: PathBuf, live: Arc<Live>, mut registry: watch::Receiver<Ar
                 .filter_map(|w| {
                     SpiffeId::workload(&td, &w.namespace, &w.service_account)
                         .ok()
+                        .filter(|id| !id.is_reserved())
                         .map(|id| (w.name.clone(), id))
                 })
                 .collect()

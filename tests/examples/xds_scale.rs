@@ -282,9 +282,7 @@ async fn main() -> anyhow::Result<()> {
         .into_inner();
     let signer = Signer::from_pem(&joined.intermediate_pem, &key)?;
     let identity = |id: &SpiffeId| {
-        let (leaf, key) = signer
-            .issue_workload(id, Duration::from_secs(3600))
-            .unwrap();
+        let (leaf, key) = signer.issue_system(id, Duration::from_secs(3600)).unwrap();
         isthmus_transport::Identity::from_pem(
             &format!("{}{}", leaf.pem, joined.intermediate_pem),
             &key,

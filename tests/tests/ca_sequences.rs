@@ -156,6 +156,27 @@ struct Run {
 }
 
 impl Run {
+    /// Waits until `ca status` satisfies `done`; on timeout, fails with the
+    /// last status seen and every step so far.
+    async fn wait_ca(&self, what: &str, done: impl Fn(&CaView) -> bool) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        let mut last = None;
+        loop {
+            if let Some(v) = ca(&self.mesh).await {
+                if done(&v) {
+                    return;
+                }
+                last = Some(v);
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out after {PATIENCE:?} waiting for {what}; last ca status: {last:#?}\nsteps: {:#?}",
+                self.history
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     async fn east_svid(&self) -> Svid {
         self.mesh
             .workload_svid("east", "client-east")
@@ -177,10 +198,12 @@ impl Run {
                     .and_then(|c| c.fingerprint.clone());
                 let held = (cluster == "east").then_some(self.east_svid().await);
                 client().rotate_intermediate(cluster).await.map_err(err)?;
-                eventually("the intermediate rotation to finish", PATIENCE, || async {
-                    let v = ca(&self.mesh).await?;
-                    let c = v.clusters.iter().find(|c| c.cluster == cluster)?;
-                    (c.rotation.as_deref() == Some("done") && c.fingerprint != old).then_some(())
+                self.wait_ca("the intermediate rotation to finish", |v| {
+                    v.clusters.iter().any(|c| {
+                        c.cluster == cluster
+                            && c.rotation.as_deref() == Some("done")
+                            && c.fingerprint != old
+                    })
                 })
                 .await;
                 self.retired.extend(held);
@@ -207,10 +230,11 @@ impl Run {
                     }
                 }
                 let target = self.model.paused.unwrap_or(0).max(until);
-                eventually("the root rotation to finish or pause", PATIENCE, || async {
-                    let r = ca(&self.mesh).await?.rotation?;
-                    let paused = r.waiting_for.iter().any(|w| w.starts_with("paused"));
-                    (r.phase == 4 && target >= 3 || r.phase == target && paused).then_some(())
+                self.wait_ca("the root rotation to finish or pause", |v| {
+                    v.rotation.as_ref().is_some_and(|r| {
+                        let paused = r.waiting_for.iter().any(|w| w.starts_with("paused"));
+                        r.phase == 4 && target >= 3 || r.phase == target && paused
+                    })
                 })
                 .await;
                 if target >= 3 {
@@ -225,9 +249,10 @@ impl Run {
                     })
                     .await
                     .map_err(err)?;
-                eventually("the rollback to finish", PATIENCE, || async {
-                    let r = ca(&self.mesh).await?.rotation?;
-                    (r.phase == 4 && r.rolled_back).then_some(())
+                self.wait_ca("the rollback to finish", |v| {
+                    v.rotation
+                        .as_ref()
+                        .is_some_and(|r| r.phase == 4 && r.rolled_back)
                 })
                 .await;
                 self.under_old_root = None;
@@ -346,6 +371,7 @@ async fn generated_ca_operation_sequences_leave_a_working_ca() {
         for op in ops {
             let expect = run.model.expect(op);
             run.history.push(format!("sequence {n}: {op:?}"));
+            eprintln!("step {}: sequence {n}: {op:?}", run.history.len());
             let outcome = run.run(op).await;
             match (expect, outcome) {
                 (Expect::Done, Ok(())) => run.model.apply(op),

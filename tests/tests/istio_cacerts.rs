@@ -77,7 +77,9 @@ fn istio_made_cas_are_refused_with_the_fix_or_imported_and_used() {
         verify(&bundle, &leaf_chain(&signer)).unwrap().as_str(),
         "spiffe://cluster.local/ns/demo/sa/client"
     );
-    let crl = ca.revocation_list(&[inter.der.clone()], 1).unwrap();
+    let crl = ca
+        .revocation_list(std::slice::from_ref(&inter.der), 1)
+        .unwrap();
     let revoking = bundle.clone().with_crls_pem(&crl).unwrap();
     let err = verify(&revoking, &leaf_chain(&signer)).unwrap_err();
     assert!(
@@ -147,4 +149,51 @@ fn a_foreign_cert_chain_is_refused() {
     std::fs::copy(theirs.join("root-cert.pem"), ours.join("root-cert.pem")).unwrap();
     let err = import(&ours).err().expect("refused").to_string();
     assert!(err.contains("does not chain to root-cert.pem"), "{err}");
+}
+
+/// Two CAs made by the same tooling share every name (`O=Istio, CN=Root CA`
+/// over `CN=Intermediate CA`). During a rotation from one to the other both
+/// are trusted, and the first one's CRL (from an intermediate rotation)
+/// must neither fail the second one's chains nor spare its own revoked one.
+#[test]
+fn two_cas_with_the_same_names_keep_their_crls_apart() {
+    let make = || {
+        let tmp = tempfile::tempdir().unwrap();
+        root(tmp.path());
+        let ca = import(&cacerts(tmp.path(), "mesh", &FIXED)).unwrap();
+        (tmp, ca)
+    };
+    let ((_a, first), (_b, second)) = (make(), make());
+    let signer = |ca: &isthmus_ca::Authority| {
+        let (csr, key) = isthmus_ca::issue::generate_csr("east").unwrap();
+        let inter = ca.sign_intermediate(&csr, "east").unwrap();
+        let signer = Signer::from_pem(&format!("{}{}", inter.pem, ca.chain_pem()), &key).unwrap();
+        (signer, inter)
+    };
+    let (revoked, revoked_cert) = signer(&first);
+    let (kept, _) = signer(&first);
+    let (under_second, _) = signer(&second);
+    let crl = first.revocation_list(&[revoked_cert.der], 1).unwrap();
+    let bundle = TrustBundle::from_der(
+        "cluster.local",
+        vec![first.anchor().clone(), second.anchor().clone()],
+    )
+    .unwrap()
+    .with_crls_pem(&crl)
+    .unwrap();
+    assert_eq!(
+        verify(&bundle, &leaf_chain(&under_second))
+            .unwrap()
+            .as_str(),
+        "spiffe://cluster.local/ns/demo/sa/client"
+    );
+    assert!(verify(&bundle, &leaf_chain(&kept)).is_ok());
+    let err = verify(&bundle, &leaf_chain(&revoked)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        ),
+        "{err:?}"
+    );
 }
