@@ -33,8 +33,16 @@ pub mod ports {
     pub const GATEWAY: u16 = 15443;
     pub const OUTBOUND: u16 = 15001;
     pub const INBOUND: u16 = 15006;
+    /// The sidecar's admin listener (Envoy's, in Istio).
     pub const ADMIN: u16 = 15000;
+    /// The sidecar's Prometheus listener (Envoy's, in Istio).
     pub const METRICS: u16 = 15090;
+    /// The agent's admin listener (istio-agent's status port).
+    pub const AGENT_ADMIN: u16 = 15020;
+    /// The gateway's admin listener, clear of the sidecar's on one host.
+    pub const GATEWAY_ADMIN: u16 = 15100;
+    /// The gateway's Prometheus listener, clear of the sidecar's.
+    pub const GATEWAY_METRICS: u16 = 15190;
 }
 
 /// xDS type URLs.

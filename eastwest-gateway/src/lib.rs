@@ -47,12 +47,13 @@ pub struct Config {
     /// and passed through undecrypted.
     #[arg(long, default_value = "0.0.0.0:15443")]
     pub listen: SocketAddr,
-    /// Admin listener: /ready, /healthz, /config_dump. Give each process on
-    /// one host its own.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// Admin listener: /ready, /healthz, /config_dump. The default stays
+    /// clear of the agent's and the sidecar's on the same host.
+    #[arg(long, default_value = "127.0.0.1:15100")]
     pub admin: SocketAddr,
-    /// Prometheus /metrics listener. Give each process on one host its own.
-    #[arg(long, default_value = "127.0.0.1:15090")]
+    /// Prometheus /metrics listener. The default stays clear of the
+    /// sidecar's on the same host.
+    #[arg(long, default_value = "127.0.0.1:15190")]
     pub metrics: SocketAddr,
 }
 
@@ -224,8 +225,9 @@ async fn serve_admin(
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     });
-    isthmus_transport::admin::serve(admin, admin_router).await?;
-    isthmus_transport::admin::serve(metrics, metrics_router).await?;
+    use isthmus_transport::admin::Listener;
+    isthmus_transport::admin::serve(Listener::Admin, admin, admin_router).await?;
+    isthmus_transport::admin::serve(Listener::Metrics, metrics, metrics_router).await?;
     Ok(())
 }
 

@@ -61,11 +61,12 @@ pub struct Config {
     /// workload.
     #[arg(long, default_value = "0.0.0.0:15006")]
     pub inbound: SocketAddr,
-    /// Admin listener: /ready, /healthz, /config_dump. Give each process on
-    /// one host its own.
+    /// Admin listener: /ready, /healthz, /config_dump (Istio's port). Two
+    /// sidecars on one host need their own.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin: SocketAddr,
-    /// Prometheus /metrics listener. Give each process on one host its own.
+    /// Prometheus /metrics listener (Istio's port). Two sidecars on one host
+    /// need their own.
     #[arg(long, default_value = "127.0.0.1:15090")]
     pub metrics: SocketAddr,
     /// This workload's address, which the primary matches against the
@@ -236,8 +237,10 @@ async fn serve_admin(
             async move { axum::Json(config_dump(&snap, &s)) }
         }),
     );
-    isthmus_transport::admin::serve(config.admin, admin).await?;
+    use isthmus_transport::admin::Listener;
+    isthmus_transport::admin::serve(Listener::Admin, config.admin, admin).await?;
     isthmus_transport::admin::serve(
+        Listener::Metrics,
         config.metrics,
         isthmus_transport::admin::metrics_router(move || metrics.encode()),
     )

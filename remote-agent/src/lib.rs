@@ -68,8 +68,9 @@ pub struct Config {
     /// (`<workload>.sock`; file-registry mode). Default: STATE_DIR/sds.
     #[arg(long)]
     pub sds_dir: Option<PathBuf>,
-    /// Admin listener: /ready, /healthz, /metrics.
-    #[arg(long, default_value = "127.0.0.1:15000")]
+    /// Admin listener: /ready, /healthz, /metrics. The default (Istio's
+    /// agent port) stays clear of the gateway's and the sidecar's.
+    #[arg(long, default_value = "127.0.0.1:15020")]
     pub admin: SocketAddr,
     /// Workload certificate requests each identity may make per second...
     #[arg(long, default_value = "5", value_parser = clap::value_parser!(NonZeroU32))]
@@ -140,6 +141,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let (ready_tx, ready_rx) = watch::channel(false);
     isthmus_transport::admin::serve(
+        isthmus_transport::admin::Listener::Admin,
         config.admin,
         isthmus_transport::admin::router(ready_rx, "not synced with the primary yet\n").merge(
             isthmus_transport::admin::metrics_router(move || {

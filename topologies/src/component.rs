@@ -34,3 +34,89 @@ impl Component {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        component: Component,
+    }
+
+    fn parse(args: &[&str]) -> Component {
+        Cli::try_parse_from(std::iter::once("component").chain(args.iter().copied()))
+            .expect("the arguments parse")
+            .component
+    }
+
+    /// An agent, a gateway and a sidecar started on one host with their
+    /// defaults listen on distinct ports: only a second sidecar needs its
+    /// own `--admin` and `--metrics`.
+    #[test]
+    fn defaults_of_one_host_do_not_collide() {
+        let p = "https://192.0.2.1:15012";
+        let mut bound = Vec::new();
+        match parse(&[
+            "agent",
+            "--primary",
+            p,
+            "--cluster",
+            "c",
+            "--registry",
+            "r.yaml",
+        ]) {
+            Component::Agent(c) => bound.push(("agent admin", c.admin)),
+            _ => unreachable!("parsed as agent"),
+        }
+        match parse(&[
+            "gateway",
+            "--primary",
+            p,
+            "--cluster",
+            "c",
+            "--token-file",
+            "t",
+            "--roots",
+            "r",
+        ]) {
+            Component::Gateway(c) => {
+                bound.push(("gateway listen", c.listen));
+                bound.push(("gateway admin", c.admin));
+                bound.push(("gateway metrics", c.metrics));
+            }
+            _ => unreachable!("parsed as gateway"),
+        }
+        match parse(&[
+            "proxy",
+            "--primary",
+            p,
+            "--cluster",
+            "c",
+            "--agent-socket",
+            "ca.sock",
+            "--token-file",
+            "t",
+        ]) {
+            Component::Proxy(c) => {
+                bound.push(("sidecar outbound", c.outbound));
+                bound.push(("sidecar inbound", c.inbound));
+                bound.push(("sidecar admin", c.admin));
+                bound.push(("sidecar metrics", c.metrics));
+                assert_eq!(c.admin.port(), isthmus_api::ports::ADMIN);
+                assert_eq!(c.metrics.port(), isthmus_api::ports::METRICS);
+            }
+            _ => unreachable!("parsed as proxy"),
+        }
+        for (i, (a, x)) in bound.iter().enumerate() {
+            for (b, y) in &bound[i + 1..] {
+                assert_ne!(x.port(), y.port(), "{a} and {b} share a port");
+            }
+        }
+        assert!(bound.contains(&("agent admin", "127.0.0.1:15020".parse().unwrap())));
+        assert!(bound.contains(&("gateway admin", "127.0.0.1:15100".parse().unwrap())));
+        assert!(bound.contains(&("gateway metrics", "127.0.0.1:15190".parse().unwrap())));
+    }
+}
