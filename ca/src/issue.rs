@@ -435,6 +435,20 @@ impl Signer {
         Ok((cert, key.serialize_pem()))
     }
 
+    /// Issues a leaf for one of Isthmus's own identities over an existing
+    /// key (PEM): the agent's identity, over the key whose hash the primary
+    /// pinned when the cluster joined.
+    pub fn issue_system_with_key(
+        &self,
+        identity: &SpiffeId,
+        key_pem: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCert, CaError> {
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|e| CaError::BadKeyMaterial(format!("identity key: {e}")))?;
+        self.sign_leaf(&key, identity, effective_ttl(ttl)?)
+    }
+
     fn sign_leaf(
         &self,
         key: &impl rcgen::PublicKeyData,
@@ -470,6 +484,16 @@ impl Signer {
         );
         Ok(issued)
     }
+}
+
+/// Generates an ECDSA P-256 key for an identity that is pinned by its key
+/// (the agent's). Returns (key PEM, SHA-256 hex of its SubjectPublicKeyInfo).
+pub fn generate_pinned_key() -> Result<(String, String), CaError> {
+    let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    Ok((
+        key.serialize_pem(),
+        crate::svid::spki_sha256(&rcgen::PublicKeyData::subject_public_key_info(&key)),
+    ))
 }
 
 /// Generates an ECDSA P-256 key and a CSR for it. The CSR's subject is

@@ -122,6 +122,19 @@ pub fn validate(der: &[u8], kind: SvidKind) -> Result<Option<SpiffeId>, SvidErro
     }
 }
 
+/// SHA-256 (lowercase hex) of the certificate's SubjectPublicKeyInfo DER:
+/// how the primary pins an agent's key.
+pub fn public_key_sha256(der: &[u8]) -> Option<String> {
+    let cert = parse(der).ok()?;
+    Some(spki_sha256(cert.public_key().raw))
+}
+
+/// SHA-256 (lowercase hex) of a SubjectPublicKeyInfo DER.
+pub fn spki_sha256(spki_der: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(spki_der))
+}
+
 /// The certificate's subject key identifier, if it carries one.
 pub fn subject_key_id(der: &[u8]) -> Option<Vec<u8>> {
     let cert = parse(der).ok()?;

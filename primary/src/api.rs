@@ -314,6 +314,7 @@ async fn register_cluster(
         replaced_intermediates: vec![],
         reissue_requested: false,
         intermediate_rotation: None,
+        agent_key_sha256: None,
     };
     let key = keys::cluster(&req.name);
     let value = serde_json::to_vec(&record)

@@ -69,7 +69,9 @@ pub fn workload(
     })
 }
 
-/// Authenticates an agent: a workload whose identity is the agent's.
+/// Authenticates an agent: a workload whose identity is the agent's, over
+/// the key the agent pinned when its cluster joined. The identity alone is
+/// not enough: anything the cluster's intermediate signs could carry it.
 pub fn agent(shared: &Shared, certs: Option<&[CertificateDer<'static>]>) -> Result<Peer, Status> {
     let peer = workload(shared, certs)?;
     if peer.identity.namespace_and_account() != Some((AGENT_NAMESPACE, AGENT_SERVICE_ACCOUNT)) {
@@ -78,6 +80,23 @@ pub fn agent(shared: &Shared, certs: Option<&[CertificateDer<'static>]>) -> Resu
             "{} is not an agent identity",
             peer.identity
         )));
+    }
+    let model = shared.model.borrow().clone();
+    let pinned = model
+        .clusters
+        .get(&peer.cluster)
+        .and_then(|c| c.agent_key_sha256.clone());
+    if let Some(pinned) = pinned {
+        let presented = certs
+            .and_then(|c| c.first())
+            .and_then(|leaf| isthmus_ca::svid::public_key_sha256(leaf));
+        if presented.as_deref() != Some(pinned.as_str()) {
+            tracing::warn!(audit = true, cluster = %peer.cluster, "agent identity over a key that is not the agent's pinned key refused");
+            return Err(Status::permission_denied(format!(
+                "this certificate carries cluster {}'s agent identity but not the key its agent pinned at join; only that agent may stream or renew the intermediate (an agent that lost its state must have the cluster registered again)",
+                peer.cluster
+            )));
+        }
     }
     Ok(peer)
 }

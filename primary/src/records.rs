@@ -34,6 +34,11 @@ pub struct ClusterRecord {
     /// An intermediate rotation in progress, or the last one.
     #[serde(default)]
     pub intermediate_rotation: Option<IntermediateRotation>,
+    /// SHA-256 of the agent's identity key (SPKI DER), pinned at join: only
+    /// a certificate over that key is the agent. None for clusters that
+    /// joined before agents sent one.
+    #[serde(default)]
+    pub agent_key_sha256: Option<String>,
 }
 
 /// A cluster intermediate the primary issued.

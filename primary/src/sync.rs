@@ -235,6 +235,12 @@ impl SyncService {
         check_label(&req.cluster).map_err(|_| {
             Status::invalid_argument(format!("cluster {:?} is not a DNS label", req.cluster))
         })?;
+        let pin = req.agent_key_sha256.as_str();
+        if pin.len() != 64 || !pin.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(Status::invalid_argument(
+                "agent_key_sha256: the agent must send the SHA-256 (64 hex digits) of its identity key; an agent that sends none is too old for this primary, so upgrade it",
+            ));
+        }
         let (secret, _) = isthmus_api::join_token::parse(&req.token).ok_or_else(|| {
             Status::invalid_argument(
                 "join token is malformed; expected ist1.<secret>.<root sha256>",
@@ -294,6 +300,7 @@ impl SyncService {
             let gateway_secret = tokens::generate();
             rec.join_token_sha256 = None;
             rec.joined_unix = Some(now);
+            rec.agent_key_sha256 = Some(pin.to_ascii_lowercase());
             let issued_record = intermediate_record(&issued, &ca, now);
             rec.intermediates.push(issued_record.fingerprint.clone());
             rec.current_intermediate = Some(issued_record);

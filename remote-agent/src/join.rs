@@ -25,6 +25,9 @@ pub struct Credentials {
     pub intermediate_pem: String,
     /// The primary's sequence number of `bundle` (0 before the first update).
     pub bundle_sequence: u64,
+    /// The key of the agent's own identity (PEM), made at join; the primary
+    /// pinned its hash, so only certificates over it speak for the cluster.
+    pub agent_key_pem: Arc<str>,
 }
 
 impl Credentials {
@@ -86,6 +89,7 @@ impl Live {
             bundle,
             intermediate_pem: cur.intermediate_pem.clone(),
             bundle_sequence: sequence,
+            agent_key_pem: cur.agent_key_pem.clone(),
         }));
         self.bump("trust bundle");
         Ok(true)
@@ -111,6 +115,7 @@ impl Live {
             bundle: cur.bundle.clone(),
             intermediate_pem: intermediate_pem.to_string(),
             bundle_sequence: cur.bundle_sequence,
+            agent_key_pem: cur.agent_key_pem.clone(),
         }));
         self.bump("intermediate");
         Ok(())
@@ -126,6 +131,8 @@ impl Live {
 
 const INTERMEDIATE: &str = "intermediate.pem";
 const INTERMEDIATE_KEY: &str = "intermediate-key.pem";
+/// The agent's identity key, made at join; its hash is pinned by the primary.
+const AGENT_KEY: &str = "agent-key.pem";
 const ROOTS: &str = "roots.pem";
 const CRLS: &str = "crls.pem";
 const BUNDLE_SEQUENCE: &str = "bundle-sequence";
@@ -162,6 +169,7 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
     let (_, root_fp) = isthmus_api::join_token::parse(token)
         .context("join token is malformed; expected ist1.<secret>.<root sha256>")?;
     let (csr, key) = generate_csr(&format!("isthmus-agent {}", config.cluster))?;
+    let (agent_key, agent_key_sha256) = isthmus_ca::issue::generate_pinned_key()?;
     let tls = isthmus_transport::pinned_root_client_config(root_fp)?;
     let channel = isthmus_transport::tls_channel(&config.primary, std::sync::Arc::new(tls))?;
     let mut client = SyncClient::new(channel);
@@ -170,6 +178,7 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
         token: token.to_string(),
         csr_pem: csr,
         agent_version: crate::VERSION.to_string(),
+        agent_key_sha256,
     };
     // The primary may still be starting; refusals are final, outages are not.
     let mut delay = Duration::from_millis(200);
@@ -195,6 +204,7 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
     {
         bail!("the primary's trust bundle does not hold the root named by the join token");
     }
+    isthmus_transport::write_private(&dir.join(AGENT_KEY), &agent_key)?;
     isthmus_transport::write_private(&dir.join(INTERMEDIATE_KEY), &key)?;
     std::fs::write(dir.join(INTERMEDIATE), &response.intermediate_pem)?;
     std::fs::write(dir.join(ROOTS), &response.trust_bundle_pem)?;
@@ -220,11 +230,25 @@ fn load(dir: &Path) -> anyhow::Result<Credentials> {
         .ok()
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
+    // An agent that joined before identity keys were pinned has none; it
+    // makes one now (its primary pinned nothing for it either).
+    let agent_key_pem = match std::fs::read_to_string(dir.join(AGENT_KEY)) {
+        Ok(pem) => pem,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let (pem, _) = isthmus_ca::issue::generate_pinned_key()?;
+            isthmus_transport::write_private(&dir.join(AGENT_KEY), &pem)?;
+            pem
+        }
+        Err(e) => {
+            return Err(e).with_context(|| format!("reading {}", dir.join(AGENT_KEY).display()));
+        }
+    };
     Ok(Credentials {
         signer,
         bundle,
         intermediate_pem,
         bundle_sequence,
+        agent_key_pem: agent_key_pem.into(),
     })
 }
 
@@ -236,12 +260,14 @@ impl Credentials {
             "isthmus-system",
             "isthmus-agent",
         )?;
-        let (cert, key) = self
-            .signer
-            .issue_system(&id, Duration::from_secs(24 * 3600))?;
+        let cert = self.signer.issue_system_with_key(
+            &id,
+            &self.agent_key_pem,
+            Duration::from_secs(24 * 3600),
+        )?;
         Ok(isthmus_transport::Identity::from_pem(
             &format!("{}{}", cert.pem, self.intermediate_pem),
-            &key,
+            &self.agent_key_pem,
         )?)
     }
 }

@@ -45,6 +45,7 @@ fn credentials(root: &Authority) -> (Credentials, String) {
         bundle: TrustBundle::from_der("cluster.local", vec![root.cert().clone()]).unwrap(),
         intermediate_pem: inter.pem.clone(),
         bundle_sequence: 1,
+        agent_key_pem: isthmus_ca::issue::generate_pinned_key().unwrap().0.into(),
     };
     (creds, key)
 }

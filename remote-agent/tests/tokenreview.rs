@@ -2,7 +2,7 @@
 //! Unix socket, asks the API server (kube's client over tower-test's mock,
 //! answering with TokenReview JSON as an API server does) whose projected
 //! token each caller presents, and issues only that service account's
-//! identity.
+//! identity; never the reserved one of the agent itself.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -45,6 +45,12 @@ async fn api_server(mut handle: Handle, reviews: Arc<AtomicUsize>) {
                 .replace("AUDIENCES", r#"["isthmus-ca"]"#),
             "admin-token" => ok
                 .replace("USERNAME", "system:admin")
+                .replace("AUDIENCES", r#"["isthmus-ca"]"#),
+            "agent-sa-token" => ok
+                .replace(
+                    "USERNAME",
+                    "system:serviceaccount:isthmus-system:isthmus-agent",
+                )
                 .replace("AUDIENCES", r#"["isthmus-ca"]"#),
             "other-audience" => ok
                 .replace("USERNAME", "system:serviceaccount:demo:echo")
@@ -96,6 +102,7 @@ async fn projected_tokens_are_reviewed_and_only_service_accounts_get_identities(
             bundle: TrustBundle::from_der("cluster.local", vec![root.cert().clone()]).unwrap(),
             intermediate_pem: inter.pem.clone(),
             bundle_sequence: 1,
+            agent_key_pem: isthmus_ca::issue::generate_pinned_key().unwrap().0.into(),
         },
     ));
     let socket = dir.path().join("ca.sock");
@@ -135,4 +142,14 @@ async fn projected_tokens_are_reviewed_and_only_service_accounts_get_identities(
     }
     // Refusals are not cached: each was asked about.
     assert_eq!(reviews.load(Ordering::SeqCst), 4);
+
+    // A pod running as the agent's own service account is authenticated by
+    // Kubernetes, and still refused: that identity is reserved.
+    let err = ask(&mut client, "agent-sa-token").await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(
+        err.message()
+            .contains("reserved for Isthmus's own components"),
+        "{err}"
+    );
 }

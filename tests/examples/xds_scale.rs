@@ -277,6 +277,7 @@ async fn main() -> anyhow::Result<()> {
             token: registered.join_token.clone(),
             csr_pem: csr,
             agent_version: "bench".into(),
+            agent_key_sha256: isthmus_e2e::TEST_AGENT_KEY.1.clone(),
         })
         .await?
         .into_inner();
@@ -289,11 +290,12 @@ async fn main() -> anyhow::Result<()> {
         )
         .unwrap()
     };
-    let agent_id = SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent")?;
-    let agent_tls = Arc::new(isthmus_transport::primary_client_config(
+    let agent_tls = isthmus_e2e::agent_tls(
+        &signer,
+        &joined.intermediate_pem,
         &roots,
-        Some(identity(&agent_id)),
-    )?);
+        &isthmus_e2e::TEST_AGENT_KEY.0,
+    );
     let (agent_tx, agent_rx) = mpsc::channel(4);
     let mut agent_in = SyncClient::new(isthmus_transport::tls_channel(&grpc, agent_tls)?)
         .max_decoding_message_size(64 * 1024 * 1024)

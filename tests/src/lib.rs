@@ -296,8 +296,8 @@ pub fn workload_tls(
 ) -> std::sync::Arc<rustls::ClientConfig> {
     let id = isthmus_ca::SpiffeId::workload("cluster.local", namespace, account)
         .expect("a valid SPIFFE id");
-    // issue_system: the harness also stands in for the agent, whose
-    // identity is reserved from workloads.
+    // issue_system: tests also forge reserved identities with this (an
+    // agent's identity over a key the primary did not pin).
     let (leaf, key) = signer
         .issue_system(&id, Duration::from_secs(600))
         .expect("the intermediate signs the SVID");
@@ -484,6 +484,36 @@ impl InProcessPrimary {
     }
 }
 
+/// The identity key every test agent of this process pins at join (PEM,
+/// SPKI SHA-256).
+pub static TEST_AGENT_KEY: std::sync::LazyLock<(String, String)> = std::sync::LazyLock::new(|| {
+    isthmus_ca::issue::generate_pinned_key().expect("an agent identity key")
+});
+
+/// A client TLS config for the primary as a cluster's agent: its reserved
+/// identity over `agent_key_pem`, the key pinned at join.
+pub fn agent_tls(
+    signer: &isthmus_ca::Signer,
+    intermediate_pem: &str,
+    trust_bundle_pem: &str,
+    agent_key_pem: &str,
+) -> std::sync::Arc<rustls::ClientConfig> {
+    let id = isthmus_ca::SpiffeId::workload("cluster.local", "isthmus-system", "isthmus-agent")
+        .expect("a valid SPIFFE id");
+    let leaf = signer
+        .issue_system_with_key(&id, agent_key_pem, Duration::from_secs(600))
+        .expect("the intermediate signs the agent's SVID");
+    let identity = isthmus_transport::Identity::from_pem(
+        &format!("{}{intermediate_pem}", leaf.pem),
+        agent_key_pem,
+    )
+    .expect("the SVID chain loads");
+    std::sync::Arc::new(
+        isthmus_transport::primary_client_config(trust_bundle_pem, Some(identity))
+            .expect("a client TLS config"),
+    )
+}
+
 impl InProcessPrimary {
     /// Registers a cluster on network `net-NAME`; returns its join token and expiry.
     pub async fn register(&self, name: &str, ttl: u64) -> (String, u64) {
@@ -522,6 +552,7 @@ impl InProcessPrimary {
                 token: token.into(),
                 csr_pem: csr,
                 agent_version: "test".into(),
+                agent_key_sha256: TEST_AGENT_KEY.1.clone(),
             })
             .await?;
         Ok((resp.into_inner(), key))
@@ -534,13 +565,7 @@ impl InProcessPrimary {
         intermediate_pem: &str,
         bundle_pem: &str,
     ) -> Result<(mpsc::Sender<AgentMessage>, tonic::Streaming<PrimaryMessage>), tonic::Status> {
-        let tls = workload_tls(
-            signer,
-            intermediate_pem,
-            bundle_pem,
-            "isthmus-system",
-            "isthmus-agent",
-        );
+        let tls = agent_tls(signer, intermediate_pem, bundle_pem, &TEST_AGENT_KEY.0);
         let channel = isthmus_transport::tls_channel(&self.grpc, tls).expect("a gRPC channel");
         let (tx, rx) = mpsc::channel(4);
         let inbound = SyncClient::new(channel)

@@ -14,7 +14,8 @@
 //!
 //! `ISTHMUS_CA_SEED` (default 15), `ISTHMUS_CA_SEQUENCES` (default 20) and
 //! `ISTHMUS_CA_STEPS` (operations per sequence, default 6) set the run; the
-//! seed and every step so far are printed on failure. The sequences run one
+//! seed and every step so far are printed on failure; `ISTHMUS_E2E_NODE`
+//! may name a copy of the node binary for long runs by hand. The sequences run one
 //! after another on one mesh; each ends with any paused rotation finished.
 //!
 //! Needs root for network namespaces (CI runs as root).
@@ -31,7 +32,12 @@ use isthmus_topology::runner::NetMode;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
+/// The node binary; `ISTHMUS_E2E_NODE` may name a copy, so that a long run
+/// by hand is not disturbed by rebuilds of the workspace meanwhile.
+fn node() -> String {
+    std::env::var("ISTHMUS_E2E_NODE")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_isthmus-e2e-node").to_string())
+}
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
 const PATIENCE: Duration = Duration::from_secs(60);
 const PEER: &str = "other.mesh";
@@ -267,7 +273,7 @@ impl Run {
                 client().unfederate(PEER).await.map_err(err)?;
             }
             Op::KillPrimary => {
-                self.mesh.kill_and_restart_primary(NODE).await.unwrap();
+                self.mesh.kill_and_restart_primary(&node()).await.unwrap();
                 eventually("the restarted primary to answer", PATIENCE, || async {
                     ca(&self.mesh).await
                 })
@@ -339,7 +345,9 @@ async fn generated_ca_operation_sequences_leave_a_working_ca() {
     eprintln!("CA sequences: ISTHMUS_CA_SEED={seed}, {sequences} sequences of {steps} operations");
     let mut rng = StdRng::seed_from_u64(seed);
 
-    let mesh = Mesh::up(NetMode::Netns, NODE).await.expect("mesh starts");
+    let mesh = Mesh::up(NetMode::Netns, &node())
+        .await
+        .expect("mesh starts");
     // Requests must cross networks: east's own echo is relabelled away.
     mesh.relabel("east", "echo-east", "app", "off").unwrap();
     let peer = Authority::generate(PEER).unwrap();
