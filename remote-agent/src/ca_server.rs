@@ -111,6 +111,7 @@ pub fn serve(
             limiter: Arc::new(limiter),
             limits,
             metrics,
+            refusals: crate::refusal_log::RefusalLog::default(),
         }))
         .serve_with_incoming(UnixListenerStream::new(listener)))
 }
@@ -122,6 +123,8 @@ struct CaService {
     limiter: Arc<DefaultKeyedRateLimiter<String>>,
     limits: Limits,
     metrics: Metrics,
+    /// WARN lines for refused credentials, rate-limited.
+    refusals: crate::refusal_log::RefusalLog,
 }
 
 impl CaService {
@@ -133,6 +136,14 @@ impl CaService {
         status
     }
 
+    /// As [`Self::refuse`], for a credential refused in [`Self::caller`]:
+    /// also logged at WARN (rate-limited) with the reason the workload gets
+    /// and the digest of what it presented.
+    fn refuse_credential(&self, reason: &str, status: Status, digest: Option<&str>) -> Status {
+        self.refusals.refused(reason, status.message(), digest);
+        self.refuse(reason, status)
+    }
+
     /// The workload the bearer credential names: (namespace, account, name).
     async fn caller(&self, metadata: &MetadataMap) -> Result<(String, String, String), Status> {
         let token = metadata
@@ -140,13 +151,15 @@ impl CaService {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .ok_or_else(|| {
-                self.refuse(
+                self.refuse_credential(
                     "unauthenticated",
                     Status::unauthenticated(
                         "present the workload credential as 'authorization: Bearer <token>'",
                     ),
+                    None,
                 )
             })?;
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
         let registry = match &self.auth {
             WorkloadAuth::Registry(r) => r,
             WorkloadAuth::Kubernetes(reviewer) => {
@@ -155,23 +168,28 @@ impl CaService {
                         let name = format!("{ns}/{sa}");
                         Ok((ns, sa, name))
                     }
-                    Err(e @ crate::tokenreview::ReviewError::Unavailable(_)) => {
-                        Err(self.refuse("unavailable", Status::unavailable(e.to_string())))
-                    }
-                    Err(e) => {
-                        Err(self.refuse("unauthenticated", Status::unauthenticated(e.to_string())))
-                    }
+                    Err(e @ crate::tokenreview::ReviewError::Unavailable(_)) => Err(self
+                        .refuse_credential(
+                            "unavailable",
+                            Status::unavailable(e.to_string()),
+                            Some(&digest),
+                        )),
+                    Err(e) => Err(self.refuse_credential(
+                        "unauthenticated",
+                        Status::unauthenticated(e.to_string()),
+                        Some(&digest),
+                    )),
                 };
             }
         };
-        let digest = hex::encode(Sha256::digest(token.as_bytes()));
         let reg = registry.borrow();
         let w = reg.workload_by_token(&digest).ok_or_else(|| {
-            self.refuse(
+            self.refuse_credential(
                 "unauthenticated",
                 Status::unauthenticated(
                     "workload credential is not known to this cluster's registry",
                 ),
+                Some(&digest),
             )
         })?;
         Ok((
@@ -205,7 +223,18 @@ impl CertificateService for CaService {
             ));
         }
         let req = request.into_inner();
-        let ttl = Duration::from_secs(u64::try_from(req.validity_duration).unwrap_or(0));
+        let ttl = match u64::try_from(req.validity_duration) {
+            Ok(secs) => Duration::from_secs(secs),
+            Err(_) => {
+                return Err(self.refuse(
+                    "bad_request",
+                    Status::invalid_argument(format!(
+                        "validity_duration: {} is negative; ask for 0 (the default, 24 h) or a number of seconds up to 90 days",
+                        req.validity_duration
+                    )),
+                ));
+            }
+        };
         let issued = creds
             .signer
             .sign_workload_csr(&req.csr, &id, ttl)

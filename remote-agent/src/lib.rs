@@ -9,11 +9,13 @@
 //!   with jittered backoff.
 //! - [`ca_server`]: signs workload certificates over a Unix socket, for the
 //!   identity the caller's credential names. It needs no primary, so new
-//!   workloads get certificates while the primary is down.
+//!   workloads get certificates while the primary is down; a refused
+//!   credential is logged, rate-limited ([`refusal_log`]).
 
 pub mod ca_server;
 pub mod join;
 pub mod kubernetes;
+pub mod refusal_log;
 pub mod registry;
 pub mod sds;
 pub mod sync;

@@ -45,10 +45,16 @@ pub fn classify(e: &io::Error) -> HandshakeFailure {
     }
 }
 
-/// A lock-free budget of INFO lines per time window.
+/// A lock-free budget of log lines per time window: the first
+/// `per_window` events of each window are logged, the rest are counted and
+/// that count is reported with the next logged one. The TLS accept loop
+/// uses it for refused handshakes; the agent for refused workload
+/// credentials.
 #[derive(Debug)]
 pub struct RefusalLog {
     start: Instant,
+    window_len: Duration,
+    per_window: u32,
     /// The window the counts below belong to.
     window: AtomicU64,
     logged: AtomicU32,
@@ -68,9 +74,17 @@ impl RefusalLog {
     pub const WINDOW: Duration = Duration::from_secs(10);
     pub const PER_WINDOW: u32 = 5;
 
+    /// The handshake budget: [`Self::PER_WINDOW`] lines per [`Self::WINDOW`].
     pub fn new(start: Instant) -> Self {
+        Self::with_budget(start, Self::WINDOW, Self::PER_WINDOW)
+    }
+
+    /// At most `per_window` lines per `window` (at least one second).
+    pub fn with_budget(start: Instant, window: Duration, per_window: u32) -> Self {
         Self {
             start,
+            window_len: window.max(Duration::from_secs(1)),
+            per_window,
             window: AtomicU64::new(0),
             logged: AtomicU32::new(0),
             suppressed: AtomicU32::new(0),
@@ -80,7 +94,7 @@ impl RefusalLog {
     /// Spends one line of the budget of the window `now` falls in.
     pub fn admit(&self, now: Instant) -> Admit {
         let window =
-            (now.saturating_duration_since(self.start).as_secs() / Self::WINDOW.as_secs()) + 1;
+            (now.saturating_duration_since(self.start).as_secs() / self.window_len.as_secs()) + 1;
         let seen = self.window.load(Ordering::Relaxed);
         if window > seen
             && self
@@ -90,7 +104,7 @@ impl RefusalLog {
         {
             self.logged.store(0, Ordering::Relaxed);
         }
-        if self.logged.fetch_add(1, Ordering::Relaxed) < Self::PER_WINDOW {
+        if self.logged.fetch_add(1, Ordering::Relaxed) < self.per_window {
             Admit::Info {
                 suppressed_before: self.suppressed.swap(0, Ordering::Relaxed),
             }
