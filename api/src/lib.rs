@@ -1,13 +1,15 @@
 //! Isthmus's wire contracts, shared by every other crate: the generated
 //! `isthmus.sync.v1` and `isthmus.ca.v1` gRPC services, Istio's naming rules
 //! (service FQDNs, outbound cluster names and the `outbound_.PORT_.SUBSET_.FQDN`
-//! SNI), and the JSON types of the primary's REST API. It holds no logic that
+//! SNI), the JSON types of the primary's REST API, and the workload
+//! credential of file registries and its `tokenSha256`. It holds no logic that
 //! does I/O, so anything may depend on it.
 
 pub mod config;
 pub mod join_token;
 pub mod names;
 pub mod rest;
+pub mod workload_credential;
 
 /// Generated protobuf types and tonic services.
 pub mod pb {

@@ -8,6 +8,7 @@
 //! binary is all a laptop needs.
 
 mod ca;
+mod workload;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -255,6 +256,11 @@ enum Cmd {
         #[command(subcommand)]
         command: ca::CaCmd,
     },
+    /// Workload credentials for a file registry.
+    Workload {
+        #[command(subcommand)]
+        command: workload::WorkloadCmd,
+    },
     /// Run one Isthmus process: primary, agent, gateway, proxy or echo.
     /// `up` starts each component this way, so this binary is all a machine
     /// needs; `isthmusctl component KIND --help` lists its flags.
@@ -436,6 +442,7 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
     match cmd {
         Cmd::Component { component } => component.run().await,
         Cmd::Ca { command } => ca::run(command).await,
+        Cmd::Workload { command } => workload::run(command),
         Cmd::Failover {
             command:
                 FailoverCmd::Drill {

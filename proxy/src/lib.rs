@@ -84,6 +84,22 @@ pub struct Config {
     pub cert_ttl_seconds: u64,
 }
 
+/// The workload credential in `path`, as
+/// [`isthmus_api::workload_credential`] defines it. Its hash is logged, to
+/// compare with the registry's `tokenSha256` when the agent refuses it.
+fn read_credential(path: &std::path::Path) -> anyhow::Result<String> {
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("reading workload credential {}", path.display()))?;
+    let credential = isthmus_api::workload_credential::from_file_bytes(&bytes)
+        .with_context(|| format!("workload credential {}", path.display()))?;
+    tracing::info!(
+        file = %path.display(),
+        token_sha256 = %isthmus_api::workload_credential::sha256_hex(credential),
+        "workload credential read; the registry's tokenSha256 must be this hash"
+    );
+    Ok(credential.to_string())
+}
+
 fn parse_app(s: &str) -> Result<(u16, SocketAddr), String> {
     let (port, addr) = s.split_once('=').ok_or("expected PORT=IP:PORT")?;
     let port = port
@@ -97,15 +113,10 @@ fn parse_app(s: &str) -> Result<(u16, SocketAddr), String> {
 
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
-    let token = std::fs::read_to_string(&config.token_file).with_context(|| {
-        format!(
-            "reading workload credential {}",
-            config.token_file.display()
-        )
-    })?;
+    let token = read_credential(&config.token_file)?;
     let svid = identity::start(identity::AgentClient {
         socket: config.agent_socket.clone(),
-        token: token.trim().to_string(),
+        token,
         ttl: Duration::from_secs(config.cert_ttl_seconds),
     })
     .await?;

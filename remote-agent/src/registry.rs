@@ -18,7 +18,11 @@
 //!
 //! A workload belongs to every service of its namespace whose selector its
 //! labels match. Its credential authenticates it to the agent's CA; only
-//! the digest is stored here.
+//! the digest is stored here. `tokenSha256` is the hex SHA-256 of the
+//! credential, which is the token file's bytes with one trailing newline
+//! removed ([`isthmus_api::workload_credential`]): `sha256sum` of a token
+//! file written without a newline, as `isthmusctl workload credential --out
+//! FILE` writes it (and prints the hash).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -198,9 +202,11 @@ impl Registry {
 
     /// The workload whose credential digests to `token_sha256`.
     pub fn workload_by_token(&self, token_sha256: &str) -> Option<&WorkloadEntry> {
-        self.workloads
-            .iter()
-            .find(|w| w.token_sha256.as_deref() == Some(token_sha256))
+        self.workloads.iter().find(|w| {
+            w.token_sha256
+                .as_deref()
+                .is_some_and(|h| h.eq_ignore_ascii_case(token_sha256))
+        })
     }
 }
 
@@ -253,5 +259,24 @@ workloads:
             let err = Registry::parse(text).expect_err(text);
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+    /// The hash `isthmusctl workload credential` prints, or `sha256sum`
+    /// gives in either case, finds the workload whose token file holds the
+    /// credential, with or without its trailing newline.
+    #[test]
+    fn the_credential_of_a_token_file_finds_its_workload() {
+        use isthmus_api::workload_credential::{from_file_bytes, sha256_hex};
+        // `printf s3cret | sha256sum`, in capitals as some tools print it.
+        let upper = sha256_hex("s3cret").to_ascii_uppercase();
+        let reg = Registry::parse(&format!(
+            "workloads: [{{name: w, namespace: demo, serviceAccount: x, address: 192.0.2.9, tokenSha256: {upper}}}]"
+        ))
+        .expect("a registry");
+        for file in [&b"s3cret"[..], b"s3cret\n"] {
+            let credential = from_file_bytes(file).expect("a credential");
+            let found = reg.workload_by_token(&sha256_hex(credential));
+            assert_eq!(found.map(|w| w.name.as_str()), Some("w"));
+        }
+        assert!(reg.workload_by_token(&sha256_hex("other")).is_none());
     }
 }

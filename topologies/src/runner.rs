@@ -18,7 +18,6 @@ use anyhow::{Context, bail};
 use isthmus_api::ports;
 use isthmus_api::rest::RegisterCluster;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::client::PrimaryClient;
 use crate::netns::{self, Layout};
@@ -297,10 +296,6 @@ fn replica_names(n: usize) -> Vec<String> {
     }
 }
 
-fn random_token() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
-}
-
 async fn start(
     opts: &UpOptions,
     tpl: &Template,
@@ -436,7 +431,7 @@ async fn start(
         // Workload credentials: the token for the sidecar, its digest for the registry.
         let mut reg_workloads = Vec::new();
         for (j, w) in cluster.workloads.iter().enumerate() {
-            let token = random_token();
+            let token = isthmus_api::workload_credential::generate();
             isthmus_transport::write_private(&cdir.join(format!("{}.token", w.name)), &token)?;
             let addr = pod(10 + j as u8);
             if let (Some(layout), true) = (&state.layout, j == 0) {
@@ -451,7 +446,7 @@ async fn start(
                 "serviceAccount": w.service_account,
                 "address": addr.to_string(),
                 "labels": w.labels,
-                "tokenSha256": hex::encode(Sha256::digest(token.as_bytes())),
+                "tokenSha256": isthmus_api::workload_credential::sha256_hex(&token),
             }));
         }
         let registry = serde_json::json!({
