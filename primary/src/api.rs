@@ -19,6 +19,9 @@ use crate::{Shared, tokens};
 
 /// Join tokens live this long unless the request says otherwise.
 const DEFAULT_TOKEN_TTL: u64 = 3600;
+/// The longest a join token may stay valid: a week. Larger values once
+/// overflowed into a token that had already expired.
+const MAX_TOKEN_TTL: u64 = 7 * 24 * 3600;
 /// A cluster whose agent has not been heard from for this long is stale.
 const STALE_AFTER: u64 = 30;
 
@@ -289,10 +292,14 @@ async fn register_cluster(
             return Err(bad(format!("{field}: {v:?} is not a DNS label")));
         }
     }
-    let ttl = if req.token_ttl_seconds == 0 {
-        DEFAULT_TOKEN_TTL
-    } else {
-        req.token_ttl_seconds
+    let ttl = match req.token_ttl_seconds {
+        0 => DEFAULT_TOKEN_TTL,
+        t if t > MAX_TOKEN_TTL => {
+            return Err(bad(format!(
+                "tokenTtlSeconds: {t} is more than the longest join token lifetime, {MAX_TOKEN_TTL} (7 days); register with a shorter one"
+            )));
+        }
+        t => t,
     };
     let secret = tokens::generate();
     let token = isthmus_api::join_token::format(&secret, &shared.ca().root_fingerprint());

@@ -170,7 +170,7 @@ pub fn entry(authority: &Authority, kek: &Kek, imported: bool) -> anyhow::Result
     Ok(RootEntry {
         root_pem: isthmus_ca::pem::encode("CERTIFICATE", authority.anchor()),
         chain_pem: authority.chain_pem(),
-        key: kek.seal(authority.key_pem(), &binding(&fingerprint)),
+        key: kek.seal(authority.key_pem(), &binding(&fingerprint))?,
         not_after_unix: info.not_after_unix,
         added_unix: now_unix(),
         imported,

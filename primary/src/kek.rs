@@ -23,6 +23,8 @@ pub enum KekError {
     WrongKek { stored: String, ours: String },
     #[error("the sealed key does not open: it was altered, or belongs to another certificate")]
     Corrupt,
+    #[error("sealing a CA key under the KEK failed; nothing was stored")]
+    SealFailed,
 }
 
 pub struct Kek {
@@ -58,21 +60,24 @@ impl Kek {
     }
 
     /// Seals `secret` for the certificate named by `binding`.
-    pub fn seal(&self, secret: &str, binding: &str) -> Sealed {
+    pub fn seal(&self, secret: &str, binding: &str) -> Result<Sealed, KekError> {
         let nonce_bytes: [u8; NONCE_LEN] = rand::random();
         let mut data = secret.as_bytes().to_vec();
-        // Sealing only fails for inputs over ~64 GiB.
-        let _ = self.key.seal_in_place_append_tag(
-            Nonce::assume_unique_for_key(nonce_bytes),
-            Aad::from(binding.as_bytes()),
-            &mut data,
-        );
+        // Sealing fails only for inputs over ~64 GiB; were it ever to, an
+        // unsealed or half-sealed key must not reach the store.
+        self.key
+            .seal_in_place_append_tag(
+                Nonce::assume_unique_for_key(nonce_bytes),
+                Aad::from(binding.as_bytes()),
+                &mut data,
+            )
+            .map_err(|_| KekError::SealFailed)?;
         let mut out = nonce_bytes.to_vec();
         out.extend_from_slice(&data);
-        Sealed {
+        Ok(Sealed {
             kek_id: self.id.clone(),
             ciphertext: STANDARD.encode(out),
-        }
+        })
     }
 
     pub fn open(&self, sealed: &Sealed, binding: &str) -> Result<String, KekError> {
@@ -114,7 +119,9 @@ mod tests {
     #[test]
     fn seals_opens_and_refuses_the_wrong_kek_or_binding() {
         let kek = Kek::from_base64(&Kek::generate()).unwrap();
-        let sealed = kek.seal("-----BEGIN PRIVATE KEY-----\nsecret", "cert-a");
+        let sealed = kek
+            .seal("-----BEGIN PRIVATE KEY-----\nsecret", "cert-a")
+            .unwrap();
         assert!(!sealed.ciphertext.contains("PRIVATE"));
         assert_eq!(
             kek.open(&sealed, "cert-a").unwrap(),

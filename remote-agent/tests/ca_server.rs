@@ -54,10 +54,18 @@ async fn ask(
     client: &mut CertificateServiceClient<tonic::transport::Channel>,
     token: &str,
 ) -> Result<isthmus_api::pb::ca::CreateCertificateResponse, tonic::Status> {
+    ask_for(client, token, 0).await
+}
+
+async fn ask_for(
+    client: &mut CertificateServiceClient<tonic::transport::Channel>,
+    token: &str,
+    validity_duration: i64,
+) -> Result<isthmus_api::pb::ca::CreateCertificateResponse, tonic::Status> {
     let (csr, _) = isthmus_ca::issue::generate_csr("w").unwrap();
     let mut req = tonic::Request::new(CreateCertificateRequest {
         csr,
-        validity_duration: 0,
+        validity_duration,
     });
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse().unwrap());
@@ -120,6 +128,10 @@ async fn rate_limits_are_per_identity_and_watch_reports_changes() {
     // Another identity is unaffected.
     let calm = ask(&mut client, "t-calm").await.expect("another identity");
     assert_eq!(calm.bundle_sequence, 1);
+    // A negative lifetime is refused by name, not turned into the default.
+    let negative = ask_for(&mut client, "t-calm", -5).await.unwrap_err();
+    assert_eq!(negative.code(), tonic::Code::InvalidArgument, "{negative}");
+    assert!(negative.message().contains("-5 is negative"), "{negative}");
     // An unknown credential is refused before any limit applies.
     let unknown = ask(&mut client, "t-nobody").await.unwrap_err();
     assert_eq!(unknown.code(), tonic::Code::Unauthenticated);

@@ -297,3 +297,32 @@ async fn a_wrong_port_says_what_was_reached_and_what_was_expected() {
         "{e}"
     );
 }
+
+/// A join token lifetime past a week is refused by name; it once overflowed
+/// into a token that had already expired.
+#[tokio::test]
+async fn an_overlong_join_token_lifetime_is_refused() {
+    let p = Primary::start().await;
+    for ttl in [7 * 24 * 3600 + 1, u64::MAX] {
+        let err = p
+            .api
+            .register_cluster(&isthmus_api::rest::RegisterCluster {
+                name: "east".into(),
+                network: "net-east".into(),
+                region: String::new(),
+                zone: String::new(),
+                gateways: vec![],
+                token_ttl_seconds: ttl,
+            })
+            .await
+            .expect_err("refused")
+            .to_string();
+        assert!(
+            err.contains("400") && err.contains("tokenTtlSeconds") && err.contains("7 days"),
+            "{ttl}: {err}"
+        );
+    }
+    // A week is fine, and the token lives that long.
+    let (_, expires) = p.register("east", 7 * 24 * 3600).await;
+    assert!(expires >= now_unix() + 7 * 24 * 3600 - 60, "{expires}");
+}

@@ -9,6 +9,7 @@
 
 pub mod admin;
 pub mod handshake_log;
+pub mod server_name;
 
 use std::io;
 use std::path::PathBuf;
@@ -154,7 +155,15 @@ pub fn tls_channel(url: &str, config: Arc<ClientConfig>) -> Result<Channel, Tran
                         next.store(index, std::sync::atomic::Ordering::Relaxed);
                         return Ok::<_, io::Error>(TokioIo::new(tls));
                     }
-                    Ok(Err(e)) => last_error = Some(e),
+                    Ok(Err(e)) => {
+                        // A certificate without the name dialled: say
+                        // which names it has and that --advertise adds one.
+                        let reached = format!("https://{host}:{port}");
+                        last_error = Some(match server_name::explain(&reached, &e) {
+                            Some(why) => io::Error::new(io::ErrorKind::InvalidData, why),
+                            None => e,
+                        });
+                    }
                     Err(_) => {
                         last_error = Some(io::Error::new(
                             io::ErrorKind::TimedOut,
@@ -381,13 +390,39 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
 pub fn write_private(path: &std::path::Path, contents: &str) -> io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(contents.as_bytes())
+    // Written whole to a 0600 file beside the target, then renamed over
+    // it: a reader sees the old contents or the new, never a part, and an
+    // existing file with looser permissions is replaced, not reused.
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} names no file", path.display()),
+        )
+    })?;
+    let tmp = dir
+        .map(|d| d.to_path_buf())
+        .unwrap_or_default()
+        .join(format!(
+            ".{}.{}.tmp",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
 }
 
 /// When a gRPC call to the primary at `url` got a plain HTTP answer (no
@@ -414,6 +449,37 @@ pub fn grpc_wrong_port(url: &str, status: &tonic::Status) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_files_are_replaced_whole_at_0600() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("isthmus-private-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        let path = dir.join("key.pem");
+        // A file left world-readable (an older version wrote in place and
+        // kept an existing file's mode) is replaced, not reused.
+        std::fs::write(&path, "old").unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))
+            .unwrap_or_else(|e| panic!("{e}"));
+        write_private(&path, "secret").unwrap_or_else(|e| panic!("{e}"));
+        let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{e}")),
+            "secret"
+        );
+        let left: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{e}"))
+            .filter_map(Result::ok)
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(
+            left,
+            vec![std::ffi::OsString::from("key.pem")],
+            "no temp file left"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn a_plain_http_answer_to_grpc_names_both_ports() {
