@@ -45,6 +45,77 @@ use crate::ca::CaState;
 use crate::model::Model;
 use crate::store::Store;
 
+/// The names the serving certificate holds: localhost, `isthmus-primary`,
+/// the listen addresses, the `--advertise` names, and, for a wildcard
+/// listener, the addresses of this host's interfaces (`interfaces`). With a
+/// wildcard listener and no `--advertise`, also a warning for the log:
+/// clients that reach the primary by a DNS name or through a NAT would
+/// fail to verify it.
+pub fn serving_names(
+    config: &Config,
+    interfaces: &[std::net::IpAddr],
+) -> (Vec<String>, Option<String>) {
+    let mut names: Vec<String> = vec![
+        "localhost".into(),
+        "127.0.0.1".into(),
+        "isthmus-primary".into(),
+    ];
+    let mut wildcard = Vec::new();
+    for addr in [config.grpc_listen, config.http_listen] {
+        if addr.ip().is_unspecified() {
+            wildcard.push(addr.to_string());
+            // 0.0.0.0 takes IPv4 only; [::] takes both.
+            names.extend(
+                interfaces
+                    .iter()
+                    .filter(|ip| addr.is_ipv6() || ip.is_ipv4())
+                    .map(|ip| ip.to_string()),
+            );
+        } else {
+            names.push(addr.ip().to_string());
+        }
+    }
+    names.extend(config.advertise.iter().cloned());
+    names.sort();
+    names.dedup();
+    let warning = (!wildcard.is_empty() && config.advertise.is_empty()).then(|| {
+        format!(
+            "listening on {} without --advertise: the serving certificate names only {}; \
+             clients that reach this primary by another name or address (a DNS name, a NAT, \
+             a load balancer) will refuse it. Start the primary with --advertise HOST[,HOST...] \
+             naming what clients dial",
+            wildcard.join(" and "),
+            names.join(", ")
+        )
+    });
+    (names, warning)
+}
+
+/// This host's interface addresses (IPv6 link-local ones left out: they
+/// need a scope a URL cannot carry).
+fn interface_addresses() -> Vec<std::net::IpAddr> {
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<std::net::IpAddr> = addrs
+        .filter_map(|a| {
+            let addr = a.address?;
+            if let Some(v4) = addr.as_sockaddr_in() {
+                Some(std::net::IpAddr::V4(v4.ip()))
+            } else {
+                addr.as_sockaddr_in6()
+                    .map(|v6| std::net::IpAddr::V6(v6.ip()))
+                    .filter(
+                        |ip| !matches!(ip, std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()),
+                    )
+            }
+        })
+        .collect();
+    ips.sort();
+    ips.dedup();
+    ips
+}
+
 /// Everything the primary is told at start-up, validated once.
 #[derive(Debug, Clone, clap::Args)]
 pub struct Config {
@@ -59,7 +130,9 @@ pub struct Config {
     #[arg(long, default_value = "0.0.0.0:15014")]
     pub http_listen: SocketAddr,
     /// Host names and IPs clients use to reach this primary; they go into its
-    /// serving certificate. The listen IPs and localhost are always added.
+    /// serving certificate. Localhost and the listen IPs are always added
+    /// (for a wildcard listen address, this host's interface addresses at
+    /// start); a name or address a client dials must be one of these.
     #[arg(long = "advertise", value_delimiter = ',')]
     pub advertise: Vec<String>,
     /// Also serve the REST API (same TLS and token) on this Unix socket, for
@@ -420,20 +493,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     ca::write_files(&files, &ca, true);
 
-    // The serving certificate names every address clients may dial.
-    let mut names: Vec<String> = vec![
-        "localhost".into(),
-        "127.0.0.1".into(),
-        "isthmus-primary".into(),
-    ];
-    for addr in [config.grpc_listen, config.http_listen] {
-        if !addr.ip().is_unspecified() {
-            names.push(addr.ip().to_string());
-        }
+    let (names, warning) = serving_names(&config, &interface_addresses());
+    if let Some(warning) = warning {
+        tracing::warn!("{warning}");
     }
-    names.extend(config.advertise.iter().cloned());
-    names.sort();
-    names.dedup();
     let crypto = isthmus_ca::crypto_provider();
     let (grpc_tls, http_tls) = server_configs(&ca, &names, &crypto)?;
     let replica = config.replica_id.clone().unwrap_or_else(|| {
@@ -533,4 +596,78 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         () = http => {},
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: Config,
+    }
+
+    fn config(args: &[&str]) -> Config {
+        Cli::try_parse_from(std::iter::once("isthmus-primary").chain(args.iter().copied()))
+            .expect("the arguments parse")
+            .config
+    }
+
+    #[test]
+    fn a_wildcard_listener_names_the_hosts_addresses_and_warns_without_advertise() {
+        let host: Vec<std::net::IpAddr> = vec![
+            "127.0.0.1".parse().expect("an IP"),
+            "198.51.100.4".parse().expect("an IP"),
+            "2001:db8::4".parse().expect("an IP"),
+        ];
+        // The defaults listen on 0.0.0.0: IPv4 interface addresses only.
+        let (names, warning) = serving_names(&config(&[]), &host);
+        assert!(names.contains(&"198.51.100.4".to_string()), "{names:?}");
+        assert!(!names.contains(&"2001:db8::4".to_string()), "{names:?}");
+        let warning = warning.expect("a warning");
+        assert!(
+            warning.starts_with("listening on 0.0.0.0:15012 and 0.0.0.0:15014 without --advertise"),
+            "{warning}"
+        );
+        assert!(warning.contains("--advertise HOST"), "{warning}");
+        assert!(warning.contains("198.51.100.4"), "{warning}");
+
+        // [::] takes both families.
+        let (names, _) = serving_names(&config(&["--grpc-listen", "[::]:15012"]), &host);
+        assert!(names.contains(&"2001:db8::4".to_string()), "{names:?}");
+
+        // With --advertise, no warning, and the names are in.
+        let (names, warning) = serving_names(
+            &config(&["--advertise", "primary.example,203.0.113.9"]),
+            &host,
+        );
+        assert_eq!(warning, None);
+        assert!(names.contains(&"primary.example".to_string()), "{names:?}");
+        assert!(names.contains(&"203.0.113.9".to_string()), "{names:?}");
+
+        // Specific listen addresses: named, no warning, no interfaces.
+        let (names, warning) = serving_names(
+            &config(&[
+                "--grpc-listen",
+                "192.0.2.1:15012",
+                "--http-listen",
+                "192.0.2.1:15014",
+            ]),
+            &host,
+        );
+        assert_eq!(warning, None);
+        assert!(names.contains(&"192.0.2.1".to_string()), "{names:?}");
+        assert!(!names.contains(&"198.51.100.4".to_string()), "{names:?}");
+    }
+
+    #[test]
+    fn this_hosts_addresses_include_loopback() {
+        let ips = interface_addresses();
+        assert!(
+            ips.contains(&std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+            "{ips:?}"
+        );
+    }
 }

@@ -149,6 +149,19 @@ impl PrimaryClient {
             .with_context(|| format!("{method} {path}: unexpected answer"))
     }
 
+    /// A request that got no answer: a primary whose certificate lacks the
+    /// name dialled is told apart (with `--advertise`) from one that does
+    /// not run.
+    fn unreachable(&self, e: reqwest::Error, what: &str) -> anyhow::Error {
+        match isthmus_transport::server_name::explain(&self.base, &e) {
+            Some(why) => anyhow::Error::new(e).context(format!("{what}{why}")),
+            None => anyhow::Error::new(e).context(format!(
+                "{what}is the primary running at {}?",
+                self.reached_as
+            )),
+        }
+    }
+
     /// Sends with the admin token; a failure reads `{what}{status}: {the
     /// primary's error}`.
     async fn send(&self, req: reqwest::RequestBuilder, what: &str) -> anyhow::Result<bytes::Bytes> {
@@ -156,7 +169,7 @@ impl PrimaryClient {
             .bearer_auth(&self.token)
             .send()
             .await
-            .with_context(|| format!("{what}is the primary running at {}?", self.reached_as))?;
+            .map_err(|e| self.unreachable(e, what))?;
         if let Some(wrong) = grpc_instead_of_rest(&self.base, resp.headers()) {
             bail!("{what}{wrong}");
         }
@@ -173,7 +186,12 @@ impl PrimaryClient {
 
     pub async fn healthz(&self) -> anyhow::Result<()> {
         let url = format!("{}/healthz", self.base);
-        let resp = self.http.get(&url).send().await?;
+        let resp = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| self.unreachable(e, "GET /healthz: "))?;
         if let Some(wrong) = grpc_instead_of_rest(&self.base, resp.headers()) {
             bail!("{wrong}");
         }
@@ -375,6 +393,110 @@ mod tests {
         );
         assert!(err.contains(&socket.display().to_string()), "{err}");
         assert!(err.contains("isthmusctl restart primary"), "{err}");
+    }
+
+    /// A primary on 0.0.0.0 without `--advertise`, reached at an address
+    /// its certificate does not hold (127.0.0.2: loopback, but not an
+    /// interface address): the CLI and a component's gRPC channel both say
+    /// which names the certificate holds and to use `--advertise`, instead
+    /// of asking whether the primary runs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_name_the_certificate_lacks_says_to_advertise_it() {
+        #[derive(clap::Parser)]
+        struct Primary {
+            #[command(flatten)]
+            config: isthmus_primary::Config,
+        }
+        isthmus_ca::install_crypto_provider();
+        let dir = std::env::temp_dir().join(format!("isthmus-advertise-{}", std::process::id()));
+        let free = || {
+            std::net::TcpListener::bind("0.0.0.0:0")
+                .and_then(|l| l.local_addr())
+                .map(|a| a.port())
+                .expect("a free port")
+        };
+        let (grpc, http) = (free(), free());
+        let args = [
+            "isthmus-primary".to_string(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--grpc-listen".into(),
+            format!("0.0.0.0:{grpc}"),
+            "--http-listen".into(),
+            format!("0.0.0.0:{http}"),
+        ];
+        let config = <Primary as clap::Parser>::try_parse_from(args)
+            .expect("primary flags")
+            .config;
+        let primary = tokio::spawn(isthmus_primary::run(config));
+
+        // Ready once 127.0.0.1, which the certificate holds, answers.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        let token = loop {
+            let ready = match std::fs::read_to_string(dir.join("admin-token")) {
+                Ok(token) => {
+                    match PrimaryClient::new(&format!("https://127.0.0.1:{http}"), &token, None) {
+                        Ok(c) if c.healthz().await.is_ok() => Some(token),
+                        _ => None,
+                    }
+                }
+                Err(_) => None,
+            };
+            if let Some(token) = ready {
+                break token;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the primary did not answer on 127.0.0.1:{http}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+
+        let reached = format!("https://127.0.0.2:{http}");
+        let cli = PrimaryClient::new(&reached, &token, None).expect("client");
+        let e = format!(
+            "{:#}",
+            cli.list_clusters()
+                .await
+                .expect_err("the name is not in the certificate")
+        );
+        assert!(
+            e.contains(&format!(
+                "the primary reached at {reached} presented a serving certificate for "
+            )),
+            "{e}"
+        );
+        assert!(e.contains("127.0.0.1") && e.contains("localhost"), "{e}");
+        assert!(
+            e.contains("not for 127.0.0.2: start the primary with --advertise 127.0.0.2"),
+            "{e}"
+        );
+        assert!(!e.contains("is the primary running"), "{e}");
+
+        // An agent, gateway or sidecar dialling the gRPC port.
+        let (_, fp) = isthmus_api::join_token::parse(token.trim()).expect("a minted token");
+        let tls = isthmus_transport::pinned_root_client_config(fp).expect("TLS config");
+        let channel = isthmus_transport::tls_channel(
+            &format!("https://127.0.0.2:{grpc}"),
+            std::sync::Arc::new(tls),
+        )
+        .expect("a channel");
+        let status = isthmus_api::pb::sync::sync_client::SyncClient::new(channel)
+            .join(isthmus_api::pb::sync::JoinRequest::default())
+            .await
+            .expect_err("the name is not in the certificate");
+        // The status's own message, which components log.
+        let e = status.message();
+        assert!(
+            e.starts_with(&format!(
+                "the primary reached at https://127.0.0.2:{grpc} presented"
+            )),
+            "{e}"
+        );
+        assert!(e.contains("--advertise 127.0.0.2"), "{e}");
+
+        primary.abort();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
