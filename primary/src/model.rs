@@ -51,6 +51,10 @@ pub struct Model {
         String,
         isthmus_api::config::istio::PeerAuthentication,
     )>,
+    /// The mesh's path normalisation: the first `Mesh` object (in key
+    /// order) that sets `pathNormalization`, else the default,
+    /// DECODE_AND_MERGE_SLASHES.
+    pub path_normalization: isthmus_api::config::mesh::PathNormalization,
 }
 
 /// A stored config object's spec as the type the primary reads, or None
@@ -70,6 +74,7 @@ impl Model {
             config_revision,
             ..Default::default()
         };
+        let mut path_normalization = None;
         for (key, value) in kv {
             if let Some(rest) = key.strip_prefix(keys::CONFIG) {
                 let Some((plural, rest)) = rest.split_once('/') else {
@@ -99,6 +104,11 @@ impl Model {
                     "authorizationpolicies" => m.authorization_policies.extend(
                         spec_of(key, spec).map(|ap| (ns.to_string(), name.to_string(), ap)),
                     ),
+                    "meshes" if path_normalization.is_none() => {
+                        path_normalization =
+                            spec_of::<isthmus_api::config::mesh::MeshSpec>(key, spec)
+                                .and_then(|m| m.path_normalization());
+                    }
                     _ => {}
                 }
             } else if let Some(replica) = key.strip_prefix(keys::XDS_STATUS) {
@@ -144,6 +154,7 @@ impl Model {
             per_cluster.retain(|c, _| m.clusters.contains_key(c));
         }
         m.services.retain(|_, v| !v.is_empty());
+        m.path_normalization = path_normalization.unwrap_or_default();
         m
     }
 

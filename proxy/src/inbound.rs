@@ -7,7 +7,11 @@
 //! `x-forwarded-client-cert` (Istio's format); any such header the caller
 //! sent is replaced, so the app can trust it.
 //!
-//! Each request is first checked against the AuthorizationPolicies that
+//! Each request's path is first normalised as the mesh's
+//! `pathNormalization` says (a path that cannot be gets 400); that one
+//! path is what the rules below see and what the app gets.
+//!
+//! Each request is then checked against the AuthorizationPolicies that
 //! apply to its port, as the RBAC rules of the port's inbound route
 //! configuration from the primary (the same rules an Envoy sidecar gets).
 //! A refused request gets Envoy's `403 RBAC: access denied`; until the
@@ -147,8 +151,9 @@ impl Inbound {
         let Ok(xfcc) = HeaderValue::from_str(&xfcc) else {
             return;
         };
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let refused = authorize(&self.config, port, Some(&peer_id), &req);
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let refused = crate::outbound::normalize_path(&self.config.load(), &mut req)
+                .or_else(|| authorize(&self.config, port, Some(&peer_id), &req));
             let (client, xfcc, metrics) =
                 (self.app_client.clone(), xfcc.clone(), self.metrics.clone());
             async move {
@@ -175,7 +180,8 @@ impl Inbound {
             self.metrics.plaintext_refused.inc();
             return;
         }
-        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let normalized = crate::outbound::normalize_path(&self.config.load(), &mut req);
             let port = crate::outbound::authority(&req).map(|(_, port)| port);
             let takes = port.filter(|p| {
                 self.config
@@ -185,15 +191,16 @@ impl Inbound {
                     .is_some_and(|p| p.plaintext)
             });
             let target = takes.and_then(|p| Some((p, *self.apps.get(&p)?)));
-            let decision = match target {
-                None => Err(text(
+            let decision = match (normalized, target) {
+                (Some(bad_path), _) => Err(bad_path),
+                (None, None) => Err(text(
                     StatusCode::NOT_FOUND,
                     format!(
                         "isthmus-proxy: port {} takes no plaintext (PeerAuthentication)\n",
                         port.map_or_else(|| "(none in Host)".to_string(), |p| p.to_string())
                     ),
                 )),
-                Some((p, app)) => match authorize(&self.config, p, None, &req) {
+                (None, Some((p, app))) => match authorize(&self.config, p, None, &req) {
                     Some(refused) => Err(refused),
                     None => Ok(app),
                 },

@@ -9,6 +9,10 @@
 //! this network or through the destination network's gateway otherwise,
 //! with the cluster's SNI (`outbound_.PORT_SUBSET_.HOST`).
 //!
+//! The request's path is normalised first, as the mesh's
+//! `pathNormalization` says, and the normalised path is what routes match
+//! and what is sent on.
+//!
 //! Requests with a body are sent once: they are streamed, not buffered, so
 //! neither retried nor mirrored.
 
@@ -45,6 +49,24 @@ use crate::metrics::Metrics;
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Rewrites the request's path as the mesh's `pathNormalization` says,
+/// once, before anything reads it: routes, authorisation and the request
+/// forwarded all see the normalised path. A path that cannot be normalised
+/// safely gets Envoy's answer, 400, returned as the refusal.
+pub fn normalize_path<B>(snapshot: &Snapshot, req: &mut Request<B>) -> Option<Response<Body>> {
+    match isthmus_xds::path::normalize_uri(req.uri(), snapshot.path_normalization) {
+        Ok(None) => None,
+        Ok(Some(uri)) => {
+            *req.uri_mut() = uri;
+            None
+        }
+        Err(e) => Some(text(
+            StatusCode::BAD_REQUEST,
+            format!("isthmus-proxy: {e}\n"),
+        )),
+    }
+}
 
 pub fn text(status: StatusCode, msg: String) -> Response<Body> {
     let mut r = Response::new(
@@ -233,8 +255,12 @@ impl Outbound {
 
     async fn handle(
         self: Arc<Self>,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
     ) -> Result<Response<Body>, hyper::Error> {
+        if let Some(refused) = normalize_path(&self.xds.load(), &mut req) {
+            self.metrics.request("outbound", refused.status().as_u16());
+            return Ok(refused);
+        }
         let Some((host, port)) = authority(&req) else {
             self.metrics.request("outbound", 400);
             return Ok(text(

@@ -16,6 +16,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod path;
 pub mod rbac;
 pub mod routes;
 
@@ -33,6 +34,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use isthmus_api::config::mesh::{
+    PATH_NORMALIZATION_FIELD, PATH_NORMALIZATION_METADATA, PathNormalization,
+};
 use isthmus_api::type_urls;
 use prost::Message;
 use tokio::sync::{mpsc, watch};
@@ -127,6 +131,10 @@ pub struct Snapshot {
     /// The `outbound` route configuration: VirtualService routing.
     pub outbound: Arc<routes::OutboundRoutes>,
     pub route_version: String,
+    /// How request paths are normalised, from the route configurations'
+    /// metadata (the mesh's `pathNormalization`); the default until they
+    /// say otherwise.
+    pub path_normalization: PathNormalization,
 }
 
 /// The route configuration of a sidecar's outbound HTTP traffic.
@@ -413,6 +421,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 inbound: current.inbound.clone(),
                 outbound: current.outbound.clone(),
                 route_version: current.route_version.clone(),
+                path_normalization: current.path_normalization,
             })
         }
         type_urls::ENDPOINT => {
@@ -434,6 +443,7 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 inbound: current.inbound.clone(),
                 outbound: current.outbound.clone(),
                 route_version: current.route_version.clone(),
+                path_normalization: current.path_normalization,
             })
         }
         type_urls::ROUTE => {
@@ -441,12 +451,18 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
             // each response, so this one replaces what we had.
             let mut inbound: HashMap<u16, InboundPort> = HashMap::new();
             let mut outbound = Arc::default();
+            let mut path_normalization = PathNormalization::default();
             for (i, any) in resp.resources.iter().enumerate() {
                 if any.type_url != type_urls::ROUTE {
                     return Err(err(i, format!("unexpected type {}", any.type_url)));
                 }
                 let rc = RouteConfiguration::decode(any.value.as_slice())
                     .map_err(|e| err(i, e.to_string()))?;
+                if let Some(p) =
+                    path_normalization_of(&rc).map_err(|e| err(i, format!("{}: {e}", rc.name)))?
+                {
+                    path_normalization = p;
+                }
                 if rc.name == OUTBOUND_ROUTE {
                     outbound = Arc::new(
                         routes::OutboundRoutes::decode(&rc)
@@ -486,12 +502,32 @@ pub fn apply(current: &Snapshot, resp: &DiscoveryResponse) -> Result<Snapshot, D
                 inbound,
                 outbound,
                 route_version: resp.version_info.clone(),
+                path_normalization,
             })
         }
         other => Err(err(
             0,
             format!("type {other} is not supported by this client"),
         )),
+    }
+}
+
+/// The mesh's path normalisation, as the primary states it in a route
+/// configuration's metadata; `None` if it does not.
+fn path_normalization_of(rc: &RouteConfiguration) -> Result<Option<PathNormalization>, String> {
+    let Some(fields) = rc
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get(PATH_NORMALIZATION_METADATA))
+        .and_then(|s| s.fields.get(PATH_NORMALIZATION_FIELD))
+    else {
+        return Ok(None);
+    };
+    match &fields.kind {
+        Some(Kind::StringValue(name)) => PathNormalization::parse(name)
+            .map(Some)
+            .ok_or_else(|| format!("unknown path normalization {name:?}")),
+        _ => Err("path normalization is not a string".into()),
     }
 }
 

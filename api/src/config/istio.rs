@@ -1038,13 +1038,20 @@ fn cluster(s: &ClusterSpec, e: &mut Errors) {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct MeshSpec {
-    trust_domain: Option<String>,
-}
-
-fn mesh(s: &MeshSpec, e: &mut Errors) {
+fn mesh(s: &super::mesh::MeshSpec, e: &mut Errors) {
+    use super::mesh::PathNormalization;
+    if let Some(name) = s
+        .path_normalization
+        .as_ref()
+        .and_then(|p| p.normalization.as_ref())
+        && PathNormalization::parse(name).is_none()
+    {
+        let allowed: Vec<&str> = PathNormalization::ALL.iter().map(|p| p.as_str()).collect();
+        e.add(
+            "spec.pathNormalization.normalization",
+            format!("{name:?} is not one of {}", allowed.join(", ")),
+        );
+    }
     if let Some(td) = &s.trust_domain
         && (td.is_empty()
             || td.len() > 255

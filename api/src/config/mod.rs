@@ -8,6 +8,7 @@
 //! from serde with their path; the rest are the checks in [`istio`].
 
 pub mod istio;
+pub mod mesh;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

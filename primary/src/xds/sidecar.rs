@@ -21,12 +21,18 @@
 //!   those chains, carrying each port's AuthorizationPolicy rules (see
 //!   [`super::authz`]).
 //! - `inbound|PORT||` clusters: the local apps, from the node's `APPS`.
+//!
+//! Every HTTP connection manager, outbound and inbound, normalises request
+//! paths as the mesh's `pathNormalization` says (Istio's fields:
+//! `normalize_path`, `merge_slashes`, `path_with_escaped_slashes_action`),
+//! so authorisation, routing and the app all see one path. Every route
+//! configuration states the same option in its metadata for isthmus-proxy.
 
 use std::collections::BTreeMap;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{ClusterDiscoveryType, DiscoveryType};
-use envoy_types::pb::envoy::config::core::v3::{TransportSocket, transport_socket};
+use envoy_types::pb::envoy::config::core::v3::{Metadata, TransportSocket, transport_socket};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
@@ -49,6 +55,9 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher::MatchPattern};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration, UInt32Value};
 use isthmus_api::config::istio;
+use isthmus_api::config::mesh::{
+    PATH_NORMALIZATION_FIELD, PATH_NORMALIZATION_METADATA, PathNormalization,
+};
 use isthmus_api::ports;
 use isthmus_api::type_urls;
 
@@ -118,6 +127,46 @@ fn hcm_filter(hcm: &HttpConnectionManager) -> Filter {
     }
 }
 
+/// The mesh's path normalisation on an HTTP connection manager, field for
+/// field as Istio sets it: BASE is `normalize_path`, MERGE_SLASHES adds
+/// `merge_slashes`, DECODE_AND_MERGE_SLASHES adds `UNESCAPE_AND_FORWARD`
+/// for `%2F` and `%5C`; NONE turns normalisation off explicitly.
+fn normalize_paths(hcm: &mut HttpConnectionManager, mode: PathNormalization) {
+    use http_connection_manager::PathWithEscapedSlashesAction;
+    hcm.normalize_path = Some(BoolValue {
+        value: mode.normalizes(),
+    });
+    hcm.merge_slashes = mode.merges_slashes();
+    hcm.path_with_escaped_slashes_action = if mode.decodes_slashes() {
+        PathWithEscapedSlashesAction::UnescapeAndForward
+    } else {
+        PathWithEscapedSlashesAction::KeepUnchanged
+    } as i32;
+}
+
+/// The same choice as route configuration metadata, for isthmus-proxy,
+/// which reads route configurations but no listeners.
+fn path_metadata(mode: PathNormalization) -> Metadata {
+    use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
+    let fields = [(
+        PATH_NORMALIZATION_FIELD.to_string(),
+        Value {
+            kind: Some(Kind::StringValue(mode.as_str().into())),
+        },
+    )];
+    Metadata {
+        filter_metadata: [(
+            PATH_NORMALIZATION_METADATA.to_string(),
+            Struct {
+                fields: fields.into_iter().collect(),
+            },
+        )]
+        .into_iter()
+        .collect(),
+        ..Default::default()
+    }
+}
+
 /// SNIs of the service ports this sidecar's address serves, by port.
 fn served_snis(model: &Model, me: &ClusterRecord, ip: &str) -> BTreeMap<u16, Vec<String>> {
     let mut out: BTreeMap<u16, Vec<String>> = BTreeMap::new();
@@ -142,7 +191,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
     };
     let mut out = Resources::new();
 
-    let outbound = HttpConnectionManager {
+    let mut outbound = HttpConnectionManager {
         stat_prefix: "outbound".into(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -151,6 +200,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
         http_filters: vec![fault_filter(), router()],
         ..Default::default()
     };
+    normalize_paths(&mut outbound, model.path_normalization);
     let name = format!("outbound_{}", ports::OUTBOUND);
     let listener = Listener {
         name: name.clone(),
@@ -212,7 +262,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
         .iter()
         .filter(|(_, mode)| *mode != MtlsMode::Disable)
         .map(|(port, _)| {
-            let hcm = HttpConnectionManager {
+            let mut hcm = HttpConnectionManager {
                 stat_prefix: format!("inbound_{port}"),
                 route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
                     config_source: Some(ads()),
@@ -229,6 +279,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
                 ),
                 ..Default::default()
             };
+            normalize_paths(&mut hcm, model.path_normalization);
             FilterChain {
                 filter_chain_match: Some(FilterChainMatch {
                     server_names: snis.get(port).cloned().unwrap_or_default(),
@@ -249,7 +300,7 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
         .map(|(port, _)| *port)
         .collect();
     if !plain.is_empty() {
-        chains.push(plaintext_chain());
+        chains.push(plaintext_chain(model.path_normalization));
     }
 
     let name = format!("inbound_{}", ports::INBOUND);
@@ -274,8 +325,8 @@ pub fn listeners(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Resource
 /// The inbound chain for plaintext: routes from `inbound|plaintext` (one
 /// virtual host per app port, `*:PORT`), and any `x-forwarded-client-cert`
 /// a caller sent removed, since no certificate stands behind it.
-fn plaintext_chain() -> FilterChain {
-    let hcm = HttpConnectionManager {
+fn plaintext_chain(paths: PathNormalization) -> FilterChain {
+    let mut hcm = HttpConnectionManager {
         stat_prefix: "inbound_plaintext".into(),
         route_specifier: Some(http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
@@ -286,6 +337,7 @@ fn plaintext_chain() -> FilterChain {
             as i32,
         ..Default::default()
     };
+    normalize_paths(&mut hcm, paths);
     FilterChain {
         filter_chain_match: Some(FilterChainMatch {
             transport_protocol: "raw_buffer".into(),
@@ -321,6 +373,7 @@ pub fn inbound_routes(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Res
             let rc = RouteConfiguration {
                 name: inbound_route_name(*port),
                 virtual_hosts: vec![host(*port, vec!["*".into()])],
+                metadata: Some(path_metadata(model.path_normalization)),
                 ..Default::default()
             };
             out.insert(rc.name.clone(), any(type_urls::ROUTE, &rc));
@@ -333,6 +386,7 @@ pub fn inbound_routes(model: &Model, me: &ClusterRecord, node: &NodeInfo) -> Res
         let rc = RouteConfiguration {
             name: PLAINTEXT_ROUTE.into(),
             virtual_hosts: plain,
+            metadata: Some(path_metadata(model.path_normalization)),
             ..Default::default()
         };
         out.insert(rc.name.clone(), any(type_urls::ROUTE, &rc));
@@ -739,6 +793,7 @@ pub fn routes(model: &Model, scope: &super::generate::Scope) -> Resources {
     let rc = RouteConfiguration {
         name: OUTBOUND_ROUTE.into(),
         virtual_hosts,
+        metadata: Some(path_metadata(model.path_normalization)),
         ..Default::default()
     };
     Resources::from([(OUTBOUND_ROUTE.to_string(), any(type_urls::ROUTE, &rc))])
