@@ -18,6 +18,12 @@ echo "$answer"
 grep -q 'URI=spiffe://cluster.local/ns/demo/sa/client' <<<"$answer" || { echo "smoke: the echo did not see the caller's SPIFFE ID"; exit 1; }
 grep -q '"cluster": "east"' <<<"$answer" || { echo "smoke: the answer names no cluster"; exit 1; }
 
+# Secrets stay private: the state dir is 0700, its record 0600, and no join
+# token is on any component's command line.
+[ "$(stat -c %a "$state")" = 700 ] || { echo "smoke: $state is mode $(stat -c %a "$state"), not 700"; exit 1; }
+[ "$(stat -c %a "$state/mesh.json")" = 600 ] || { echo "smoke: mesh.json is not mode 600"; exit 1; }
+if grep -q 'ist1\.' "$state/mesh.json"; then echo "smoke: a join token is recorded on a command line"; exit 1; fi
+
 # Config goes through the CLI, is validated, and reads back.
 cargo run -q -p isthmusctl -- apply -f samples/config/echo-canary.yaml --state-dir "$state"
 cargo run -q -p isthmusctl -- get virtualservices -n demo --state-dir "$state" | grep -q '^VirtualService *demo *echo' \

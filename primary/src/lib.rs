@@ -466,7 +466,7 @@ const GRPC_SEND_BUFFER: usize = 64 * 1024;
 /// Runs the primary until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
-    std::fs::create_dir_all(&config.data_dir)
+    isthmus_transport::create_private_dir(&config.data_dir)
         .with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store: Arc<dyn Store> = if config.etcd.is_empty() {
         Arc::new(

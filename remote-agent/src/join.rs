@@ -163,8 +163,17 @@ pub async fn ensure_joined(config: &Config) -> anyhow::Result<Credentials> {
     if dir.join(INTERMEDIATE_KEY).exists() {
         return load(dir).context("loading the agent's saved credentials");
     }
-    let token = config.join_token.as_deref().context(
-        "this agent has not joined yet: pass --join-token from `isthmusctl cluster register`",
+    let from_file = match &config.join_token_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the join token from {}", path.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let token = from_file.as_deref().or(config.join_token.as_deref()).context(
+        "this agent has not joined yet: pass --join-token-file (or --join-token) with the token from `isthmusctl cluster register`",
     )?;
     let (_, root_fp) = isthmus_api::join_token::parse(token)
         .context("join token is malformed; expected ist1.<secret>.<root sha256>")?;

@@ -40,8 +40,13 @@ pub struct Config {
     pub primary: String,
     /// One-time join token from `isthmusctl cluster register`. Not needed
     /// once the agent has joined (its state dir holds its credentials).
-    #[arg(long, env = "ISTHMUS_JOIN_TOKEN")]
+    /// Prefer --join-token-file: a command line is visible to every local
+    /// user in `ps`.
+    #[arg(long, env = "ISTHMUS_JOIN_TOKEN", conflicts_with = "join_token_file")]
     pub join_token: Option<String>,
+    /// A file (mode 0600) holding the one-time join token.
+    #[arg(long)]
+    pub join_token_file: Option<PathBuf>,
     /// This cluster's registered name.
     #[arg(long)]
     pub cluster: String,
@@ -87,7 +92,7 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// Runs the agent until the process is stopped.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     isthmus_ca::install_crypto_provider();
-    std::fs::create_dir_all(&config.state_dir)
+    isthmus_transport::create_private_dir(&config.state_dir)
         .with_context(|| format!("creating state dir {}", config.state_dir.display()))?;
     let creds = Arc::new(join::Live::new(
         &config.state_dir,

@@ -100,8 +100,9 @@ impl MeshState {
     }
 
     fn save(&self) -> anyhow::Result<()> {
+        // 0600: it records every component's arguments.
         let path = self.state_dir.join(STATE_FILE);
-        std::fs::write(&path, serde_json::to_vec_pretty(self)?)
+        isthmus_transport::write_private(&path, &serde_json::to_string_pretty(self)?)
             .with_context(|| format!("writing {}", path.display()))
     }
 
@@ -221,7 +222,7 @@ fn resolve_mode(mode: NetMode) -> anyhow::Result<NetMode> {
 /// Starts the mesh and returns once a request has crossed it.
 pub async fn up(opts: UpOptions) -> anyhow::Result<MeshState> {
     let tpl = template::load(&opts.template)?;
-    std::fs::create_dir_all(&opts.state_dir)
+    isthmus_transport::create_private_dir(&opts.state_dir)
         .with_context(|| format!("creating {}", opts.state_dir.display()))?;
     let state_dir = opts.state_dir.canonicalize()?;
     if let Ok(existing) = MeshState::load(&state_dir)
@@ -463,6 +464,9 @@ async fn start(
         )?;
 
         let agent_dir = cdir.join("agent");
+        // The token goes in a 0600 file, not on the command line.
+        let token_file = cdir.join("join-token");
+        isthmus_transport::write_private(&token_file, &registered.join_token)?;
         let agent_admin = SocketAddr::new(IpAddr::V4(pod(2)), ports::ADMIN);
         let name = format!("agent-{}", cluster.name);
         let spec = |name: &str, kind: &'static str, listeners: BTreeMap<String, String>| Spec {
@@ -477,8 +481,8 @@ async fn start(
             "agent".into(),
             "--primary".into(),
             state.primary_grpc.clone(),
-            "--join-token".into(),
-            registered.join_token.clone(),
+            "--join-token-file".into(),
+            token_file.display().to_string(),
             "--cluster".into(),
             cluster.name.clone(),
             "--state-dir".into(),

@@ -386,6 +386,14 @@ impl rustls::client::danger::ServerCertVerifier for PinnedRoot {
     }
 }
 
+/// Creates `path` (and its parents) and makes it private to its owner
+/// (mode 0700): state dirs hold keys, tokens and the store.
+pub fn create_private_dir(path: &std::path::Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))
+}
+
 /// Writes a secret file readable only by its owner (mode 0600).
 pub fn write_private(path: &std::path::Path, contents: &str) -> io::Result<()> {
     use std::io::Write;
@@ -449,6 +457,25 @@ pub fn grpc_wrong_port(url: &str, status: &tonic::Status) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn private_dirs_are_0700_even_when_they_existed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("isthmus-pdir-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("{e}"));
+        create_private_dir(&dir.join("a/b")).unwrap_or_else(|e| panic!("{e}"));
+        create_private_dir(&dir).unwrap_or_else(|e| panic!("{e}"));
+        for d in [dir.clone(), dir.join("a/b")] {
+            let mode = std::fs::metadata(&d)
+                .unwrap_or_else(|e| panic!("{e}"))
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o700, "{}", d.display());
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn private_files_are_replaced_whole_at_0600() {
