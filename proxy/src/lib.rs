@@ -49,9 +49,17 @@ pub struct Config {
     /// File holding this workload's credential for the agent.
     #[arg(long)]
     pub token_file: PathBuf,
-    /// The xDS node id; defaults to `sidecar~<cluster>~<pid>`.
+    /// The xDS node id, as `isthmusctl proxy-status` lists it. Default:
+    /// Istio's `sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.cluster.local`, from
+    /// the instance IP, the pod name and the namespace of the workload's
+    /// SPIFFE ID.
     #[arg(long)]
     pub node_id: Option<String>,
+    /// The workload's name in the default node id (Istio's POD_NAME).
+    /// Default: this host's name, followed by `-PORT` when the inbound port
+    /// is not 15006, so the sidecars on one host differ.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
     /// Outbound listener: the app sends plain HTTP here (proxy form, as
     /// `curl -x` sends it, or with a Host header) to reach mesh services.
     #[arg(long, default_value = "127.0.0.1:15001")]
@@ -82,6 +90,37 @@ pub struct Config {
     /// Requested certificate lifetime in seconds; 0 means the CA default.
     #[arg(long, default_value_t = 0)]
     pub cert_ttl_seconds: u64,
+}
+
+/// Istio's sidecar node id, `sidecar~IP~POD.NAMESPACE~NAMESPACE.svc.DOMAIN`
+/// (the primary checks its namespace against the SVID's). Without an
+/// instance IP, the IP part reads 0.0.0.0. A `~` in the pod name would
+/// split the id, so it becomes `-`.
+pub fn istio_node_id(ip: Option<std::net::IpAddr>, pod: &str, namespace: &str) -> String {
+    let ip = ip.map_or_else(|| "0.0.0.0".to_string(), |ip| ip.to_string());
+    let pod = pod.replace('~', "-");
+    format!(
+        "sidecar~{ip}~{pod}.{namespace}~{namespace}.svc.{}",
+        isthmus_api::DEFAULT_CLUSTER_DOMAIN
+    )
+}
+
+/// The pod name of a sidecar not given one: the host's name, plus the
+/// inbound port when it is not the default one.
+fn default_pod_name(host: &str, inbound_port: u16) -> String {
+    if inbound_port == isthmus_api::ports::INBOUND {
+        host.to_string()
+    } else {
+        format!("{host}-{inbound_port}")
+    }
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The workload credential in `path`, as
@@ -143,17 +182,29 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     });
 
-    let node_id = config
-        .node_id
-        .clone()
-        .unwrap_or_else(|| format!("sidecar~{}~{}", config.cluster, std::process::id()));
+    let instance_ip = config
+        .instance_ip
+        .or(Some(config.inbound.ip()).filter(|ip| !ip.is_unspecified()));
+    let node_id = match &config.node_id {
+        Some(id) => id.clone(),
+        None => {
+            let pod = config
+                .pod_name
+                .clone()
+                .unwrap_or_else(|| default_pod_name(&host_name(), config.inbound.port()));
+            let namespace = svid
+                .borrow()
+                .id
+                .namespace_and_account()
+                .map(|(ns, _)| ns.to_string())
+                .unwrap_or_else(|| "default".into());
+            istio_node_id(instance_ip, &pod, &namespace)
+        }
+    };
     let initial = xds_tls_rx.borrow().clone();
     // What the primary needs to write this workload's inbound rules: its
     // address (for its labels) and its app ports.
     let mut metadata = initial.metadata;
-    let instance_ip = config
-        .instance_ip
-        .or(Some(config.inbound.ip()).filter(|ip| !ip.is_unspecified()));
     if let Some(ip) = instance_ip {
         metadata.insert("INSTANCE_IP".into(), ip.to_string());
     }
@@ -291,4 +342,34 @@ fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_jso
             "authorization": if p.rules.is_some() { "rules" } else { "none apply" },
         }))).collect::<BTreeMap<_, _>>(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_node_id_is_istios() {
+        let ip = "198.51.100.11".parse().ok();
+        assert_eq!(
+            istio_node_id(ip, "echo-1", "demo"),
+            "sidecar~198.51.100.11~echo-1.demo~demo.svc.cluster.local"
+        );
+        // The parts the primary reads: four, the last naming the namespace.
+        let id = istio_node_id(ip, "a~b", "demo");
+        let parts: Vec<&str> = id.split('~').collect();
+        assert_eq!(parts.len(), 4, "{id}");
+        assert_eq!(parts[2], "a-b.demo");
+        assert_eq!(parts[3].split('.').next(), Some("demo"));
+        assert_eq!(
+            istio_node_id(None, "vm", "demo"),
+            "sidecar~0.0.0.0~vm.demo~demo.svc.cluster.local"
+        );
+    }
+
+    #[test]
+    fn sidecars_on_one_host_get_distinct_pod_names() {
+        assert_eq!(default_pod_name("vm-1", 15006), "vm-1");
+        assert_eq!(default_pod_name("vm-1", 15016), "vm-1-15016");
+    }
 }
