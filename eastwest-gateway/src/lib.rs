@@ -67,6 +67,9 @@ struct Gateway {
     xds: XdsHandle,
     connections: Family<ConnLabels, Counter>,
     next: AtomicUsize,
+    /// Refusals reach INFO at most 5 per 10 s; the rest are counted (in
+    /// `connections` and in the next INFO line) and logged at DEBUG.
+    refusals: isthmus_transport::handshake_log::RefusalLog,
 }
 
 /// Time a client gets to send its ClientHello.
@@ -110,6 +113,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         xds,
         connections,
         next: AtomicUsize::new(0),
+        refusals: isthmus_transport::handshake_log::RefusalLog::new(std::time::Instant::now()),
     });
 
     let listener = TcpListener::bind(config.listen)
@@ -132,6 +136,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 impl Gateway {
+    /// Logs a refused connection: `detail` comes from the peer, so it is
+    /// escaped and cut, and refusals are rate-limited.
+    fn refused(&self, peer: SocketAddr, what: &str, detail: &str) {
+        use isthmus_transport::handshake_log::{Admit, escape};
+        let detail = escape(detail);
+        match self.refusals.admit(std::time::Instant::now()) {
+            Admit::Info { suppressed_before } => {
+                tracing::info!(%peer, detail, suppressed_before, "closing connection: {what}")
+            }
+            Admit::Debug => tracing::debug!(%peer, detail, "closing connection: {what}"),
+        }
+    }
+
     fn count(&self, sni: &str, result: &str) {
         self.connections
             .get_or_create(&ConnLabels {
@@ -147,7 +164,7 @@ impl Gateway {
             match tokio::time::timeout(HELLO_TIMEOUT, sni::read_client_hello(&mut conn)).await {
                 Ok(Ok(x)) => x,
                 Ok(Err(e)) => {
-                    tracing::info!(%peer, error = %e, "closing connection: bad ClientHello");
+                    self.refused(peer, "bad ClientHello", &e.to_string());
                     self.count("", "bad_client_hello");
                     return;
                 }
@@ -161,7 +178,7 @@ impl Gateway {
         let known = ServiceKey::parse_sni(&sni).is_ok()
             && self.xds.snapshot.load().clusters.contains_key(&sni);
         if !known {
-            tracing::info!(%peer, sni = %sni.chars().take(80).collect::<String>(), "closing connection: SNI names no exported service");
+            self.refused(peer, "SNI names no exported service", &sni);
             self.count("", "unknown_sni");
             return;
         }

@@ -566,12 +566,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .with_context(|| format!("binding HTTP listener {}", config.http_listen))?;
     tracing::info!(grpc = %config.grpc_listen, http = %config.http_listen, "primary serving");
 
-    let grpc = tonic::service::Routes::new(SyncServer::new(sync::SyncService {
-        shared: shared.clone(),
-    }))
-    .add_service(xds::server::AdsServer(Arc::new(xds::ads::AdsService {
-        shared: shared.clone(),
-    })));
+    let grpc = tonic::service::Routes::new(SyncServer::new(sync::SyncService::new(shared.clone())))
+        .add_service(xds::server::AdsServer(Arc::new(xds::ads::AdsService {
+            shared: shared.clone(),
+        })));
     let grpc = serve_grpc(
         isthmus_transport::tls_incoming(grpc_listener, grpc_cfg),
         grpc,

@@ -33,6 +33,19 @@ const MAX_LABELS: usize = 64;
 
 pub struct SyncService {
     pub shared: Arc<Shared>,
+    /// Refused joins reach WARN at most 5 per 10 s.
+    pub refused_joins: isthmus_transport::handshake_log::RefusalLog,
+}
+
+impl SyncService {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        Self {
+            shared,
+            refused_joins: isthmus_transport::handshake_log::RefusalLog::new(
+                std::time::Instant::now(),
+            ),
+        }
+    }
 }
 
 #[tonic::async_trait]
@@ -47,7 +60,16 @@ impl Sync for SyncService {
             .get_or_create(&vec![("result".into(), outcome.into())])
             .inc();
         if let Err(status) = &result {
-            tracing::warn!(cluster = %req.cluster, reason = %status.message(), "join refused");
+            // The name and the reason may echo what an unauthenticated
+            // client sent: escaped and cut, and rate-limited.
+            use isthmus_transport::handshake_log::{Admit, escape};
+            let (cluster, reason) = (escape(&req.cluster), escape(status.message()));
+            match self.refused_joins.admit(std::time::Instant::now()) {
+                Admit::Info { suppressed_before } => {
+                    tracing::warn!(cluster, reason, suppressed_before, "join refused")
+                }
+                Admit::Debug => tracing::debug!(cluster, reason, "join refused"),
+            }
         }
         result.map(Response::new)
     }

@@ -77,19 +77,7 @@ impl RefusalLog {
     }
 }
 
-/// The longest untrusted string logged, in characters.
-const MAX_LOGGED: usize = 256;
-
-/// `s` quoted, with quotes, backslashes and control characters escaped
-/// (Rust's `Debug` for strings), cut to [`MAX_LOGGED`] characters,
-/// so an untrusted string can neither forge log lines or fields nor fill
-/// the log.
-pub fn escape(s: &str) -> String {
-    match s.char_indices().nth(MAX_LOGGED) {
-        Some((cut, _)) => format!("{:?}...", &s[..cut]),
-        None => format!("{s:?}"),
-    }
-}
+pub use isthmus_transport::handshake_log::{MAX_LOGGED, escape};
 
 #[cfg(test)]
 mod tests {

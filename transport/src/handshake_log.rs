@@ -4,7 +4,8 @@
 //! missing certificate, an alert from the peer, plain text on a TLS port)
 //! is what an operator wants to see, so it is logged at INFO, at most
 //! [`RefusalLog::PER_WINDOW`] times per [`RefusalLog::WINDOW`]; the rest go
-//! to DEBUG and are counted in the next INFO line.
+//! to DEBUG and are counted in the next INFO line. [`escape`] makes any
+//! untrusted string (an SNI, a credential's complaint) safe to log.
 
 use std::io;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -115,6 +116,20 @@ impl RefusalLog {
     }
 }
 
+/// The longest untrusted string logged, in characters.
+pub const MAX_LOGGED: usize = 256;
+
+/// `s` quoted, with quotes, backslashes and control characters escaped
+/// (Rust's `Debug` for strings), cut to [`MAX_LOGGED`] characters,
+/// so an untrusted string can neither forge log lines or fields nor fill
+/// the log.
+pub fn escape(s: &str) -> String {
+    match s.char_indices().nth(MAX_LOGGED) {
+        Some((cut, _)) => format!("{:?}...", &s[..cut]),
+        None => format!("{s:?}"),
+    }
+}
+
 /// Logs one failed handshake from `peer`.
 pub fn log_failure(limit: &RefusalLog, peer: &str, e: &io::Error) {
     match classify(e) {
@@ -147,6 +162,17 @@ pub fn log_timeout(limit: &RefusalLog, peer: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn escaped_strings_cannot_forge_lines_or_fields() {
+        assert_eq!(
+            escape("outbound_.8080_._.x\nlevel=ERROR forged"),
+            r#""outbound_.8080_._.x\nlevel=ERROR forged""#
+        );
+        assert_eq!(escape("a\u{1b}[31m\" b=1"), r#""a\u{1b}[31m\" b=1""#);
+        let long = "x".repeat(1000);
+        assert_eq!(escape(&long).chars().count(), MAX_LOGGED + 2 + 3);
+    }
     use rustls::ClientConfig;
     use std::sync::Arc;
 
