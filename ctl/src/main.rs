@@ -225,7 +225,9 @@ enum Cmd {
     },
     /// What one proxy holds: its listeners, routes, clusters, endpoints or
     /// secrets, from its admin endpoint (Envoy's config dump;
-    /// isthmus-proxy's own). Secrets show no private key.
+    /// isthmus-proxy's own). Secrets show no private key. `-o table` shows
+    /// routes one a line: match, destinations with subsets and weights,
+    /// timeout, retries, mirror and faults.
     ProxyConfig {
         /// The proxy: in a local mesh, a workload (`client-east`),
         /// `gateway-east`, or a component name from `status`; with
@@ -506,15 +508,22 @@ async fn run(cmd: Cmd) -> anyhow::Result<()> {
                 }
                 None => inspect::proxy_config(&state_dir, &proxy, what).await?,
             };
-            print(
-                if output == Output::Table {
-                    Output::Json
-                } else {
-                    output
-                },
-                &value,
-                String::new,
-            )
+            if output == Output::Table {
+                let table = match what {
+                    inspect::ProxyConfigKind::Routes => inspect::routes_table(&value)
+                        .or_else(|| value["note"].as_str().map(|n| format!("{n}\n"))),
+                    _ => None,
+                };
+                let Some(table) = table else {
+                    bail!(
+                        "-o table shows routes only (`proxy-config PROXY routes`); use -o json or -o yaml for {}",
+                        format!("{what:?}").to_lowercase()
+                    );
+                };
+                std::io::stdout().write_all(table.as_bytes())?;
+                return Ok(());
+            }
+            print(output, &value, String::new)
         }
         Cmd::Up {
             template,

@@ -310,6 +310,58 @@ async fn serve_admin(
     Ok(())
 }
 
+/// Every outbound route, by authority and then in match order, as
+/// `isthmusctl proxy-config routes` shows it.
+fn route_views(routes: &isthmus_xds::routes::OutboundRoutes) -> Vec<serde_json::Value> {
+    let secs = |d: Duration| format!("{}s", d.as_secs_f64());
+    let share = |per_million: u32| f64::from(per_million) / 10_000.0;
+    let mut domains: Vec<_> = routes.domains().collect();
+    domains.sort_by(|a, b| a.0.cmp(b.0));
+    let mut out = Vec::new();
+    for (authority, routes) in domains {
+        for r in routes {
+            let a = &r.action;
+            let total: u64 = a.clusters.iter().map(|(_, w)| u64::from(*w)).sum();
+            let destinations: Vec<_> = a
+                .clusters
+                .iter()
+                .map(|(cluster, weight)| {
+                    let key = isthmus_api::names::ServiceKey::parse_cluster_name(cluster).ok();
+                    serde_json::json!({
+                        "cluster": cluster,
+                        "host": key.as_ref().map(|k| k.fqdn.clone()),
+                        "port": key.as_ref().map(|k| k.port),
+                        "subset": key.as_ref().map(|k| k.subset.clone()).filter(|s| !s.is_empty()),
+                        "weight": weight,
+                        "percent": if total == 0 { 0.0 } else { f64::from(*weight) * 100.0 / total as f64 },
+                    })
+                })
+                .collect();
+            out.push(serde_json::json!({
+                "authority": authority,
+                "name": r.name,
+                "match": r.match_text(),
+                "destinations": destinations,
+                "timeout": a.timeout.map(secs),
+                "retries": a.retry.as_ref().map(|t| serde_json::json!({
+                    "attempts": t.retries,
+                    "perTryTimeout": t.per_try_timeout.map(secs),
+                    "on": t.conditions(),
+                })),
+                "mirror": a.mirror.as_ref().map(|(cluster, ppm)| serde_json::json!({
+                    "cluster": cluster,
+                    "percent": share(*ppm),
+                })),
+                "fault": serde_json::json!({
+                    "delay": a.fault.delay.map(|(d, ppm)| serde_json::json!({"delay": secs(d), "percent": share(ppm)})),
+                    "abort": a.fault.abort.map(|(status, ppm)| serde_json::json!({"status": status, "percent": share(ppm)})),
+                }),
+            }));
+        }
+    }
+    out
+}
+
 fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_json::Value {
     let mut clusters: Vec<_> = snap
         .clusters
@@ -333,6 +385,9 @@ fn config_dump(snap: &isthmus_xds::Snapshot, svid: &identity::Svid) -> serde_jso
         "routeVersion": snap.route_version,
         // Per service authority: its routes' names, in match order.
         "outboundRoutes": snap.outbound.domains().map(|(d, routes)| (d.to_string(), routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>())).collect::<BTreeMap<_, _>>(),
+        // The same routes in full: match, destinations with subsets and
+        // weights, timeout, retries, mirror and faults.
+        "routes": route_views(&snap.outbound),
         "clusters": clusters,
         // Per app port: what it takes (PeerAuthentication) and whether an
         // AuthorizationPolicy applies to it.

@@ -109,6 +109,23 @@ pub struct Retry {
 }
 
 impl Retry {
+    /// The conditions retried on, in Envoy's words (`connect-failure`,
+    /// `5xx`, `gateway-error`, the status codes).
+    pub fn conditions(&self) -> Vec<String> {
+        let mut on = Vec::new();
+        if self.on_connect_failure {
+            on.push("connect-failure".to_string());
+        }
+        if self.on_5xx {
+            on.push("5xx".into());
+        }
+        if self.on_gateway_error {
+            on.push("gateway-error".into());
+        }
+        on.extend(self.status_codes.iter().map(u16::to_string));
+        on
+    }
+
     /// Whether a response with `status` is worth another attempt.
     pub fn on_status(&self, status: u16) -> bool {
         (self.on_5xx && status >= 500)
@@ -133,6 +150,27 @@ impl Route {
             PathMatch::Regex(r) => r.is_match(req.path),
         };
         path && self.headers.iter().all(|h| h.holds(req))
+    }
+
+    /// How the route matches, for operators: `prefix /api`, `exact /x` or
+    /// `regex ^/v[0-9]+$`, then `header NAME` (`!header NAME` when
+    /// inverted) for each header it requires.
+    pub fn match_text(&self) -> String {
+        let mut text = match &self.path {
+            PathMatch::Prefix(p) => format!("prefix {p}"),
+            PathMatch::Exact(p) => format!("exact {p}"),
+            PathMatch::Regex(r) => format!("regex {}", r.as_str()),
+        };
+        for h in &self.headers {
+            match h {
+                Rule::Header { name, invert, .. } => {
+                    text.push_str(if *invert { ", !header " } else { ", header " });
+                    text.push_str(name);
+                }
+                _ => text.push_str(", header match"),
+            }
+        }
+        text
     }
 
     fn decode(r: &RouteProto) -> Result<Self, String> {
@@ -447,6 +485,9 @@ mod tests {
         let retry = d.retry.as_ref().unwrap();
         assert!(retry.on_connect_failure && retry.on_status(503) && !retry.on_status(500));
         assert_eq!(retry.retries, 2);
+        // What proxy-config shows of each match.
+        assert_eq!(of[0].match_text(), "prefix /, header x-canary");
+        assert_eq!(of[1].match_text(), "prefix /teapot");
     }
 
     #[test]
