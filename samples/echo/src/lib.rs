@@ -3,6 +3,8 @@
 //! and the method, path and headers it received, so a caller can see where
 //! its request landed and what identity the mesh passed along.
 //!
+//! Each request is logged (method and path) at INFO: the app's request log.
+//!
 //! `GET /delay/MS` answers after MS milliseconds (at most 10 s), for
 //! exercising timeouts and connection limits.
 
@@ -63,6 +65,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         let config = config.clone();
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                // The request log: what reached the app (tests read it to
+                // prove a refused request never did). Debug-quoted, so a
+                // path cannot forge a line.
+                let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+                tracing::info!(method = %req.method(), path = ?target, "request");
                 let body = answer(&config, &req);
                 let delay = delay(req.uri().path());
                 async move {
