@@ -215,3 +215,46 @@ async fn follow(store: &dyn Store, tx: &watch::Sender<Arc<Model>>) -> Result<(),
         })
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use isthmus_api::config::mesh::PathNormalization;
+
+    fn mesh_object(name: &str, spec: serde_json::Value) -> (String, Vec<u8>) {
+        let resource = serde_json::json!({
+            "apiVersion": "isthmus.io/v1", "kind": "Mesh",
+            "metadata": {"name": name, "namespace": "default"}, "spec": spec,
+        });
+        (
+            format!("{}meshes/default/{name}", keys::CONFIG),
+            serde_json::to_vec(&resource).unwrap(),
+        )
+    }
+
+    #[test]
+    fn the_first_mesh_object_that_sets_path_normalization_decides() {
+        let empty = BTreeMap::new();
+        assert_eq!(
+            Model::build(1, 1, &empty).path_normalization,
+            PathNormalization::DecodeAndMergeSlashes
+        );
+        let kv: BTreeMap<String, Vec<u8>> = [
+            mesh_object("a", serde_json::json!({"trustDomain": "cluster.local"})),
+            mesh_object(
+                "b",
+                serde_json::json!({"pathNormalization": {"normalization": "BASE"}}),
+            ),
+            mesh_object(
+                "c",
+                serde_json::json!({"pathNormalization": {"normalization": "NONE"}}),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(
+            Model::build(1, 1, &kv).path_normalization,
+            PathNormalization::Base
+        );
+    }
+}

@@ -798,3 +798,103 @@ pub fn routes(model: &Model, scope: &super::generate::Scope) -> Resources {
     };
     Resources::from([(OUTBOUND_ROUTE.to_string(), any(type_urls::ROUTE, &rc))])
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    fn cluster() -> ClusterRecord {
+        serde_json::from_value(serde_json::json!({
+            "name": "east", "network": "net-east", "region": "r", "zone": "z",
+            "gateways": [], "trustDomain": "cluster.local", "registeredUnix": 0,
+            "joinTokenExpiresUnix": 0, "intermediates": [],
+        }))
+        .unwrap()
+    }
+
+    fn model(mode: PathNormalization) -> Model {
+        let permissive =
+            serde_json::from_value(serde_json::json!({"mtls": {"mode": "PERMISSIVE"}}));
+        Model {
+            path_normalization: mode,
+            peer_authentications: vec![("demo".into(), "default".into(), permissive.unwrap())],
+            ..Default::default()
+        }
+    }
+
+    fn node() -> NodeInfo {
+        NodeInfo {
+            instance_ip: Some("192.0.2.10".into()),
+            apps: vec![(8080, "127.0.0.1:8080".into())],
+            namespace: Some("demo".into()),
+        }
+    }
+
+    /// Every HTTP connection manager of a sidecar's listeners, by stat prefix.
+    fn managers(model: &Model) -> BTreeMap<String, HttpConnectionManager> {
+        listeners(model, &cluster(), &node())
+            .values()
+            .flat_map(|any| {
+                Listener::decode(any.value.as_slice())
+                    .unwrap()
+                    .filter_chains
+            })
+            .flat_map(|chain| chain.filters)
+            .filter_map(|f| match f.config_type {
+                Some(filter::ConfigType::TypedConfig(any)) => {
+                    Some(HttpConnectionManager::decode(any.value.as_slice()).unwrap())
+                }
+                _ => None,
+            })
+            .map(|hcm| (hcm.stat_prefix.clone(), hcm))
+            .collect()
+    }
+
+    #[test]
+    fn every_http_connection_manager_normalizes_paths_as_the_mesh_says() {
+        use http_connection_manager::PathWithEscapedSlashesAction::{
+            KeepUnchanged, UnescapeAndForward,
+        };
+        for (mode, normalize, merge, escaped) in [
+            (PathNormalization::None, false, false, KeepUnchanged),
+            (PathNormalization::Base, true, false, KeepUnchanged),
+            (PathNormalization::MergeSlashes, true, true, KeepUnchanged),
+            (
+                PathNormalization::DecodeAndMergeSlashes,
+                true,
+                true,
+                UnescapeAndForward,
+            ),
+        ] {
+            let hcms = managers(&model(mode));
+            let prefixes: Vec<&str> = hcms.keys().map(String::as_str).collect();
+            assert_eq!(
+                prefixes,
+                ["inbound_8080", "inbound_plaintext", "outbound"],
+                "{mode:?}"
+            );
+            for (prefix, hcm) in &hcms {
+                assert_eq!(
+                    hcm.normalize_path,
+                    Some(BoolValue { value: normalize }),
+                    "{prefix} {mode:?}"
+                );
+                assert_eq!(hcm.merge_slashes, merge, "{prefix} {mode:?}");
+                assert_eq!(
+                    hcm.path_with_escaped_slashes_action, escaped as i32,
+                    "{prefix} {mode:?}"
+                );
+            }
+            // isthmus-proxy reads the same choice from the route configurations.
+            for (name, any) in inbound_routes(&model(mode), &cluster(), &node()) {
+                let rc = RouteConfiguration::decode(any.value.as_slice()).unwrap();
+                assert_eq!(rc.metadata, Some(path_metadata(mode)), "{name}");
+            }
+        }
+        assert_eq!(
+            Model::default().path_normalization,
+            PathNormalization::DecodeAndMergeSlashes
+        );
+    }
+}
