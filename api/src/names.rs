@@ -118,6 +118,52 @@ pub fn service_fqdn(name: &str, namespace: &str, cluster_domain: &str) -> String
     format!("{name}.{namespace}.svc.{cluster_domain}")
 }
 
+/// The names a host may stand for when a workload in `namespace` uses it,
+/// in the order Istio's sidecars resolve them (the search list of a pod's
+/// resolv.conf: `NAMESPACE.svc.DOMAIN`, `svc.DOMAIN`, `DOMAIN`), after the
+/// host itself: `echo` is first `echo`, then `echo.NAMESPACE.svc.DOMAIN`;
+/// `echo.demo` is `echo.demo`, then `echo.demo.svc.DOMAIN`. A host that
+/// already ends in `.svc.DOMAIN` stands only for itself. The caller takes
+/// the first one it knows.
+pub fn search_names(host: &str, namespace: &str, cluster_domain: &str) -> Vec<String> {
+    let host = host.trim_end_matches('.');
+    let mut names = vec![host.to_string()];
+    if host.ends_with(&format!(".svc.{cluster_domain}")) {
+        return names;
+    }
+    for suffix in [
+        format!("{namespace}.svc.{cluster_domain}"),
+        format!("svc.{cluster_domain}"),
+        cluster_domain.to_string(),
+    ] {
+        names.push(format!("{host}.{suffix}"));
+    }
+    names
+}
+
+/// A service name as a user gives it, `NAME`, `NAME.NAMESPACE`,
+/// `NAME.NAMESPACE.svc` or `NAME.NAMESPACE.svc.DOMAIN`, expanded as Istio
+/// does for a caller in `namespace`: `(NAME, NAMESPACE)`.
+pub fn service_name_and_namespace<'a>(
+    host: &'a str,
+    namespace: &'a str,
+    cluster_domain: &str,
+) -> Result<(&'a str, &'a str), NameError> {
+    let host = host.trim_end_matches('.');
+    let short = host
+        .strip_suffix(cluster_domain)
+        .and_then(|h| h.strip_suffix('.'))
+        .unwrap_or(host);
+    let short = short.strip_suffix(".svc").unwrap_or(short);
+    let (name, ns) = match short.split_once('.') {
+        None => (short, namespace),
+        Some((name, ns)) => (name, ns),
+    };
+    check_label(name).map_err(|_| NameError::BadHost(truncate(host)))?;
+    check_label(ns).map_err(|_| NameError::BadHost(truncate(host)))?;
+    Ok((name, ns))
+}
+
 fn parse_port(s: &str) -> Result<u16, NameError> {
     match s.parse::<u16>() {
         Ok(p) if p > 0 && s.bytes().all(|b| b.is_ascii_digit()) => Ok(p),
@@ -187,6 +233,55 @@ mod tests {
             "outbound_.9080_.v1_.reviews.default.svc.cluster.local"
         );
         assert_eq!(ServiceKey::parse_sni(&v1.sni()), Ok(v1));
+    }
+
+    #[test]
+    fn short_names_expand_within_the_callers_namespace() {
+        let d = "cluster.local";
+        assert_eq!(
+            search_names("echo", "demo", d),
+            [
+                "echo",
+                "echo.demo.svc.cluster.local",
+                "echo.svc.cluster.local",
+                "echo.cluster.local"
+            ]
+        );
+        assert_eq!(
+            search_names("echo.prod", "demo", d)[2],
+            "echo.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            search_names("echo.prod.svc", "demo", d)[3],
+            "echo.prod.svc.cluster.local"
+        );
+        assert_eq!(
+            search_names("echo.prod.svc.cluster.local", "demo", d),
+            ["echo.prod.svc.cluster.local"]
+        );
+
+        for (given, want) in [
+            ("echo", ("echo", "demo")),
+            ("echo.prod", ("echo", "prod")),
+            ("echo.prod.svc", ("echo", "prod")),
+            ("echo.prod.svc.cluster.local", ("echo", "prod")),
+            ("echo.prod.svc.cluster.local.", ("echo", "prod")),
+        ] {
+            assert_eq!(
+                service_name_and_namespace(given, "demo", d),
+                Ok(want),
+                "{given}"
+            );
+        }
+        for bad in [
+            "",
+            "Echo",
+            "a.b.c",
+            "echo.prod.svc.other.domain",
+            "echo..svc",
+        ] {
+            assert!(service_name_and_namespace(bad, "demo", d).is_err(), "{bad}");
+        }
     }
 
     #[test]

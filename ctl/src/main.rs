@@ -280,7 +280,8 @@ enum FailoverCmd {
     /// other clusters, then start them again and report how long traffic
     /// took to come back.
     Drill {
-        /// `NAME.NAMESPACE[:PORT]`, e.g. `echo.demo:8080`.
+        /// `NAME[.NAMESPACE][:PORT]` or the FQDN, e.g. `echo`, `echo.demo:8080`;
+        /// a bare NAME is in the namespace of `--from` (Istio's short names).
         service: String,
         /// The cluster whose workloads of SERVICE are stopped.
         #[arg(long)]

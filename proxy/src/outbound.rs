@@ -214,6 +214,9 @@ pub struct Outbound {
     metrics: Arc<Metrics>,
     health: crate::health::Outliers,
     pools: crate::pool::Pools,
+    /// The workload's namespace (its SPIFFE ID's), in which short service
+    /// names resolve.
+    namespace: String,
 }
 
 impl Outbound {
@@ -222,7 +225,13 @@ impl Outbound {
         svid: watch::Receiver<Arc<Svid>>,
         metrics: Arc<Metrics>,
     ) -> Self {
+        let namespace = svid
+            .borrow()
+            .id
+            .namespace_and_account()
+            .map_or_else(|| "default".to_string(), |(ns, _)| ns.to_string());
         Self {
+            namespace,
             xds,
             svid,
             clients: ArcSwap::from_pointee(HashMap::new()),
@@ -269,6 +278,7 @@ impl Outbound {
             ));
         };
         let snap = self.xds.load_full();
+        let host = resolve(&snap, &self.namespace, host, port);
         let plan = match Plan::of(&snap, &host, port, &req) {
             Ok(plan) => plan,
             Err(no_route) => {
@@ -591,6 +601,29 @@ fn empty() -> Body {
         .boxed()
 }
 
+/// The service `host` names for a workload in `namespace`, as Istio's
+/// sidecars resolve it: the host itself when the mesh knows it (routes or
+/// a cluster on `port`), else the first of `echo.NAMESPACE.svc.DOMAIN`,
+/// `echo.svc.DOMAIN` (for `echo.ns`), `echo.DOMAIN` that it knows. A host
+/// the mesh does not know under any of these names is kept, and refused
+/// later as no mesh service.
+pub(crate) fn resolve(snap: &Snapshot, namespace: &str, host: String, port: u16) -> String {
+    let known = |h: &str| {
+        snap.outbound.of(h, port).is_some()
+            || snap
+                .clusters
+                .contains_key(&ServiceKey::new(h.to_string(), port).cluster_name())
+    };
+    if known(&host) {
+        return host;
+    }
+    isthmus_api::names::search_names(&host, namespace, isthmus_api::DEFAULT_CLUSTER_DOMAIN)
+        .into_iter()
+        .skip(1)
+        .find(|h| known(h))
+        .unwrap_or(host)
+}
+
 /// The authority a request is for: the absolute URI's, else the Host
 /// header; the port defaults to 80.
 pub(crate) fn authority(req: &Request<Incoming>) -> Option<(String, u16)> {
@@ -625,5 +658,50 @@ pub async fn serve(listener: TcpListener, outbound: Arc<Outbound>) {
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_cluster(fqdn: &str, port: u16) -> Snapshot {
+        let name = ServiceKey::new(fqdn.to_string(), port).cluster_name();
+        let mut snap = Snapshot::default();
+        snap.clusters.insert(
+            name.clone(),
+            Arc::new(isthmus_xds::ClusterInfo {
+                name,
+                sni: None,
+                allowed_sans: Vec::new(),
+                outlier: None,
+                lb: Default::default(),
+                limits: Default::default(),
+            }),
+        );
+        snap
+    }
+
+    /// `Host: echo:8080` from a workload in demo reaches
+    /// echo.demo.svc.cluster.local, as in Istio; `echo.prod` reaches prod's.
+    #[test]
+    fn short_names_resolve_in_the_callers_namespace() {
+        let snap = with_cluster("echo.demo.svc.cluster.local", 8080);
+        let r = |host: &str, ns: &str, port| resolve(&snap, ns, host.to_string(), port);
+        assert_eq!(r("echo", "demo", 8080), "echo.demo.svc.cluster.local");
+        assert_eq!(r("echo.demo", "other", 8080), "echo.demo.svc.cluster.local");
+        assert_eq!(
+            r("echo.demo.svc", "other", 8080),
+            "echo.demo.svc.cluster.local"
+        );
+        assert_eq!(
+            r("echo.demo.svc.cluster.local", "other", 8080),
+            "echo.demo.svc.cluster.local"
+        );
+        // Another namespace's caller, another port, or an unknown name: the
+        // host stays as given (and is refused as no mesh service).
+        assert_eq!(r("echo", "prod", 8080), "echo");
+        assert_eq!(r("echo", "demo", 9090), "echo");
+        assert_eq!(r("example.com", "demo", 8080), "example.com");
     }
 }

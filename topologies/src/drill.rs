@@ -29,7 +29,11 @@ use crate::runner::{self, MeshState};
 
 #[derive(Debug, Clone)]
 pub struct Drill {
-    /// `NAME.NAMESPACE`, optionally `:PORT` (default: the service's first).
+    /// `NAME`, `NAME.NAMESPACE` or the FQDN, optionally `:PORT` (default:
+    /// the service's first). A bare `NAME` is in the namespace of the
+    /// `from` workload, as Istio resolves short names in the caller's
+    /// namespace; without `from`, in the one namespace of the cluster that
+    /// has such a service.
     pub service: String,
     /// The cluster whose workloads of the service die.
     pub cluster: String,
@@ -112,6 +116,35 @@ impl Target {
     }
 }
 
+/// The namespace of workload `from` (its sidecar is `proxy-FROM`): the
+/// registry entry of its cluster at its sidecar's inbound address.
+fn workload_namespace(state_dir: &Path, state: &MeshState, from: &str) -> anyhow::Result<String> {
+    let proxy = state
+        .component(&format!("proxy-{from}"))
+        .with_context(|| format!("no workload {from:?} with a sidecar in this mesh"))?;
+    let cluster = proxy
+        .cluster
+        .as_deref()
+        .with_context(|| format!("workload {from:?} has no cluster"))?;
+    let inbound: std::net::SocketAddr = proxy
+        .listeners
+        .get("inbound")
+        .with_context(|| format!("the sidecar of {from:?} has no inbound listener"))?
+        .parse()?;
+    let registry = Registry::load(
+        &state_dir
+            .join("clusters")
+            .join(cluster)
+            .join("registry.yaml"),
+    )?;
+    registry
+        .workloads
+        .iter()
+        .find(|w| w.address == inbound.ip())
+        .map(|w| w.namespace.clone())
+        .with_context(|| format!("workload {from:?} is not in cluster {cluster}'s registry"))
+}
+
 /// The cluster named in the sample echo app's answer, if it is one.
 pub fn answered_by(body: &str) -> Option<String> {
     serde_json::from_str::<serde_json::Value>(body)
@@ -144,9 +177,37 @@ pub async fn run(state_dir: &Path, drill: &Drill) -> anyhow::Result<DrillReport>
         ),
         None => (drill.service.as_str(), None),
     };
-    let (name, namespace) = name_ns
-        .split_once('.')
-        .with_context(|| format!("{name_ns:?}: name the service as NAME.NAMESPACE"))?;
+    let caller_ns = match &drill.from {
+        Some(from) => workload_namespace(state_dir, &state, from)?,
+        None => {
+            let bare = name_ns.split('.').next().unwrap_or(name_ns);
+            let mut namespaces: Vec<&str> = registry
+                .services
+                .iter()
+                .filter(|s| s.name == bare)
+                .map(|s| s.namespace.as_str())
+                .collect();
+            namespaces.sort_unstable();
+            namespaces.dedup();
+            match namespaces.as_slice() {
+                [one] => one.to_string(),
+                [] => String::new(),
+                several => bail!(
+                    "{name_ns:?} is a service in namespaces {}: name one as NAME.NAMESPACE, or give --from to resolve it in the caller's namespace",
+                    several.join(", ")
+                ),
+            }
+        }
+    };
+    let (name, namespace) = isthmus_api::names::service_name_and_namespace(
+        name_ns,
+        &caller_ns,
+        isthmus_api::DEFAULT_CLUSTER_DOMAIN,
+    )
+    .map_err(|e| {
+        anyhow::anyhow!("{name_ns:?}: {e}; name the service as NAME, NAME.NAMESPACE or its FQDN")
+    })?;
+    let name_ns = format!("{name}.{namespace}");
     let service = registry
         .services
         .iter()
