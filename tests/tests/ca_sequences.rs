@@ -274,10 +274,26 @@ impl Run {
             }
             Op::KillPrimary => {
                 self.mesh.kill_and_restart_primary(&node()).await.unwrap();
-                eventually("the restarted primary to answer", PATIENCE, || async {
-                    ca(&self.mesh).await
-                })
-                .await;
+                // Twice the patience: a debug-built primary starting on a
+                // loaded two-core machine (a build running beside the test)
+                // once took longer than a minute.
+                let deadline = tokio::time::Instant::now() + 2 * PATIENCE;
+                while ca(&self.mesh).await.is_none() {
+                    if tokio::time::Instant::now() > deadline {
+                        let primary = self.mesh.component("primary");
+                        let log = std::fs::read_to_string(&primary.log).unwrap_or_default();
+                        let lines: Vec<&str> = log.lines().collect();
+                        panic!(
+                            "the restarted primary (pid {}, running: {}) did not answer in {:?}; its log ends:\n{}\nsteps: {:#?}",
+                            primary.pid,
+                            isthmus_topology::runner::alive(primary.pid),
+                            2 * PATIENCE,
+                            lines[lines.len().saturating_sub(40)..].join("\n"),
+                            self.history
+                        );
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
             }
         }
         Ok(())
