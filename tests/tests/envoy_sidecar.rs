@@ -21,8 +21,9 @@ const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
 const PATIENCE: Duration = Duration::from_secs(60);
 
 /// Moves east's echo out of its service, then checks that east's client
-/// reaches west's echo through west's gateway with its own SPIFFE ID, and
-/// that every proxy ACKed everything it was sent.
+/// reaches west's echo through west's gateway with its own SPIFFE ID, also
+/// by Istio's short names, and that every proxy ACKed everything it was
+/// sent.
 async fn cross_network(mesh: &Mesh) {
     mesh.relabel("east", "echo-east", "app", "off").unwrap();
     let body = eventually("east's client to reach west's echo", PATIENCE, || async {
@@ -41,6 +42,16 @@ async fn cross_network(mesh: &Mesh) {
             .unwrap();
         assert_eq!(s, 200, "{body}");
         assert!(body.contains("\"cluster\": \"west\""), "{body}");
+    }
+    // Istio's short names, from the client's namespace (demo), as an Istio
+    // user writes them.
+    for short in ["echo:8080", "echo.demo:8080", "echo.demo.svc:8080"] {
+        let (s, body) = mesh
+            .get("proxy-client-east", "outbound", &format!("http://{short}/"))
+            .await
+            .unwrap();
+        assert_eq!(s, 200, "{short}: {body}");
+        assert!(body.contains("\"cluster\": \"west\""), "{short}: {body}");
     }
     // Every proxy, Envoy or not, ACKed every type it was sent.
     mesh.wait_all_synced(5, PATIENCE).await;

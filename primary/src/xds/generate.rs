@@ -244,7 +244,11 @@ pub fn generate(
         }
         (Role::Sidecar, type_urls::LISTENER) => crate::xds::sidecar::listeners(model, me, node),
         (Role::Sidecar, type_urls::ROUTE) => {
-            let mut routes = crate::xds::sidecar::routes(model, &Scope::of(model, me, node));
+            let mut routes = crate::xds::sidecar::routes(
+                model,
+                &Scope::of(model, me, node),
+                node.namespace.as_deref(),
+            );
             routes.extend(crate::xds::sidecar::inbound_routes(model, me, node));
             routes
         }

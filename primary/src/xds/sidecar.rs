@@ -762,15 +762,46 @@ fn virtual_service<'a>(
         .map(|(ns, vs)| (ns.as_str(), vs))
 }
 
-pub fn routes(model: &Model, scope: &super::generate::Scope) -> Resources {
+/// The names a request's Host may use for a service, as Istio's sidecars
+/// take them: the full name, `NAME.NS.svc` and `NAME.NS` for every Kubernetes
+/// service, and `NAME` alone for those in the proxy's own namespace. Each
+/// with `:PORT`; without a port only for port 80, since all ports share one
+/// route configuration here.
+fn host_domains(fqdn: &str, port: u16, proxy_namespace: Option<&str>) -> Vec<String> {
+    let mut names = vec![fqdn.to_string()];
+    let mut labels = fqdn.splitn(4, '.');
+    if let (Some(name), Some(ns), Some("svc"), Some(_)) =
+        (labels.next(), labels.next(), labels.next(), labels.next())
+    {
+        names.push(format!("{name}.{ns}.svc"));
+        names.push(format!("{name}.{ns}"));
+        if proxy_namespace == Some(ns) {
+            names.push(name.to_string());
+        }
+    }
+    names
+        .into_iter()
+        .flat_map(|n| {
+            let with_port = format!("{n}:{port}");
+            if port == 80 {
+                vec![with_port, n]
+            } else {
+                vec![with_port]
+            }
+        })
+        .collect()
+}
+
+pub fn routes(
+    model: &Model,
+    scope: &super::generate::Scope,
+    proxy_namespace: Option<&str>,
+) -> Resources {
     let virtual_hosts = service_ports(model)
         .filter(|(key, ns, _)| scope.sees(ns, &key.fqdn))
         .map(|(key, _, _)| {
             let fqdn = key.fqdn.clone();
-            let mut domains = vec![format!("{fqdn}:{}", key.port)];
-            if key.port == 80 {
-                domains.push(fqdn.clone());
-            }
+            let domains = host_domains(&fqdn, key.port, proxy_namespace);
             let routes = match virtual_service(model, &fqdn) {
                 Some((ns, vs)) => vs
                     .http
@@ -849,6 +880,32 @@ mod tests {
             })
             .map(|hcm| (hcm.stat_prefix.clone(), hcm))
             .collect()
+    }
+
+    #[test]
+    fn hosts_take_istios_short_names_within_the_proxys_namespace() {
+        let fqdn = "echo.demo.svc.cluster.local";
+        assert_eq!(
+            host_domains(fqdn, 8080, Some("demo")),
+            [
+                "echo.demo.svc.cluster.local:8080",
+                "echo.demo.svc:8080",
+                "echo.demo:8080",
+                "echo:8080"
+            ]
+        );
+        // From another namespace the bare name is not this service.
+        assert!(
+            !host_domains(fqdn, 8080, Some("shop"))
+                .iter()
+                .any(|d| d == "echo:8080")
+        );
+        assert!(host_domains(fqdn, 80, None).contains(&"echo.demo".to_string()));
+        // A name that is not a Kubernetes service keeps only itself.
+        assert_eq!(
+            host_domains("api.example.com", 443, Some("demo")),
+            ["api.example.com:443"]
+        );
     }
 
     #[test]
