@@ -71,7 +71,9 @@ async fn the_failover_drill_reports_failover_and_return() {
     for (service, cluster, error) in [
         ("echo.nope", "east", "cluster east has no service echo.nope"),
         ("echo.demo:9", "east", "service echo.demo has no port 9"),
-        ("echo", "east", "name the service as NAME.NAMESPACE"),
+        // Short names are taken (`echo` would be echo.demo); an unknown one
+        // is refused by name.
+        ("nope", "east", "nope"),
         (
             "echo.demo",
             "north",

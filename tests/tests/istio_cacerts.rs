@@ -57,6 +57,35 @@ fn istio_made_cas_are_refused_with_the_fix_or_imported_and_used() {
         assert!(err.contains(want), "{want:?} missing from: {err}");
     }
 
+    // Each problem alone is named alone.
+    let err = import(&cacerts(
+        tmp.path(),
+        "pathlen0",
+        &Recipe {
+            constraints: ISTIO.constraints,
+            ..FIXED
+        },
+    ))
+    .err()
+    .expect("pathlen:0 alone is refused")
+    .to_string();
+    assert!(err.contains("pathlen:0") && !err.contains("lacks"), "{err}");
+    let err = import(&cacerts(
+        tmp.path(),
+        "nocrlsign",
+        &Recipe {
+            usage: ISTIO.usage,
+            ..FIXED
+        },
+    ))
+    .err()
+    .expect("a CA without cRLSign alone is refused")
+    .to_string();
+    assert!(
+        err.contains("lacks cRLSign") && !err.contains("has pathlen:0"),
+        "{err}"
+    );
+
     // Fixed as the message says, with an RSA 4096 key (Istio's default
     // size): imported, signs a cluster intermediate that issues verifiable
     // leaves, and revokes it.
