@@ -37,6 +37,10 @@ pub enum CaCmd {
         /// Request only; do not follow the progress.
         #[arg(long)]
         no_wait: bool,
+        /// Stop following after this many seconds, saying what the rotation
+        /// still waits for (it goes on in the primary).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -46,6 +50,10 @@ pub enum CaCmd {
         cluster: String,
         #[arg(long)]
         no_wait: bool,
+        /// Stop following after this many seconds, saying what the rotation
+        /// still waits for (it goes on in the primary).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -74,6 +82,10 @@ pub enum CaCmd {
         until: u8,
         #[arg(long)]
         no_wait: bool,
+        /// Stop following after this many seconds, saying what the rotation
+        /// still waits for (it goes on in the primary).
+        #[arg(long, default_value_t = 600)]
+        timeout: u64,
         #[command(flatten)]
         conn: Conn,
     },
@@ -257,7 +269,8 @@ impl Follower<'_> {
 }
 
 /// Prints the rotation's progress until it finishes or pauses.
-async fn follow_root(conn: &Conn, first: CaView) -> anyhow::Result<()> {
+async fn follow_root(conn: &Conn, first: CaView, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut f = Follower {
         conn,
         pins: first.roots.iter().map(|r| r.fingerprint.clone()).collect(),
@@ -293,6 +306,12 @@ async fn follow_root(conn: &Conn, first: CaView) -> anyhow::Result<()> {
             && r.waiting_for.iter().any(|w| w.starts_with("paused"));
         if r.phase >= 4 || paused {
             break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!(
+                "gave up following after {}s, still at: {last}. The rotation goes on in the primary: `isthmusctl ca status` shows what it waits for, `isthmusctl ca rotate-root` follows it again, and `--rollback` (before phase 3) undoes it",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
         match f.view().await {
@@ -371,6 +390,7 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             until,
             rollback,
             no_wait,
+            timeout,
             conn,
         } => {
             let view = conn
@@ -388,12 +408,13 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
-            follow_root(&conn, view).await
+            follow_root(&conn, view, Duration::from_secs(timeout)).await
         }
         CaCmd::ImportRoot {
             dir,
             until,
             no_wait,
+            timeout,
             conn,
         } => {
             let req = ImportRoot {
@@ -408,11 +429,12 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
-            follow_root(&conn, view).await
+            follow_root(&conn, view, Duration::from_secs(timeout)).await
         }
         CaCmd::RotateIntermediate {
             cluster,
             no_wait,
+            timeout,
             conn,
         } => {
             let client = conn.client()?;
@@ -428,6 +450,7 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
             if no_wait {
                 return Ok(());
             }
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
             let mut last = String::new();
             loop {
                 let view = client.ca_status().await?;
@@ -458,6 +481,11 @@ pub async fn run(cmd: CaCmd) -> anyhow::Result<()> {
                 }
                 if state == "done" {
                     return Ok(());
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "gave up following after {timeout}s, still at: {last}. The rotation goes on in the primary: `isthmusctl ca status` shows it; bring back the agent or proxies it waits for"
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
