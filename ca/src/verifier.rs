@@ -32,6 +32,9 @@ pub struct TrustBundle {
     /// The CRLs, each with the name and key identifier of the CA that
     /// issued it. See [`TrustBundle::with_crls_pem`].
     crls: Arc<Vec<(webpki::CertRevocationList<'static>, CaName)>>,
+    /// Each root's name and key identifier (`root_names[i]` is `roots[i]`'s),
+    /// read once when CRLs are added, not at every handshake.
+    root_names: Arc<Vec<Option<CaName>>>,
     crl_ders: Vec<Vec<u8>>,
     /// Other trust domains this one federates with, each with its own
     /// roots. A peer is verified only against the bundle of the trust domain
@@ -85,6 +88,7 @@ impl TrustBundle {
             roots,
             anchors: Arc::new(anchors),
             crls: Arc::new(Vec::new()),
+            root_names: Arc::new(Vec::new()),
             crl_ders: Vec::new(),
             federated: Arc::new(Default::default()),
         })
@@ -175,6 +179,7 @@ impl TrustBundle {
             })
             .collect::<Result<Vec<_>, BundleError>>()?;
         self.crls = Arc::new(crls);
+        self.root_names = Arc::new(self.roots.iter().map(|r| CaName::of_cert(r)).collect());
         self.crl_ders = ders;
         Ok(self)
     }
@@ -261,7 +266,7 @@ impl TrustBundle {
                 a.subject == anchor.subject
                     && a.subject_public_key_info == anchor.subject_public_key_info
             });
-            if let Some(name) = root.and_then(|i| CaName::of_cert(self.roots[i].as_ref())) {
+            if let Some(name) = root.and_then(|i| self.root_names.get(i)?.clone()) {
                 on_path.push(name);
             }
             let crls: Vec<&webpki::CertRevocationList<'_>> = self
