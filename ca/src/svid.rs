@@ -135,6 +135,21 @@ pub fn spki_sha256(spki_der: &[u8]) -> String {
     hex::encode(sha2::Sha256::digest(spki_der))
 }
 
+/// The authority key identifier of a CRL (PEM), if it carries one.
+pub fn crl_authority_key_id(crl_pem: &str) -> Option<Vec<u8>> {
+    use x509_parser::prelude::{CertificateRevocationList, ParsedExtension};
+    let der = ::pem::parse(crl_pem).ok()?.into_contents();
+    let (_, crl) = CertificateRevocationList::from_der(&der).ok()?;
+    crl.extensions()
+        .iter()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::AuthorityKeyIdentifier(a) => {
+                a.key_identifier.as_ref().map(|k| k.0.to_vec())
+            }
+            _ => None,
+        })
+}
+
 /// The certificate's subject key identifier, if it carries one.
 pub fn subject_key_id(der: &[u8]) -> Option<Vec<u8>> {
     let cert = parse(der).ok()?;

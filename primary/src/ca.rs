@@ -118,6 +118,33 @@ impl CaRecord {
         format!("ca-{}", self.sequence)
     }
 
+    /// Whether a stored CRL names its issuer by a key identifier that no
+    /// signing CA here has. CRLs written before their AKI was the issuer's
+    /// own SKI (an imported CA's is often a SHA-1, where those CRLs carried
+    /// a SHA-256) are no longer tied to their CA by the verifiers, so they
+    /// would revoke nothing; the leader rebuilds them.
+    pub fn crls_outdated(&self) -> bool {
+        let signers: Vec<Vec<u8>> = self
+            .roots
+            .iter()
+            .filter_map(|e| {
+                let chain = if e.chain_pem.is_empty() {
+                    &e.root_pem
+                } else {
+                    &e.chain_pem
+                };
+                let first = isthmus_ca::pem::certs(chain, "signing CA")
+                    .ok()?
+                    .into_iter()
+                    .next()?;
+                isthmus_ca::svid::subject_key_id(&first)
+            })
+            .collect();
+        self.crls.iter().any(|crl| {
+            isthmus_ca::svid::crl_authority_key_id(crl).is_some_and(|aki| !signers.contains(&aki))
+        })
+    }
+
     /// Rebuilds `crls` from `revoked`: one CRL per root, signed by its CA.
     pub fn rebuild_crls(&mut self, kek: &Kek) -> anyhow::Result<()> {
         let mut crls = Vec::new();
@@ -385,5 +412,75 @@ mod tests {
             .unwrap()
             .to_string();
         assert!(err.contains("KEK"), "{err}");
+    }
+
+    /// A CRL whose AKI is not its CA's SKI (as primaries before this one
+    /// wrote them for imported CAs) is found, and rebuilding fixes it.
+    #[test]
+    fn crls_naming_their_issuer_by_an_old_key_id_are_found_and_rebuilt() {
+        let kek = Kek::from_base64(&Kek::generate()).unwrap();
+        let authority = Authority::generate("cluster.local").unwrap();
+        let root = entry(&authority, &kek, false).unwrap();
+        let (csr, key) = isthmus_ca::issue::generate_csr("east").unwrap();
+        let revoked = authority.sign_intermediate(&csr, "east").unwrap();
+        let issuer = rcgen::Issuer::from_ca_cert_der(
+            authority.cert(),
+            rcgen::KeyPair::from_pem(authority.key_pem()).unwrap(),
+        )
+        .unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        let old_style = rcgen::CertificateRevocationListParams {
+            this_update: now,
+            next_update: now + time::Duration::days(1),
+            crl_number: rcgen::SerialNumber::from_slice(&[1]),
+            issuing_distribution_point: None,
+            revoked_certs: vec![],
+            key_identifier_method: rcgen::KeyIdMethod::PreSpecified(vec![9; 20]),
+        }
+        .signed_by(&issuer)
+        .unwrap()
+        .pem()
+        .unwrap();
+        let mut rec = CaRecord {
+            trust_domain: "cluster.local".into(),
+            signing: root.fingerprint.clone(),
+            revoked: vec![Revoked {
+                root: root.fingerprint.clone(),
+                cluster: "east".into(),
+                pem: revoked.pem.clone(),
+            }],
+            roots: vec![root],
+            crls: vec![old_style],
+            sequence: 3,
+            rotation: None,
+            federated: Default::default(),
+        };
+        assert!(rec.crls_outdated());
+        rec.rebuild_crls(&kek).unwrap();
+        assert!(!rec.crls_outdated());
+        // The rebuilt CRL revokes the intermediate in a verifier.
+        let signer = isthmus_ca::Signer::from_pem(&revoked.pem, &key).unwrap();
+        let id = isthmus_ca::SpiffeId::workload("cluster.local", "demo", "echo").unwrap();
+        let (leaf, _) = signer
+            .issue_workload(&id, std::time::Duration::ZERO)
+            .unwrap();
+        let err = rec
+            .bundle()
+            .unwrap()
+            .verify(
+                &leaf.der,
+                signer.chain(),
+                rustls::pki_types::UnixTime::now(),
+                webpki::KeyUsage::client_auth(),
+                &isthmus_ca::crypto_provider().signature_verification_algorithms,
+            )
+            .unwrap_err();
+        assert!(
+            matches!(
+                err,
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+            ),
+            "{err:?}"
+        );
     }
 }

@@ -438,6 +438,22 @@ pub async fn step(shared: &Shared, leadership: &Leadership) -> Result<bool, Rota
     let census = Census::take(shared);
     let (mut rec, kv) = load_ca(shared).await?;
 
+    // CRLs stored by an older primary may name their issuer by a key id
+    // the verifiers no longer tie to it: rebuild them (a new sequence, so
+    // everyone gets them).
+    if rec.crls_outdated() {
+        rec.rebuild_crls(&shared.kek).map_err(internal)?;
+        rec.sequence += 1;
+        if commit(shared, &kv, vec![leadership.fence()], vec![put_ca(&rec)?]).await? {
+            tracing::info!(
+                audit = true,
+                sequence = rec.sequence,
+                "rebuilt CRLs that named their issuer by an outdated key id"
+            );
+            return Ok(true);
+        }
+    }
+
     // Intermediates first: a revocation changes the CA record too.
     for c in census.joined() {
         if c.intermediate_rotation.is_none() {
