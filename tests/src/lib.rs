@@ -258,7 +258,27 @@ impl Mesh {
         )
         .await;
         runner::restart(&mut self.state, "primary", Path::new(node)).await?;
-        Ok(())
+        // Until it answers; if it does not, say why with its log.
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(client) = self.state.client()
+                && client.ca_status().await.is_ok()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let primary = self.component("primary");
+                let log = std::fs::read_to_string(&primary.log).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                bail!(
+                    "the restarted primary (pid {}, running: {}) did not answer in 120 s; its log ends:\n{}",
+                    primary.pid,
+                    runner::alive(primary.pid),
+                    lines[lines.len().saturating_sub(40)..].join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// The mesh's trust bundle, as agents hold it.

@@ -16,12 +16,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use isthmus_api::rest::{CaView, RotateRoot};
 use isthmus_e2e::{Load, Mesh, eventually};
-use isthmus_topology::runner::{self, NetMode};
+use isthmus_topology::runner::NetMode;
 
 const NODE: &str = env!("CARGO_BIN_EXE_isthmus-e2e-node");
 const URL: &str = "http://echo.demo.svc.cluster.local:8080/";
@@ -97,23 +96,8 @@ async fn root_and_intermediate_rotation_under_load_fail_no_request() {
     assert_eq!(paused.signing_root, old_root, "the old root still signs");
 
     // The primary crashes and comes back; the rotation is where it was.
-    let primary = mesh.component("primary").pid;
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(primary as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    eventually("the primary to be gone", PATIENCE, || async {
-        (!runner::alive(primary)).then_some(())
-    })
-    .await;
-    runner::restart(&mut mesh.state, "primary", Path::new(NODE))
-        .await
-        .unwrap();
-    let resumed = eventually("the restarted primary to answer", PATIENCE, || async {
-        ca(&mesh).await
-    })
-    .await;
+    mesh.kill_and_restart_primary(NODE).await.unwrap();
+    let resumed = ca(&mesh).await.expect("the restarted primary answers");
     let r = resumed.rotation.as_ref().unwrap();
     assert_eq!((r.phase, r.to.as_str()), (1, new_root.as_str()));
 
