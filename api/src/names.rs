@@ -114,6 +114,20 @@ impl fmt::Display for ServiceKey {
 }
 
 /// `name.namespace.svc.domain`.
+/// How `proxy-config routes` shows one destination of a route, whichever
+/// data plane's dump it comes from: the cluster, the service host, port and
+/// subset its name encodes, and its share of the traffic in percent.
+pub fn destination_view(cluster: &str, percent: f64) -> serde_json::Value {
+    let key = ServiceKey::parse_cluster_name(cluster).ok();
+    serde_json::json!({
+        "cluster": cluster,
+        "host": key.as_ref().map(|k| k.fqdn.clone()),
+        "port": key.as_ref().map(|k| k.port),
+        "subset": key.as_ref().map(|k| k.subset.clone()).filter(|s| !s.is_empty()),
+        "percent": percent,
+    })
+}
+
 pub fn service_fqdn(name: &str, namespace: &str, cluster_domain: &str) -> String {
     format!("{name}.{namespace}.svc.{cluster_domain}")
 }

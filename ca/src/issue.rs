@@ -701,6 +701,29 @@ mod tests {
         )
     }
 
+    /// A bundle trusting `roots`, with the CRLs in `crls`.
+    fn trusting(roots: &[&Authority], crls: &str) -> crate::TrustBundle {
+        crate::TrustBundle::from_der(
+            "cluster.local",
+            roots.iter().map(|r| r.cert().clone()).collect(),
+        )
+        .unwrap()
+        .with_crls_pem(crls)
+        .unwrap()
+    }
+
+    fn assert_revoked(result: Result<SpiffeId, rustls::Error>) {
+        assert!(
+            matches!(
+                result,
+                Err(rustls::Error::InvalidCertificate(
+                    rustls::CertificateError::Revoked
+                ))
+            ),
+            "{result:?}"
+        );
+    }
+
     fn leaf_chain(signer: &Signer) -> Vec<CertificateDer<'static>> {
         let who = SpiffeId::workload("cluster.local", "demo", "client").unwrap();
         let (leaf, _) = signer.issue_workload(&who, Duration::ZERO).unwrap();
@@ -786,14 +809,7 @@ mod tests {
         let crl = root.revocation_list(&[old_cert.der], 1).unwrap();
         let revoking = bundle.clone().with_crls_pem(&crl).unwrap();
         assert_eq!(revoking.crls_pem(), crl);
-        let err = verify(&revoking, &leaf_chain(&old)).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
-            ),
-            "{err:?}"
-        );
+        assert_revoked(verify(&revoking, &leaf_chain(&old)));
         assert!(verify(&revoking, &leaf_chain(&new)).is_ok());
     }
 
@@ -826,23 +842,10 @@ mod tests {
         assert!(subject(old.cert()).contains("Isthmus root CA (cluster.local) "));
 
         let crl = old.revocation_list(&[east_1_cert.der], 1).unwrap();
-        let bundle = crate::TrustBundle::from_der(
-            "cluster.local",
-            vec![old.cert().clone(), new.cert().clone()],
-        )
-        .unwrap()
-        .with_crls_pem(&crl)
-        .unwrap();
+        let bundle = trusting(&[&old, &new], &crl);
         assert!(verify(&bundle, &leaf_chain(&west)).is_ok());
         assert!(verify(&bundle, &leaf_chain(&east_2)).is_ok());
-        let err = verify(&bundle, &leaf_chain(&east_1)).unwrap_err();
-        assert!(
-            matches!(
-                err,
-                rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
-            ),
-            "{err:?}"
-        );
+        assert_revoked(verify(&bundle, &leaf_chain(&east_1)));
     }
 
     /// A cluster intermediate's key cannot mint a server certificate for
@@ -926,13 +929,7 @@ mod tests {
         let west = Signer::from_pem(&west.pem, &key_west).unwrap();
         let east = Signer::from_pem(&revoked.pem, &key).unwrap();
         let crl = old.revocation_list(&[revoked.der], 1).unwrap();
-        let bundle = crate::TrustBundle::from_der(
-            "cluster.local",
-            vec![old.cert().clone(), new.cert().clone()],
-        )
-        .unwrap()
-        .with_crls_pem(&crl)
-        .unwrap();
+        let bundle = trusting(&[&old, &new], &crl);
         assert!(verify(&bundle, &leaf_chain(&west)).is_ok());
         assert!(verify(&bundle, &leaf_chain(&east)).is_err());
     }

@@ -326,15 +326,14 @@ fn route_views(routes: &isthmus_xds::routes::OutboundRoutes) -> Vec<serde_json::
                 .clusters
                 .iter()
                 .map(|(cluster, weight)| {
-                    let key = isthmus_api::names::ServiceKey::parse_cluster_name(cluster).ok();
-                    serde_json::json!({
-                        "cluster": cluster,
-                        "host": key.as_ref().map(|k| k.fqdn.clone()),
-                        "port": key.as_ref().map(|k| k.port),
-                        "subset": key.as_ref().map(|k| k.subset.clone()).filter(|s| !s.is_empty()),
-                        "weight": weight,
-                        "percent": if total == 0 { 0.0 } else { f64::from(*weight) * 100.0 / total as f64 },
-                    })
+                    let percent = if total == 0 {
+                        0.0
+                    } else {
+                        f64::from(*weight) * 100.0 / total as f64
+                    };
+                    let mut view = isthmus_api::names::destination_view(cluster, percent);
+                    view["weight"] = serde_json::json!(weight);
+                    view
                 })
                 .collect();
             out.push(serde_json::json!({

@@ -288,14 +288,8 @@ fn envoy_routes(answer: &serde_json::Value) -> Option<Vec<serde_json::Value>> {
                 let destinations: Vec<serde_json::Value> = weighted
                     .iter()
                     .map(|(cluster, w)| {
-                        let key = isthmus_api::names::ServiceKey::parse_cluster_name(cluster).ok();
-                        serde_json::json!({
-                            "cluster": cluster,
-                            "host": key.as_ref().map(|k| k.fqdn.clone()),
-                            "port": key.as_ref().map(|k| k.port),
-                            "subset": key.as_ref().map(|k| k.subset.clone()).filter(|s| !s.is_empty()),
-                            "percent": if total > 0.0 { w * 100.0 / total } else { 0.0 },
-                        })
+                        let percent = if total > 0.0 { w * 100.0 / total } else { 0.0 };
+                        isthmus_api::names::destination_view(cluster, percent)
                     })
                     .collect();
                 let retry = &action["retry_policy"];
